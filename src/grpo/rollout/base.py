@@ -1,0 +1,124 @@
+"""The rollout interface: prompts in, G sampled completions per prompt out.
+
+Every generation engine (plain `transformers` generate, our batched KV-cache
+sampler, later vLLM) fills the same two types, so the trainer never knows which
+one it is talking to.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to sample. temperature == 0 means greedy decoding."""
+
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0  # nucleus sampling (Holtzman et al. 2019); 1.0 disables it
+    top_k: int = 0  # keep the k most likely tokens; 0 disables it
+    min_p: float = 0.0  # drop tokens below min_p * p(most likely token); 0 disables it
+    stop: tuple[str, ...] = ()  # stop strings: a completion ends once its text contains one (it is kept)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass
+class Rollout:
+    """G completions for each of B prompts. Row n = b * G + g is sample g of prompt b.
+
+    Completion tensors are right-padded; `completion_mask` marks the real tokens,
+    including the final EOS token when one was sampled.
+    """
+
+    prompt_ids: list[list[int]]  # B prompts, unpadded token ids
+    completion_ids: torch.Tensor  # [N, T] long, padded with the tokenizer's pad id
+    completion_mask: torch.Tensor  # [N, T] bool
+    truncated: torch.Tensor  # [N] bool: stopped by max_new_tokens (no EOS, no stop string)
+    group_size: int  # G
+    # [N, T] float32: log-prob of each sampled token under the distribution it was
+    # sampled from (after temperature / top-k / top-p / min-p); 0 at padding.
+    # None when the engine cannot provide it.
+    sampling_logprobs: torch.Tensor | None = None
+    stats: dict[str, float] = field(default_factory=dict)  # engine's own timings / counters
+
+    @property
+    def num_completions(self) -> int:  # N
+        return self.completion_ids.shape[0]
+
+    @property
+    def lengths(self) -> torch.Tensor:  # [N] long
+        return self.completion_mask.sum(dim=1)
+
+
+class RolloutEngine(Protocol):
+    """Samples completions from the policy.
+
+    Engines that run on the trainer's own model object (the in-process ones) see
+    weight updates immediately; an engine holding its own copy (vLLM) must take
+    them in `sync_weights` before the next `generate`.
+    """
+
+    def generate(
+        self,
+        prompt_ids: list[list[int]],
+        group_size: int,
+        params: SamplingParams,
+        generator: torch.Generator | None = None,
+    ) -> Rollout: ...
+
+    def sync_weights(self, model: torch.nn.Module) -> None: ...
+
+
+def stop_string_end(token_ids: list[int], tokenizer, stop: tuple[str, ...]) -> int | None:
+    """Number of leading tokens up to and including the one that completes a stop string, or None."""
+    if not stop:
+        return None
+    text = tokenizer.decode(token_ids, skip_special_tokens=False)
+    if not any(s in text for s in stop):
+        return None
+    for end in range(1, len(token_ids) + 1):  # the shortest prefix that contains a stop string
+        prefix = tokenizer.decode(token_ids[:end], skip_special_tokens=False)
+        if any(s in prefix for s in stop):
+            return end
+    return None
+
+
+def finish_completions(
+    completion_ids: torch.Tensor,  # [N, T] raw sampled tokens, anything after the end
+    eos_token_ids: set[int],
+    pad_token_id: int,
+    max_new_tokens: int,
+    tokenizer=None,
+    stop: tuple[str, ...] = (),
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Cut each row at its first EOS or stop string; return (ids, mask, truncated).
+
+    ids: [N, T] with everything after the end replaced by pad; mask: [N, T] bool
+    (the EOS token itself counts); truncated: [N] bool, rows that ran to
+    max_new_tokens without an EOS or a stop string.
+    """
+    n, t = completion_ids.shape
+    is_eos = torch.zeros_like(completion_ids, dtype=torch.bool)
+    for e in eos_token_ids:
+        is_eos |= completion_ids == e
+    ends = torch.full((n,), t, dtype=torch.long)  # [N] number of real tokens
+    has_eos = is_eos.any(dim=1)
+    ends[has_eos] = is_eos.float().argmax(dim=1)[has_eos] + 1
+    stopped = has_eos.clone()
+    if stop and tokenizer is not None:
+        for row in range(n):
+            cut = stop_string_end(completion_ids[row, : ends[row]].tolist(), tokenizer, stop)
+            if cut is not None:
+                ends[row] = cut
+                stopped[row] = True
+    mask = torch.arange(t).unsqueeze(0) < ends.unsqueeze(1)  # [N, T]
+    ids = completion_ids.masked_fill(~mask, pad_token_id)
+    truncated = ~stopped & (ends >= max_new_tokens)
+    return ids, mask, truncated

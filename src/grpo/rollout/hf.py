@@ -1,0 +1,91 @@
+"""Reference engine: plain `transformers` generate, each prompt repeated G times.
+
+Simple and obviously correct; the baseline the fast engine is measured against.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from grpo.rollout.base import Rollout, SamplingParams, finish_completions
+
+
+def eos_token_ids(model, tokenizer) -> set[int]:
+    """Every id that ends a completion: the tokenizer's EOS and the model's generation config EOS."""
+    ids: set[int] = set()
+    for source in (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
+        if source is None:
+            continue
+        ids.update(source if isinstance(source, (list, tuple)) else [source])
+    if not ids:
+        raise ValueError("the tokenizer and the model define no EOS token: completions could never end")
+    return ids
+
+
+def left_pad(prompt_ids: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, P] ids and attention mask, prompts aligned to the right."""
+    width = max(len(p) for p in prompt_ids)
+    ids = torch.full((len(prompt_ids), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompt_ids), width), dtype=torch.long)
+    for i, p in enumerate(prompt_ids):
+        ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+        mask[i, width - len(p) :] = 1
+    return ids, mask
+
+
+class HFGenerateEngine:
+    """Samples with `model.generate`; returns the log-prob of each sampled token from the processed scores."""
+
+    name = "hf"
+
+    def __init__(self, model, tokenizer):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.eos_ids = eos_token_ids(model, tokenizer)
+
+    def sync_weights(self, model) -> None:  # same model object: nothing to copy
+        self.model = model
+
+    @torch.no_grad()
+    def generate(self, prompt_ids, group_size, params: SamplingParams, generator=None) -> Rollout:
+        device = next(self.model.parameters()).device
+        repeated = [p for p in prompt_ids for _ in range(group_size)]  # N prompts, row b*G+g
+        ids, attn = left_pad(repeated, self.pad_id)
+        kwargs = dict(
+            max_new_tokens=params.max_new_tokens,
+            pad_token_id=self.pad_id,
+            eos_token_id=sorted(self.eos_ids),
+            output_scores=True,
+            return_dict_in_generate=True,
+        )
+        if params.greedy:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        else:
+            kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or None)
+            if params.min_p > 0:
+                kwargs["min_p"] = params.min_p
+        if params.stop:
+            kwargs.update(stop_strings=list(params.stop), tokenizer=self.tokenizer)
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator)) if generator is not None else None
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            if seed is not None:
+                torch.manual_seed(seed)
+            was_training = self.model.training
+            self.model.eval()
+            out = self.model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), **kwargs)
+            self.model.train(was_training)
+        raw = out.sequences[:, ids.shape[1] :].cpu()  # [N, T]
+        scores = torch.stack(out.scores, dim=1).float().cpu()  # [N, T, V] processed logits
+        logprobs = scores.log_softmax(-1).gather(-1, raw.unsqueeze(-1)).squeeze(-1)  # [N, T]
+        completion_ids, mask, truncated = finish_completions(
+            raw, self.eos_ids, self.pad_id, params.max_new_tokens, self.tokenizer, params.stop
+        )
+        return Rollout(
+            prompt_ids=[list(p) for p in prompt_ids],
+            completion_ids=completion_ids,
+            completion_mask=mask,
+            truncated=truncated,
+            group_size=group_size,
+            sampling_logprobs=torch.where(mask, logprobs, torch.zeros_like(logprobs)),
+        )
