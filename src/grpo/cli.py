@@ -1,0 +1,142 @@
+"""`grpo train | eval`: the command line. Each command parses, validates, then calls grpo.run."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import textwrap
+from pathlib import Path
+from typing import Literal, get_args, get_origin
+
+from pydantic import BaseModel
+
+from grpo.config import Config, ConfigError, load_config
+
+
+def config_reference(model: type[BaseModel] = Config, prefix: str = "") -> list[str]:
+    """One entry per config field: dotted name, type, default, and its docstring."""
+    lines = []
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            lines.append(f"\n{prefix}{name}:")
+            lines += config_reference(ann, f"{prefix}{name}.")
+            continue
+        if get_origin(ann) is Literal:
+            kind = "one of " + ", ".join(map(str, get_args(ann)))
+        else:
+            kind = str(ann).replace("typing.", "") if get_args(ann) else getattr(ann, "__name__", str(ann))
+        default = field.get_default(call_default_factory=True)
+        if isinstance(default, BaseModel):
+            default = "..."
+        elif isinstance(default, list) and default and isinstance(default[0], BaseModel):
+            default = [d.model_dump() for d in default]
+        doc = " ".join((field.description or "").split())
+        head = f"  {prefix}{name} ({kind}, default {default!r})"
+        lines.append(head + ("\n" + textwrap.fill(doc, 100, initial_indent=" " * 6, subsequent_indent=" " * 6) if doc else ""))
+    return lines
+
+
+EXAMPLES = """
+examples:
+  grpo train configs/default.yaml
+  grpo train configs/default.yaml trainer.steps=10 trainer.lr=5e-6 output.dir=runs/try
+  grpo eval runs/grpo                      # the trained model of a run folder, on its task
+  grpo eval configs/default.yaml           # the configured (untrained) model
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog="grpo",
+        description="Train language models with Group Relative Policy Optimization (DeepSeekMath, arXiv 2402.03300).",
+        epilog=EXAMPLES,
+        formatter_class=fmt,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    reference = "config fields (set in the YAML file or as section.field=value):" + "\n".join(config_reference())
+
+    train = sub.add_parser(
+        "train", help="run GRPO training", formatter_class=fmt, epilog=reference,
+        description="Train with GRPO. Writes the run folder: config.yaml, metrics.jsonl, samples.jsonl, "
+        "eval_before.json, eval_after.json and model/.",
+    )
+    train.add_argument("config", nargs="?", help="YAML config file (omit to use the defaults)")
+    train.add_argument("overrides", nargs="*", metavar="section.field=value", help="config overrides, e.g. trainer.lr=1e-6")
+    train.add_argument("--overwrite", action="store_true", help="replace an existing run folder (output.overwrite=true)")
+    train.add_argument("--quiet", action="store_true", help="print nothing but errors")
+
+    ev = sub.add_parser(
+        "eval", help="held-out accuracy and pass@k of a model or a run folder", formatter_class=fmt, epilog=reference,
+        description="Greedy accuracy, pass@k (eval.k > 1) and reward means on the task's eval split, "
+        "printed as a table and written as JSON.",
+    )
+    ev.add_argument("target", nargs="?", help="a run folder (uses its config.yaml and model/) or a YAML config file")
+    ev.add_argument("overrides", nargs="*", metavar="section.field=value", help="config overrides, e.g. eval.k=8")
+    ev.add_argument("--model", help="model to evaluate: HF folder or .gguf (default: the run's model/ or model.path)")
+    ev.add_argument("--output", help="where to write the JSON results (default: <run folder>/eval.json)")
+    ev.add_argument("--quiet", action="store_true", help="print nothing but the table and errors")
+    return parser
+
+
+def split_overrides(first: str | None, rest: list[str]) -> tuple[str | None, list[str]]:
+    """`grpo train a=b` has no config file: the first positional is an override then."""
+    if first is not None and "=" in first and not Path(first).exists():
+        return None, [first, *rest]
+    return first, rest
+
+
+def cmd_train(args) -> int:
+    from grpo import run
+
+    path, overrides = split_overrides(args.config, args.overrides)
+    if args.overwrite:
+        overrides.append("output.overwrite=true")
+    config = load_config(path, overrides)
+    run.train(config, quiet=args.quiet)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from grpo import run
+
+    target, overrides = split_overrides(args.target, args.overrides)
+    model, output = args.model, Path(args.output) if args.output else None
+    if target and Path(target).is_dir():
+        run_dir = Path(target)
+        if not (run_dir / "config.yaml").is_file():
+            raise ConfigError(f"{run_dir} is not a run folder (no config.yaml)")
+        config = load_config(run_dir / "config.yaml", overrides)
+        model = model or str(run_dir / "model")
+        output = output or run_dir / "eval.json"
+    else:
+        config = load_config(target, overrides)
+    run.eval_only(config, model, output, quiet=args.quiet)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    bad = [x for x in extra if "=" not in x or x.startswith("-")]
+    if bad:
+        parser.error(f"unrecognized arguments: {' '.join(bad)}")
+    args.overrides = list(args.overrides) + extra  # overrides given after an --option
+    from grpo.data import DataError
+    from grpo.models import ModelError
+    from grpo.rewards import RewardError
+    from grpo.run import RunFolderError
+
+    try:
+        return {"train": cmd_train, "eval": cmd_eval}[args.command](args)
+    except (ConfigError, DataError, ModelError, RunFolderError, RewardError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

