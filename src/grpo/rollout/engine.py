@@ -1,0 +1,382 @@
+"""Our rollout engine: batched KV-cache sampling, each prompt prefilled once and shared by its G samples.
+
+What `model.generate` does for GRPO, and what this engine does instead:
+- each prompt is repeated G times and prefilled G times   -> B prompts prefilled once; their cache rows are
+                                                             copied to the G samples of each group
+- the DynamicCache grows by concatenation at every step    -> one preallocated cache, written in place
+- finished rows keep decoding until the last row ends       -> finished rows leave the batch (it is compacted)
+- logits are computed for every prompt position at prefill  -> only for the last one
+- a chain of logits processors over the whole vocabulary    -> a few small tensor functions, only those enabled
+
+It drives any `transformers` causal LM through its own forward (embeddings, rotary, attention kernels
+and lm_head stay the model's), handing it a cache object and a 4D additive attention mask. Weight
+updates of the model are seen at once: the engine holds no copy of the weights.
+
+Vocabulary: B prompts, G samples per prompt, N = B*G rows, n rows still decoding, P padded prompt
+width, T max_new_tokens, V vocab, L cache length so far.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from grpo.rollout.base import Rollout, SamplingParams, stop_string_end
+from grpo.rollout.hf import eos_token_ids, left_pad
+
+# Attention implementations that take a ready 4D additive mask [n, 1, q, L].
+MASKED_ATTENTION = ("sdpa", "eager")
+
+
+# -- sampling: pure tensor functions ---------------------------------------------------------------
+
+
+def filter_logits(
+    logits: torch.Tensor,  # [n, V] float32 raw logits
+    temperature: float,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
+) -> torch.Tensor:
+    """Logits of the distribution to sample from: [n, V], scaled by 1/temperature, -inf outside the kept set.
+
+    Order as in `transformers` generate: temperature, top-k, top-p (Holtzman et al. 2019), min-p
+    (Nguyen et al. 2024). Each filter keeps at least the most likely token.
+    """
+    logits = logits / temperature
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]  # [n, 1] k-th largest logit
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)  # [n, V]
+        sorted_probs = sorted_logits.softmax(dim=-1)
+        mass_above = sorted_probs.cumsum(dim=-1) - sorted_probs  # [n, V] probability of the tokens ranked above
+        drop_sorted = mass_above >= top_p  # never drops the first token: its mass_above is 0
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    if min_p > 0.0:
+        probs = logits.softmax(dim=-1)  # [n, V]
+        floor = min_p * probs.max(dim=-1, keepdim=True).values  # [n, 1]
+        logits = logits.masked_fill(probs < floor, float("-inf"))
+    return logits
+
+
+def sample_from_logits(
+    logits: torch.Tensor,  # [n, V] float32, the filtered logits
+    uniform: torch.Tensor,  # [n] float64 in [0, 1): one draw per row
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token per row from softmax(logits) by inverting its CDF at `uniform`, and its log-prob.
+
+    Returns ([n] long, [n] float32). Inverse-CDF sampling needs one random number per row; torch.multinomial
+    draws one per vocabulary entry (~10 ms a step on CPU for 16 x 49152).
+    """
+    logprobs = logits.log_softmax(dim=-1)  # [n, V]
+    cdf = logprobs.exp().double().cumsum(dim=-1)  # [n, V] float64: rounding cannot skip a token
+    total = cdf[:, -1:].contiguous()  # [n, 1], 1 up to rounding
+    tokens = torch.searchsorted(cdf, uniform.unsqueeze(1) * total, right=True)  # [n, 1] first cdf > u
+    last = torch.searchsorted(cdf, total)  # [n, 1] the last token with a non-zero probability
+    tokens = torch.minimum(tokens, last)
+    return tokens.squeeze(1), logprobs.gather(1, tokens).squeeze(1)
+
+
+def greedy_from_logits(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The most likely token per row and its log-prob under softmax(logits) (temperature 1): ([n], [n])."""
+    tokens = logits.argmax(dim=-1, keepdim=True)  # [n, 1]
+    return tokens.squeeze(1), logits.log_softmax(dim=-1).gather(1, tokens).squeeze(1)
+
+
+def next_tokens(
+    logits: torch.Tensor, params: SamplingParams, uniform: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """[n, V] raw logits, [n] uniform draws -> (tokens [n], sampling log-probs [n]) as `params` asks."""
+    logits = logits.float()
+    if params.greedy:
+        return greedy_from_logits(logits)
+    filtered = filter_logits(logits, params.temperature, params.top_k, params.top_p, params.min_p)
+    return sample_from_logits(filtered, uniform)
+
+
+# -- the KV cache -----------------------------------------------------------------------------------
+
+
+class _CacheLayer(CacheLayerMixin):
+    """Keys and values of one attention layer: [max_rows, kv_heads, max_len, head_dim], allocated once."""
+
+    is_sliding = False
+    is_compileable = False
+
+    def __init__(self, owner: KVCache):
+        super().__init__()
+        self.owner = owner
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        rows, length = self.owner.max_rows, self.owner.max_len
+        self.device = key_states.device
+        self.keys = key_states.new_zeros((rows, key_states.shape[1], length, key_states.shape[3]))
+        self.values = value_states.new_zeros((rows, value_states.shape[1], length, value_states.shape[3]))
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        """Write the new [n, kv_heads, q, head_dim] states at the cache's length; return all [n, kv_heads, L+q, hd]."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n, q, start = key_states.shape[0], key_states.shape[2], self.owner.length
+        self.keys[:n, :, start : start + q] = key_states
+        self.values[:n, :, start : start + q] = value_states
+        return self.keys[:n, :, : start + q], self.values[:n, :, : start + q]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.owner.length + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.owner.length
+
+    def get_max_length(self) -> int:
+        return self.owner.max_len
+
+
+class KVCache(Cache):
+    """A preallocated KV cache for a batch whose rows share one time axis (prompts are left padded).
+
+    The model's attention layers call `update`; the engine uses four verbs:
+    `advance(q)` after a forward of q tokens, `repeat_rows(G)` to give each prefilled prompt
+    its G samples, `keep_rows(idx)` to drop finished rows, and `length`.
+    """
+
+    def __init__(self, num_layers: int, max_rows: int, max_len: int):
+        super().__init__(layers=[])
+        self.max_rows, self.max_len = max_rows, max_len
+        self.length = 0  # positions written so far (the same for every row)
+        self.layers = [_CacheLayer(self) for _ in range(num_layers)]
+
+    def advance(self, q: int) -> None:
+        self.length += q
+
+    def repeat_rows(self, repeats: int) -> None:
+        """Rows [0, b) become rows [0, b*repeats): row i is copied to rows i*repeats ... i*repeats+repeats-1."""
+        for layer in self.layers:
+            if layer.is_initialized:
+                for buf in (layer.keys, layer.values):
+                    filled = buf[: buf.shape[0] // repeats, :, : self.length]
+                    buf[: filled.shape[0] * repeats, :, : self.length] = filled.repeat_interleave(repeats, dim=0)
+
+    def keep_rows(self, index: torch.Tensor) -> None:
+        """Move rows `index` ([m] long, ascending) to the front; the rows after m are dropped."""
+        for layer in self.layers:
+            if layer.is_initialized:
+                for buf in (layer.keys, layer.values):
+                    buf[: index.numel(), :, : self.length] = buf[index, :, : self.length]
+
+
+# -- the engine -------------------------------------------------------------------------------------
+
+
+def _text_config(model):
+    return model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+
+
+def _context_length(model) -> int | None:
+    return getattr(_text_config(model), "max_position_embeddings", None)
+
+
+def _device_generator(generator: torch.Generator | None, device: torch.device) -> torch.Generator:
+    """A generator on the model's device, seeded from `generator` (or from torch's global RNG)."""
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    local = torch.Generator(device=device)
+    local.manual_seed(seed)
+    return local
+
+
+class FastEngine:
+    """Batched KV-cache sampler; each prompt is prefilled once and its cache shared by its G samples.
+
+    Options:
+      compile: wrap the model forward used by decode steps in `torch.compile` (dynamic shapes). Off by
+        default: on CPU the decode step is dominated by matmuls that compilation does not speed up.
+    """
+
+    name = "fast"
+
+    def __init__(self, model, tokenizer, compile: bool = False):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.eos_ids = eos_token_ids(model, tokenizer)
+        attn = getattr(model.config, "_attn_implementation", None) or "eager"
+        if attn not in MASKED_ATTENTION:
+            raise ValueError(
+                f"FastEngine needs an attention implementation that takes a 4D mask ({', '.join(MASKED_ATTENTION)}); "
+                f"this model uses {attn!r}: load it with attn_implementation='sdpa', or use the 'hf' engine"
+            )
+        params = inspect.signature(model.forward).parameters
+        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        self._logits_to_keep = "logits_to_keep" in params
+        self._decode_forward = torch.compile(self._forward, dynamic=True) if compile else self._forward
+
+    def sync_weights(self, model) -> None:  # the same model object: nothing to copy
+        self.model = model
+
+    def generate(
+        self,
+        prompt_ids: list[list[int]],
+        group_size: int,
+        params: SamplingParams,
+        generator: torch.Generator | None = None,
+    ) -> Rollout:
+        self._check(prompt_ids, group_size, params)
+        device = next(self.model.parameters()).device
+        gen = None if params.greedy else _device_generator(generator, device)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.inference_mode():
+                ids, logprobs, ends, stopped, stats = self._sample(prompt_ids, group_size, params, gen, device)
+        finally:
+            self.model.train(was_training)
+        # leave inference mode: the trainer feeds these tensors to autograd
+        ids, logprobs, ends, stopped = (x.cpu().clone() for x in (ids, logprobs, ends, stopped))
+        width = max(int(ends.max()), 1)  # T: the longest completion
+        ids, logprobs = ids[:, :width], logprobs[:, :width]
+        mask = torch.arange(width).unsqueeze(0) < ends.unsqueeze(1)  # [N, T]
+        return Rollout(
+            prompt_ids=[list(p) for p in prompt_ids],
+            completion_ids=ids.masked_fill(~mask, self.pad_id),
+            completion_mask=mask,
+            truncated=~stopped & (ends >= params.max_new_tokens),
+            group_size=group_size,
+            sampling_logprobs=logprobs.masked_fill(~mask, 0.0).float(),
+            stats=stats,
+        )
+
+    def _check(self, prompt_ids, group_size, params) -> None:
+        if group_size < 1 or params.max_new_tokens < 1 or not prompt_ids:
+            raise ValueError(
+                f"need at least one prompt, group_size >= 1 and max_new_tokens >= 1; got {len(prompt_ids)} prompts, "
+                f"group_size={group_size}, max_new_tokens={params.max_new_tokens}"
+            )
+        context = _context_length(self.model)
+        for i, p in enumerate(prompt_ids):
+            if len(p) == 0:
+                raise ValueError(f"prompt {i} is empty")
+            if context is not None and len(p) + params.max_new_tokens > context:
+                raise ValueError(
+                    f"prompt {i} has {len(p)} tokens; with max_new_tokens={params.max_new_tokens} it needs "
+                    f"{len(p) + params.max_new_tokens} positions, but the model's context "
+                    f"(config.max_position_embeddings) is {context}: shorten the prompt or lower max_new_tokens"
+                )
+
+    def _forward(self, ids, positions, mask, cache) -> torch.Tensor:
+        """[n, q] ids and positions, [n, 1, q, L+q] additive mask -> [n, V] logits of the last position."""
+        kwargs = {self._cache_kwarg: cache, "logits_to_keep": 1} if self._logits_to_keep else {self._cache_kwarg: cache}
+        out = self.model(input_ids=ids, position_ids=positions, attention_mask=mask, use_cache=True, **kwargs)
+        return out.logits[:, -1]
+
+    def _sample(self, prompt_ids, group_size, params, gen, device):
+        """The decode loop. Returns raw ids [N, T], log-probs [N, T], ends [N], stopped [N], stats."""
+        t0 = time.perf_counter()
+        dtype = next(self.model.parameters()).dtype
+        neg = torch.finfo(dtype).min
+        B, G, T = len(prompt_ids), group_size, params.max_new_tokens
+        N = B * G
+        ids, attn = left_pad(prompt_ids, self.pad_id)  # [B, P]
+        ids, attn = ids.to(device), attn.to(device).bool()
+        P = ids.shape[1]
+        num_layers = _text_config(self.model).num_hidden_layers
+        cache = KVCache(num_layers, max_rows=N, max_len=P + T - 1)  # the last sampled token is never fed back
+        # additive attention bias per key slot: 0 where a row may attend, `neg` at padding and unwritten slots
+        bias = torch.full((N, P + T), neg, dtype=dtype, device=device)  # [N, P+T]
+        bias[:B, :P].masked_fill_(attn, 0.0)
+
+        # 1. prefill the B prompts once; only the last position goes through the lm_head
+        causal = torch.full((P, P), neg, dtype=dtype, device=device).triu(1)  # [P, P]
+        prefill_mask = (bias[:B, None, None, :P] + causal).clamp(min=neg)  # [B, 1, P, P]
+        positions = (attn.long().cumsum(1) - 1).clamp(min=0)  # [B, P]
+        logits = self._forward(ids, positions, prefill_mask, cache)  # [B, V]
+        cache.advance(P)
+
+        # 2. share each prompt's cache with its G samples
+        cache.repeat_rows(G)
+        bias[:N, :P] = bias[:B, :P].repeat_interleave(G, dim=0)
+        logits = logits.repeat_interleave(G, dim=0)  # [N, V]
+        next_pos = attn.sum(1).repeat_interleave(G)  # [N] position id of the next token: the prompt length
+        t_prefill = time.perf_counter() - t0
+
+        # 3. decode; rows leave the batch when they end
+        out_ids = torch.full((N, T), self.pad_id, dtype=torch.long, device=device)  # [N, T]
+        out_logprobs = torch.zeros((N, T), dtype=torch.float32, device=device)  # [N, T]
+        ends = torch.full((N,), T, dtype=torch.long, device=device)  # [N] number of real tokens
+        stopped = torch.zeros(N, dtype=torch.bool, device=device)  # [N] ended by EOS or a stop string
+        rows = torch.arange(N, device=device)  # [n] the original row of each active row
+        eos = torch.tensor(sorted(self.eos_ids), device=device)
+        stops = _StopStrings(self.tokenizer, params.stop, N)
+        row_steps = 0
+        for t in range(T):
+            # one draw per original row at every step, so a row's samples do not depend on when others end
+            uniform = None if gen is None else torch.rand(N, generator=gen, device=device, dtype=torch.float64)
+            tokens, logprobs = next_tokens(logits, params, None if uniform is None else uniform[rows])  # [n], [n]
+            out_ids[rows, t] = tokens
+            out_logprobs[rows, t] = logprobs
+            done = torch.isin(tokens, eos)  # [n]
+            if stops.active:
+                done |= stops.check(rows.tolist(), tokens.tolist(), device)
+            row_steps += rows.numel()
+            any_done = bool(done.any())
+            if any_done:
+                ends[rows[done]] = t + 1
+                stopped[rows[done]] = True
+            if t == T - 1:
+                break
+            if any_done:
+                keep = (~done).nonzero().squeeze(1)  # [m]
+                if keep.numel() == 0:
+                    break
+                cache.keep_rows(keep)
+                bias[: keep.numel()] = bias[keep]
+                rows, tokens, next_pos = rows[keep], tokens[keep], next_pos[keep]
+            n, L = rows.numel(), cache.length
+            bias[:n, L] = 0.0  # the token fed now is attended from now on
+            mask = bias[:n, None, None, : L + 1]  # [n, 1, 1, L+1]
+            logits = self._decode_forward(tokens[:, None], next_pos[:, None], mask, cache)  # [n, V]
+            cache.advance(1)
+            next_pos = next_pos + 1
+        ends, stopped = stops.exact_ends(out_ids, ends, stopped)
+        elapsed = time.perf_counter() - t0
+        stats = {
+            "prefill_s": t_prefill,
+            "decode_s": elapsed - t_prefill,
+            "tokens": float(ends.sum()),
+            "decode_row_steps": float(row_steps),
+        }
+        return out_ids, out_logprobs, ends, stopped, stats
+
+
+class _StopStrings:
+    """Stops rows whose text reaches a stop string, checking only the tail of each row at each step."""
+
+    def __init__(self, tokenizer, stop: tuple[str, ...], rows: int):
+        self.tokenizer, self.stop, self.active = tokenizer, stop, bool(stop)
+        self.window = max((len(s) for s in stop), default=0) + 4  # tokens: each decodes to >= 1 character
+        self.history: list[list[int]] = [[] for _ in range(rows)]
+
+    def check(self, rows: list[int], tokens: list[int], device) -> torch.Tensor:
+        """Append each row's new token; [n] bool, True where the row's tail now contains a stop string."""
+        tails = []
+        for r, tok in zip(rows, tokens):
+            self.history[r].append(tok)
+            tails.append(self.history[r][-self.window :])
+        texts = self.tokenizer.batch_decode(tails, skip_special_tokens=False)
+        return torch.tensor([any(s in text for s in self.stop) for text in texts], dtype=torch.bool, device=device)
+
+    def exact_ends(self, out_ids, ends, stopped):
+        """Cut each row at the shortest prefix whose full decoded text contains a stop string."""
+        if not self.active:
+            return ends, stopped
+        ends, stopped = ends.clone(), stopped.clone()
+        for r, history in enumerate(self.history):
+            cut = stop_string_end(history[: int(ends[r])], self.tokenizer, self.stop)
+            if cut is not None:
+                ends[r], stopped[r] = cut, True
+        return ends, stopped

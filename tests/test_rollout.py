@@ -1,0 +1,261 @@
+"""Rollout engines: the fast engine against a naive full-recompute decode, and its sampling math by hand."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from grpo.rollout import ENGINES, FastEngine, HFGenerateEngine, SamplingParams, make_engine
+from grpo.rollout.base import stop_string_end
+from grpo.rollout.engine import KVCache, filter_logits, sample_from_logits
+from grpo.testing import tiny_model, tiny_tokenizer
+
+TEXTS = ["hello there", "2+2=", "What is the answer to this one?"]  # unequal lengths: left padding
+
+
+def peaky_model(vocab_size: int, seed: int = 0):
+    """The tiny Llama with larger random weights: greedy outputs vary and log-probs are far from uniform."""
+    model = tiny_model(vocab_size, seed=seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.25)
+    return model
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    return peaky_model(len(tok))
+
+
+@pytest.fixture(scope="module")
+def prompts(tok):
+    return [tok(t, add_special_tokens=False).input_ids for t in TEXTS]
+
+
+def naive_greedy(model, prompt: list[int], max_new_tokens: int, eos: set[int]) -> list[int]:
+    """Argmax decoding that recomputes the whole sequence at every step: no cache, no padding."""
+    ids = list(prompt)
+    out: list[int] = []
+    for _ in range(max_new_tokens):
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits[0, -1]
+        token = int(logits.argmax())
+        out.append(token)
+        ids.append(token)
+        if token in eos:
+            break
+    return out
+
+
+def reference_logprobs(model, prompt: list[int], completion: list[int], temperature: float) -> torch.Tensor:
+    """log softmax(logits / temperature) of each completion token, from one forward over prompt + completion."""
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + completion])).logits[0].float()  # [P+T, V]
+    logits = logits[len(prompt) - 1 : len(prompt) + len(completion) - 1] / temperature  # [T, V]
+    return logits.log_softmax(-1).gather(1, torch.tensor(completion).unsqueeze(1)).squeeze(1)
+
+
+def rows_as_lists(rollout) -> list[list[int]]:
+    return [row[mask].tolist() for row, mask in zip(rollout.completion_ids, rollout.completion_mask)]
+
+
+# -- the fast engine against the naive decode -------------------------------------------------------
+
+
+@pytest.mark.parametrize("group_size", [1, 3])
+def test_greedy_equals_naive_decode(model, tok, prompts, group_size):
+    engine = FastEngine(model, tok)
+    rollout = engine.generate(prompts, group_size, SamplingParams(max_new_tokens=24, temperature=0.0))
+    assert rollout.completion_ids.shape[0] == len(prompts) * group_size
+    for n, row in enumerate(rows_as_lists(rollout)):
+        assert row == naive_greedy(model, prompts[n // group_size], 24, engine.eos_ids), f"row {n}"
+
+
+def test_eos_ends_a_row_and_is_in_the_mask(tok, prompts):
+    model = peaky_model(len(tok))
+    plain = rows_as_lists(FastEngine(model, tok).generate(prompts, 2, SamplingParams(24, temperature=0.0)))
+    eos = plain[2][5]  # a token that greedy produces: make it an end-of-sequence token
+    model.generation_config.eos_token_id = [tok.eos_token_id, eos]
+    engine = FastEngine(model, tok)
+    rollout = engine.generate(prompts, 2, SamplingParams(24, temperature=0.0))
+    for n, row in enumerate(rows_as_lists(rollout)):
+        assert row == naive_greedy(model, prompts[n // 2], 24, engine.eos_ids)
+        expected = plain[n][: plain[n].index(eos) + 1] if eos in plain[n] else plain[n]
+        assert row == expected
+        assert bool(rollout.truncated[n]) == (eos not in plain[n])
+        assert rollout.completion_ids[n, len(row) :].eq(tok.pad_token_id).all()
+    assert rows_as_lists(rollout)[2][-1] == eos
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_sampling_logprobs_match_a_separate_forward(model, tok, prompts, temperature):
+    params = SamplingParams(max_new_tokens=16, temperature=temperature)
+    rollout = FastEngine(model, tok).generate(prompts, 2, params, torch.Generator().manual_seed(0))
+    for n, row in enumerate(rows_as_lists(rollout)):
+        expected = reference_logprobs(model, prompts[n // 2], row, temperature)
+        got = rollout.sampling_logprobs[n, : len(row)]
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
+        assert rollout.sampling_logprobs[n, len(row) :].eq(0).all()
+
+
+def test_top_k_logprobs_are_renormalised_over_the_kept_tokens(model, tok, prompts):
+    params = SamplingParams(max_new_tokens=8, temperature=0.8, top_k=5)
+    rollout = FastEngine(model, tok).generate(prompts, 2, params, torch.Generator().manual_seed(3))
+    for n, row in enumerate(rows_as_lists(rollout)):
+        p = prompts[n // 2]
+        with torch.no_grad():
+            logits = model(torch.tensor([p + row])).logits[0, len(p) - 1 : len(p) + len(row) - 1] / 0.8
+        top = logits.topk(5, dim=-1)  # [T, 5]
+        assert all(t in top.indices[i].tolist() for i, t in enumerate(row))
+        renorm = top.values.log_softmax(-1)  # [T, 5]
+        expected = torch.stack([renorm[i, top.indices[i].tolist().index(t)] for i, t in enumerate(row)])
+        torch.testing.assert_close(rollout.sampling_logprobs[n, : len(row)], expected, rtol=0, atol=1e-4)
+
+
+def test_same_seed_same_samples_different_seed_different(model, tok, prompts):
+    engine = FastEngine(model, tok)
+    params = SamplingParams(max_new_tokens=12, temperature=1.0, top_p=0.9)
+    a = engine.generate(prompts, 4, params, torch.Generator().manual_seed(7))
+    b = engine.generate(prompts, 4, params, torch.Generator().manual_seed(7))
+    c = engine.generate(prompts, 4, params, torch.Generator().manual_seed(8))
+    assert torch.equal(a.completion_ids, b.completion_ids)
+    assert torch.equal(a.sampling_logprobs, b.sampling_logprobs)
+    assert not torch.equal(a.completion_ids, c.completion_ids)
+    assert len({tuple(r) for r in rows_as_lists(a)[:4]}) > 1  # the G samples of a group differ
+
+
+def test_top_k_1_equals_greedy(model, tok, prompts):
+    engine = FastEngine(model, tok)
+    greedy = engine.generate(prompts, 2, SamplingParams(max_new_tokens=16, temperature=0.0))
+    top1 = engine.generate(prompts, 2, SamplingParams(16, temperature=1.3, top_k=1), torch.Generator().manual_seed(1))
+    assert torch.equal(greedy.completion_ids, top1.completion_ids)
+    assert top1.sampling_logprobs.eq(0).all()  # a one-token distribution
+
+
+def test_stop_strings_cut_rows_like_an_unstopped_run(model, tok, prompts):
+    engine = FastEngine(model, tok)
+    free = engine.generate(prompts, 3, SamplingParams(max_new_tokens=20), torch.Generator().manual_seed(5))
+    free_rows = rows_as_lists(free)
+    stop = tok.decode(free_rows[1][6:8])  # two characters that occur in a sample
+    params = SamplingParams(max_new_tokens=20, stop=(stop,))
+    stopped = engine.generate(prompts, 3, params, torch.Generator().manual_seed(5))
+    cut_rows = 0
+    for n, row in enumerate(rows_as_lists(stopped)):
+        cut = stop_string_end(free_rows[n], tok, (stop,))
+        assert row == free_rows[n][: cut or len(free_rows[n])]  # draws are per row: the prefix is the same sample
+        if cut is not None:
+            cut_rows += 1
+            assert tok.decode(row).endswith(stop) and not bool(stopped.truncated[n])
+        torch.testing.assert_close(stopped.sampling_logprobs[n, : len(row)], free.sampling_logprobs[n, : len(row)])
+    assert cut_rows >= 1
+
+
+def test_max_new_tokens_and_truncated_flags(model, tok, prompts):
+    rollout = FastEngine(model, tok).generate(prompts, 2, SamplingParams(max_new_tokens=5), torch.Generator())
+    assert rollout.completion_ids.shape[1] <= 5
+    ended = [row[-1] in {tok.eos_token_id} for row in rows_as_lists(rollout)]
+    expected = torch.tensor([not e and n == 5 for e, n in zip(ended, rollout.lengths.tolist())])
+    assert torch.equal(rollout.truncated, expected)
+    assert rollout.truncated.any()
+
+
+def test_prompt_longer_than_the_context_is_a_clear_error(model, tok, prompts):
+    engine = FastEngine(model, tok)  # the tiny model's context is 512
+    with pytest.raises(ValueError, match=r"prompt 1 has 600 tokens.*512"):
+        engine.generate([prompts[0], [5] * 600], 2, SamplingParams(max_new_tokens=4))
+    with pytest.raises(ValueError, match=r"prompt 0 has 500 tokens; with max_new_tokens=20"):
+        engine.generate([[5] * 500], 2, SamplingParams(max_new_tokens=20))
+
+
+def test_bfloat16_model_runs_and_keeps_float32_logprobs(tok, prompts):
+    model = peaky_model(len(tok)).to(torch.bfloat16)
+    engine = FastEngine(model, tok)
+    greedy = engine.generate(prompts, 2, SamplingParams(max_new_tokens=8, temperature=0.0))
+    top1 = engine.generate(prompts, 2, SamplingParams(8, top_k=1), torch.Generator().manual_seed(0))
+    assert torch.equal(greedy.completion_ids, top1.completion_ids)
+    assert greedy.sampling_logprobs.dtype == torch.float32
+    first = naive_greedy(model, prompts[1], 1, engine.eos_ids)  # prompt 1 is the shortest: most padding
+    assert rows_as_lists(greedy)[2][0] == first[0]
+
+
+def test_outputs_can_enter_autograd_and_the_training_mode_is_restored(tok, prompts):
+    model = peaky_model(len(tok)).train()
+    rollout = FastEngine(model, tok).generate(prompts, 2, SamplingParams(max_new_tokens=6), torch.Generator())
+    assert model.training
+    assert not rollout.completion_ids.is_inference() and not rollout.sampling_logprobs.is_inference()
+    ids = torch.tensor([prompts[0] + rows_as_lists(rollout)[0]])
+    model(ids).logits.sum().backward()  # completion ids as the embedding's indices: no inference tensors
+    assert model.model.embed_tokens.weight.grad is not None
+
+
+# -- the sampling math by hand ----------------------------------------------------------------------
+
+
+def test_filter_logits_by_hand():
+    logits = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()  # probabilities, as logits
+    probs = lambda lg: lg.softmax(-1)[0].tolist()  # noqa: E731
+    assert probs(filter_logits(logits, 1.0, top_p=0.7)) == pytest.approx([0.625, 0.375, 0, 0], abs=1e-6)
+    assert probs(filter_logits(logits, 1.0, top_p=0.5)) == pytest.approx([1, 0, 0, 0], abs=1e-6)
+    assert probs(filter_logits(logits, 1.0, top_k=3)) == pytest.approx([0.5 / 0.95, 0.3 / 0.95, 0.15 / 0.95, 0], abs=1e-6)
+    assert probs(filter_logits(logits, 1.0, min_p=0.4)) == pytest.approx([0.625, 0.375, 0, 0], abs=1e-6)
+    squared = [p * p for p in (0.5, 0.3, 0.15, 0.05)]  # temperature 0.5 squares the probabilities
+    assert probs(filter_logits(logits, 0.5)) == pytest.approx([s / sum(squared) for s in squared], abs=1e-6)
+    both = probs(filter_logits(logits, 1.0, top_k=3, top_p=0.8))  # top-k first, then top-p on the rest
+    assert both == pytest.approx([0.5 / 0.8, 0.3 / 0.8, 0, 0], abs=1e-6)
+
+
+def test_inverse_cdf_sampling_matches_the_probabilities():
+    probs = torch.tensor([0.1, 0.0, 0.6, 0.3])
+    logits = probs.log().expand(1000, 4)  # [1000, 4], -inf for the impossible token
+    uniform = (torch.arange(1000, dtype=torch.float64) + 0.5) / 1000  # an even grid instead of random draws
+    tokens, logprobs = sample_from_logits(logits, uniform)
+    assert torch.bincount(tokens, minlength=4).tolist() == [100, 0, 600, 300]
+    torch.testing.assert_close(logprobs, probs.log()[tokens], rtol=0, atol=1e-6)
+    edge, _ = sample_from_logits(logits[:1], torch.tensor([1.0 - 1e-16], dtype=torch.float64))
+    assert edge.item() == 3  # never past the last possible token
+
+
+def test_kv_cache_verbs():
+    cache = KVCache(num_layers=1, max_rows=4, max_len=4)
+    k = torch.arange(2 * 3, dtype=torch.float32).view(2, 1, 3, 1)  # [rows=2, heads=1, q=3, dim=1]
+    keys, _ = cache.update(k, -k, 0)
+    assert keys.shape == (2, 1, 3, 1) and torch.equal(keys, k)
+    cache.advance(3)
+    cache.repeat_rows(2)  # rows 0, 0, 1, 1
+    layer = cache.layers[0]
+    assert layer.keys[:, 0, :3, 0].tolist() == [[0, 1, 2], [0, 1, 2], [3, 4, 5], [3, 4, 5]]
+    cache.keep_rows(torch.tensor([1, 2]))
+    step = torch.tensor([10.0, 20.0]).view(2, 1, 1, 1)
+    keys, values = cache.update(step, step, 0)  # the next token of the 2 remaining rows
+    assert keys[:, 0, :, 0].tolist() == [[0, 1, 2, 10], [3, 4, 5, 20]]
+    assert torch.equal(values[:, 0, 3, 0], torch.tensor([10.0, 20.0]))
+
+
+# -- the registry and the reference engine ----------------------------------------------------------
+
+
+def test_registry(model, tok):
+    assert set(ENGINES) == {"hf", "fast"}
+    assert isinstance(make_engine("fast", model, tok), FastEngine)
+    with pytest.raises(ValueError, match="valid names: fast, hf"):
+        make_engine("vllm-typo", model, tok)
+
+
+def test_hf_engine_shapes_and_mask(model, tok, prompts):
+    rollout = HFGenerateEngine(model, tok).generate(prompts, 2, SamplingParams(8), torch.Generator().manual_seed(0))
+    n, t = rollout.completion_ids.shape
+    assert n == 6 and t <= 8 and rollout.completion_mask.shape == (n, t)
+    assert rollout.completion_mask.dtype == torch.bool and rollout.truncated.shape == (n,)
+    assert rollout.sampling_logprobs.shape == (n, t)
+    assert torch.isfinite(rollout.sampling_logprobs[rollout.completion_mask]).all()
+    assert (rollout.sampling_logprobs[rollout.completion_mask] <= 0).all()
+    assert math.isclose(float(rollout.sampling_logprobs[~rollout.completion_mask].abs().sum()), 0.0)
