@@ -56,7 +56,7 @@ class DataConfig(Section):
     """Column holding the reference answer (used by answer_accuracy and by eval)."""
     system_prompt: str | None = None
     """A system message put before every text prompt (None: the chat template's default)."""
-    digits: int = Field(1, ge=1, le=9)
+    digits: int = Field(2, ge=1, le=9)
     """arithmetic: number of digits of each operand."""
     operators: list[Literal["+", "-", "*"]] = ["+"]
     """arithmetic: operators to draw from."""
@@ -79,9 +79,18 @@ class DataConfig(Section):
         return v
 
     @model_validator(mode="after")
-    def _file_task(self):
+    def _task(self):
         if self.task == "file" and self.train_file is None:
             raise ValueError("task=file needs data.train_file")
+        if self.task == "arithmetic":
+            from grpo.data.arithmetic import problem_space
+
+            space = problem_space(self.digits, self.operators)
+            if self.num_eval >= space:
+                raise ValueError(
+                    f"num_eval ({self.num_eval}) must be smaller than the {space} distinct "
+                    f"{self.digits}-digit problems; lower data.num_eval or raise data.digits"
+                )
         return self
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import random
 
+from grpo.data.files import DataError
+
 OPERATIONS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
 
 
@@ -23,7 +25,7 @@ def arithmetic_rows(
     """
     space = problem_space(digits, operators)
     if num_eval >= space:
-        raise ValueError(
+        raise DataError(
             f"data.num_eval ({num_eval}) must be smaller than the {space} distinct {digits}-digit problems"
         )
     lo, hi = (0 if digits == 1 else 10 ** (digits - 1)), 10**digits - 1

@@ -44,9 +44,13 @@ def format_duration(seconds: float) -> str:
 class ConsoleLine:
     """One readable line per step: progress, reward, accuracy, KL, length, speed, time left."""
 
-    def __init__(self, total_steps: int, stream=sys.stdout, quiet: bool = False):
-        self.total, self.stream, self.quiet = total_steps, stream, quiet
+    def __init__(self, total_steps: int, stream=None, quiet: bool = False):
+        self.total, self._stream, self.quiet = total_steps, stream, quiet
         self.start = time.perf_counter()
+
+    @property
+    def stream(self):
+        return self._stream or sys.stdout  # looked up late, so redirected stdout is honoured
 
     def step(self, step: int, m: dict) -> None:
         if self.quiet:

@@ -104,11 +104,11 @@ def format_reward(completions, tags: list[str] = ("answer",), **_) -> list[float
     in the given order; 1.0 when all do."""
     out = []
     for text in completions:
-        ok, last_end = 0, -1
+        ok, last_end = 0, 0
         for tag in tags:
             opens, closes = text.count(f"<{tag}>"), text.count(f"</{tag}>")
             match = re.search(rf"<{tag}>(.*?)</{tag}>", text, flags=re.DOTALL)
-            if opens == 1 and closes == 1 and match and match.group(1).strip() and match.start() > last_end:
+            if opens == 1 and closes == 1 and match and match.group(1).strip() and match.start() >= last_end:
                 ok += 1
                 last_end = match.end()
         out.append(ok / len(tags))

@@ -13,7 +13,7 @@ ENGINES: dict[str, type] = {"hf": HFGenerateEngine, "fast": FastEngine}
 def make_engine(name: str, model, tokenizer, **options) -> RolloutEngine:
     """The engine registered under `name`, built on `model` and `tokenizer`."""
     if name not in ENGINES:
-        raise ValueError(f"unknown rollout engine {name!r}; valid names: {', '.join(sorted(ENGINES))}")
+        raise ValueError(f"unknown rollout engine {name!r}; valid: {sorted(ENGINES)}")
     return ENGINES[name](model, tokenizer, **options)
 
 
