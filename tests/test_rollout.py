@@ -259,3 +259,44 @@ def test_hf_engine_shapes_and_mask(model, tok, prompts):
     assert torch.isfinite(rollout.sampling_logprobs[rollout.completion_mask]).all()
     assert (rollout.sampling_logprobs[rollout.completion_mask] <= 0).all()
     assert math.isclose(float(rollout.sampling_logprobs[~rollout.completion_mask].abs().sum()), 0.0)
+    for n, row in enumerate(rows_as_lists(rollout)):  # no top-k/top-p: the model's own distribution
+        expected = reference_logprobs(model, prompts[n // 2], row, 1.0)
+        torch.testing.assert_close(rollout.sampling_logprobs[n, : len(row)], expected, rtol=0, atol=1e-4)
+
+
+def test_two_level_inverse_cdf_over_many_blocks():
+    probs = torch.rand(1000, generator=torch.Generator().manual_seed(0)) ** 4  # uneven, across 4 blocks of 256
+    probs[[3, 400, 999]] = 0.0
+    probs = probs / probs.sum()
+    k = 20_000
+    uniform = (torch.arange(k, dtype=torch.float64) + 0.5) / k
+    tokens, _ = sample_from_logits(probs.log().expand(k, 1000), uniform)
+    counts = torch.bincount(tokens, minlength=1000).double()
+    assert (counts - probs.double() * k).abs().max() <= 1.0  # each token gets its share of the grid, +-1
+    assert counts[[3, 400, 999]].eq(0).all()
+
+
+def test_a_bfloat16_copy_follows_the_policy_weights(tok, prompts):
+    model = peaky_model(len(tok))
+    engine = FastEngine(model, tok, dtype="bfloat16")
+    assert next(engine.runner.parameters()).dtype == torch.bfloat16 and next(model.parameters()).dtype == torch.float32
+    params = SamplingParams(max_new_tokens=8, temperature=0.0)
+    before = engine.generate(prompts, 1, params).completion_ids
+    with torch.no_grad():  # an optimizer step, in place: the next generate must see it
+        model.lm_head.weight[before[0, 0]] -= 10.0
+    after = engine.generate(prompts, 1, params).completion_ids
+    assert after[0, 0] != before[0, 0]
+    assert torch.equal(after, FastEngine(model, tok, dtype="bfloat16").generate(prompts, 1, params).completion_ids)
+    with pytest.raises(ValueError, match="unknown dtype 'fp8'"):
+        FastEngine(model, tok, dtype="fp8")
+
+
+def test_onednn_linears_equal_the_default_kernel_and_are_removed_after(model, tok, prompts):
+    params = SamplingParams(max_new_tokens=12, temperature=0.9)
+    fast = FastEngine(model, tok, onednn=True).generate(prompts, 2, params, torch.Generator().manual_seed(2))
+    plain = FastEngine(model, tok, onednn=False).generate(prompts, 2, params, torch.Generator().manual_seed(2))
+    assert torch.equal(fast.completion_ids, plain.completion_ids)
+    torch.testing.assert_close(fast.sampling_logprobs, plain.sampling_logprobs, rtol=0, atol=1e-5)
+    assert not any("forward" in m.__dict__ for m in model.modules())  # the model is left as it was
+    with pytest.raises(ValueError, match="onednn=True needs float32"):
+        FastEngine(peaky_model(len(tok)).to(torch.bfloat16), tok, onednn=True).generate(prompts, 1, params)

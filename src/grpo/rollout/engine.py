@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import inspect
 import time
+import types
+from contextlib import contextmanager
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
@@ -46,7 +48,8 @@ def filter_logits(
     Order as in `transformers` generate: temperature, top-k, top-p (Holtzman et al. 2019), min-p
     (Nguyen et al. 2024). Each filter keeps at least the most likely token.
     """
-    logits = logits / temperature
+    if temperature != 1.0:
+        logits = logits / temperature
     if top_k > 0 and top_k < logits.shape[-1]:
         kth = logits.topk(top_k, dim=-1).values[:, -1:]  # [n, 1] k-th largest logit
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -65,27 +68,41 @@ def filter_logits(
 
 
 def sample_from_logits(
-    logits: torch.Tensor,  # [n, V] float32, the filtered logits
+    logits: torch.Tensor,  # [n, V] float32, the filtered logits (-inf for dropped tokens)
     uniform: torch.Tensor,  # [n] float64 in [0, 1): one draw per row
+    block: int = 256,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One token per row from softmax(logits) by inverting its CDF at `uniform`, and its log-prob.
+    """One token per row from softmax(logits), by inverting its CDF at `uniform`, and its log-prob.
 
-    Returns ([n] long, [n] float32). Inverse-CDF sampling needs one random number per row; torch.multinomial
-    draws one per vocabulary entry (~10 ms a step on CPU for 16 x 49152).
+    Returns ([n] long, [n] float32). One random number per row (torch.multinomial draws one per
+    vocabulary entry: ~10 ms a step on CPU at 16 x 49152), and the CDF in two levels, over blocks of
+    `block` tokens and then inside the chosen block, in float64 so that rounding cannot skip a token.
     """
-    logprobs = logits.log_softmax(dim=-1)  # [n, V]
-    cdf = logprobs.exp().double().cumsum(dim=-1)  # [n, V] float64: rounding cannot skip a token
-    total = cdf[:, -1:].contiguous()  # [n, 1], 1 up to rounding
-    tokens = torch.searchsorted(cdf, uniform.unsqueeze(1) * total, right=True)  # [n, 1] first cdf > u
-    last = torch.searchsorted(cdf, total)  # [n, 1] the last token with a non-zero probability
-    tokens = torch.minimum(tokens, last)
-    return tokens.squeeze(1), logprobs.gather(1, tokens).squeeze(1)
+    n, V = logits.shape
+    top = logits.max(dim=-1, keepdim=True).values  # [n, 1]
+    weights = (logits - top).exp()  # [n, V] unnormalised probabilities
+    if V % block:
+        weights = torch.nn.functional.pad(weights, (0, block - V % block))
+    blocks = weights.view(n, -1, block)  # [n, V/block, block]
+    block_cdf = blocks.sum(dim=-1, dtype=torch.float64).cumsum(dim=-1)  # [n, V/block]
+    total = block_cdf[:, -1:].contiguous()  # [n, 1] normaliser of `weights`
+    target = uniform.unsqueeze(1) * total  # [n, 1] a point of the CDF
+    b = torch.searchsorted(block_cdf, target, right=True)  # [n, 1] the first block whose CDF passes the target
+    b = torch.minimum(b, torch.searchsorted(block_cdf, total))  # never past the last block with mass
+    before = torch.where(b > 0, block_cdf.gather(1, (b - 1).clamp(min=0)), torch.zeros_like(target))  # [n, 1]
+    inner_cdf = blocks.gather(1, b.unsqueeze(2).expand(n, 1, block)).squeeze(1).double().cumsum(dim=-1)  # [n, block]
+    j = torch.searchsorted(inner_cdf, target - before, right=True)  # [n, 1] position inside the block
+    j = torch.minimum(j, torch.searchsorted(inner_cdf, inner_cdf[:, -1:].contiguous()))  # a token with mass
+    tokens = b * block + j  # [n, 1]
+    logprobs = logits.gather(1, tokens) - top - total.log().float()  # [n, 1] log softmax(logits) at the token
+    return tokens.squeeze(1), logprobs.squeeze(1)
 
 
 def greedy_from_logits(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The most likely token per row and its log-prob under softmax(logits) (temperature 1): ([n], [n])."""
     tokens = logits.argmax(dim=-1, keepdim=True)  # [n, 1]
-    return tokens.squeeze(1), logits.log_softmax(dim=-1).gather(1, tokens).squeeze(1)
+    logprobs = logits.gather(1, tokens) - logits.logsumexp(dim=-1, keepdim=True)  # [n, 1]
+    return tokens.squeeze(1), logprobs.squeeze(1)
 
 
 def next_tokens(
@@ -182,6 +199,59 @@ def _context_length(model) -> int | None:
     return getattr(_text_config(model), "max_position_embeddings", None)
 
 
+def _as_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    names = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in names:
+        raise ValueError(f"unknown dtype {dtype!r}; valid: {sorted(names)}")
+    return names[dtype]
+
+
+def _cast_copy(model, dtype: torch.dtype):
+    """A frozen copy of `model` whose parameters are in `dtype` (buffers, e.g. rotary frequencies, stay as they are)."""
+    import copy
+
+    runner = copy.deepcopy(model).eval()
+    for p in runner.parameters():
+        p.requires_grad_(False)
+        p.data = p.data.to(dtype)
+    return runner
+
+
+def _same_layout(copy, model) -> bool:
+    """Whether `copy` can take `model`'s weights in place: the same parameter shapes, on the same device."""
+    pa, pb = list(copy.parameters()), list(model.parameters())
+    return len(pa) == len(pb) and all(x.shape == y.shape and x.device == y.device for x, y in zip(pa, pb))
+
+
+def _onednn_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def _onednn_linear_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+
+
+@contextmanager
+def _onednn_linears(model, enabled: bool):
+    """While active, the model's nn.Linear layers compute with oneDNN's kernel, on their own weights.
+
+    PyTorch sends float32 F.linear to MKL's sgemm, which is slow for the skinny matmuls of a decode
+    step (16 x 576 x 1536: ~60 GFLOP/s here, oneDNN ~100). Each layer gets an instance `forward`
+    that is removed on exit; nothing is copied.
+    """
+    layers = [m for m in model.modules() if type(m) is torch.nn.Linear and "forward" not in m.__dict__]
+    layers = layers if enabled else []
+    for m in layers:
+        m.forward = types.MethodType(_onednn_linear_forward, m)
+    try:
+        yield
+    finally:
+        for m in layers:
+            del m.forward
+
+
 def _device_generator(generator: torch.Generator | None, device: torch.device) -> torch.Generator:
     """A generator on the model's device, seeded from `generator` (or from torch's global RNG)."""
     seed = int(torch.randint(0, 2**62, (1,), generator=generator))
@@ -194,14 +264,28 @@ class FastEngine:
     """Batched KV-cache sampler; each prompt is prefilled once and its cache shared by its G samples.
 
     Options:
-      compile: wrap the model forward used by decode steps in `torch.compile` (dynamic shapes). Off by
-        default: on CPU the decode step is dominated by matmuls that compilation does not speed up.
+      dtype: sample with a copy of the weights cast to this dtype ("bfloat16", "float16", "float32"),
+        refreshed from the model at the start of every `generate` (~one read of the weights). None
+        (default): sample with the model itself, in its dtype. On a CPU with AVX512-BF16, bfloat16
+        matmuls run ~3x faster than float32; the sampling log-probs are then those of the bfloat16
+        copy (the trainer recomputes the policy's own), and the copy costs half the fp32 weights' memory.
+      onednn: run the float32 Linear layers through oneDNN's linear kernel instead of the default (MKL)
+        one, on the model's own weights; None (default): on for float32 on CPU. At decode batch sizes
+        (a few to a few dozen rows) it is ~1.7x faster here; results agree to float32 rounding.
+      compile: wrap the model forward of the decode steps in `torch.compile` (dynamic shapes). Off by
+        default: measured on CPU, no gain (bf16, 2x8x64: 1.49 s vs 1.25 s a run) after minutes of compiling.
     """
 
     name = "fast"
 
-    def __init__(self, model, tokenizer, compile: bool = False):
-        self.model = model
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        dtype: str | torch.dtype | None = None,
+        onednn: bool | None = None,
+        compile: bool = False,
+    ):
         self.tokenizer = tokenizer
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.eos_ids = eos_token_ids(model, tokenizer)
@@ -214,10 +298,25 @@ class FastEngine:
         params = inspect.signature(model.forward).parameters
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
         self._logits_to_keep = "logits_to_keep" in params
+        self._dtype = _as_dtype(dtype)
+        self._onednn = onednn
+        self.model = model  # the policy: its weights are the ones sampled from
+        self.runner = model  # what runs: the policy itself, or a copy of it in `dtype`
+        self.sync_weights(model)
         self._decode_forward = torch.compile(self._forward, dynamic=True) if compile else self._forward
 
-    def sync_weights(self, model) -> None:  # the same model object: nothing to copy
+    def sync_weights(self, model) -> None:
+        """Sample from `model` from now on; with a `dtype` copy, refresh the copy's weights now."""
         self.model = model
+        model_dtype = next(model.parameters()).dtype
+        if self._dtype is None or self._dtype == model_dtype:
+            self.runner = model
+            return
+        if self.runner is model or not _same_layout(self.runner, model):
+            self.runner = _cast_copy(model, self._dtype)
+        with torch.no_grad():
+            for dst, src in zip(self.runner.parameters(), model.parameters()):
+                dst.copy_(src)
 
     def generate(
         self,
@@ -227,15 +326,17 @@ class FastEngine:
         generator: torch.Generator | None = None,
     ) -> Rollout:
         self._check(prompt_ids, group_size, params)
-        device = next(self.model.parameters()).device
+        if self.runner is not self.model:
+            self.sync_weights(self.model)  # the policy may have changed since the last call
+        device = next(self.runner.parameters()).device
         gen = None if params.greedy else _device_generator(generator, device)
-        was_training = self.model.training
-        self.model.eval()
+        was_training = self.runner.training
+        self.runner.eval()
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), _onednn_linears(self.runner, self._use_onednn(device)):
                 ids, logprobs, ends, stopped, stats = self._sample(prompt_ids, group_size, params, gen, device)
         finally:
-            self.model.train(was_training)
+            self.runner.train(was_training)
         # leave inference mode: the trainer feeds these tensors to autograd
         ids, logprobs, ends, stopped = (x.cpu().clone() for x in (ids, logprobs, ends, stopped))
         width = max(int(ends.max()), 1)  # T: the longest completion
@@ -250,6 +351,13 @@ class FastEngine:
             sampling_logprobs=logprobs.masked_fill(~mask, 0.0).float(),
             stats=stats,
         )
+
+    def _use_onednn(self, device: torch.device) -> bool:
+        dtype = next(self.runner.parameters()).dtype
+        possible = device.type == "cpu" and dtype == torch.float32 and _onednn_available()
+        if self._onednn and not possible:
+            raise ValueError(f"onednn=True needs float32 weights on a CPU with oneDNN; got {dtype} on {device}")
+        return possible if self._onednn is None else bool(self._onednn)
 
     def _check(self, prompt_ids, group_size, params) -> None:
         if group_size < 1 or params.max_new_tokens < 1 or not prompt_ids:
@@ -271,13 +379,13 @@ class FastEngine:
     def _forward(self, ids, positions, mask, cache) -> torch.Tensor:
         """[n, q] ids and positions, [n, 1, q, L+q] additive mask -> [n, V] logits of the last position."""
         kwargs = {self._cache_kwarg: cache, "logits_to_keep": 1} if self._logits_to_keep else {self._cache_kwarg: cache}
-        out = self.model(input_ids=ids, position_ids=positions, attention_mask=mask, use_cache=True, **kwargs)
+        out = self.runner(input_ids=ids, position_ids=positions, attention_mask=mask, use_cache=True, **kwargs)
         return out.logits[:, -1]
 
     def _sample(self, prompt_ids, group_size, params, gen, device):
         """The decode loop. Returns raw ids [N, T], log-probs [N, T], ends [N], stopped [N], stats."""
         t0 = time.perf_counter()
-        dtype = next(self.model.parameters()).dtype
+        dtype = next(self.runner.parameters()).dtype
         neg = torch.finfo(dtype).min
         B, G, T = len(prompt_ids), group_size, params.max_new_tokens
         N = B * G

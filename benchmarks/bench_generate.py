@@ -1,0 +1,313 @@
+"""FastEngine against plain `transformers` generate: tokens/s side by side, peak memory, and this machine's bound.
+
+    python benchmarks/bench_generate.py                       # default model, CPU, 2 threads (~5 min)
+    python benchmarks/bench_generate.py --configs 2x8x64 --repeats 1 --no-memory   # ~1 min
+
+A config BxGxT is B prompts x G samples x T max new tokens. `generate` is `model.generate` on each prompt
+repeated G times (left padded, do_sample, temperature 1, no top-k/top-p), the way a GRPO trainer calls it;
+`fast` is FastEngine with the same settings; `fast-bf16` is FastEngine sampling from a bfloat16 copy of the
+weights, and `generate-bf16` is generate on a bfloat16 model, for a like-for-like bf16 ratio.
+Tokens/s counts real completion tokens (up to and including EOS) over wall time; engines run in turn, after
+a warm-up, with a different seed each repeat. Peak memory comes from one child process per engine.
+It prints numbers and ratios and never asserts a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import resource
+import subprocess
+import sys
+import threading
+import time
+
+import torch
+
+QUESTIONS = [
+    "What is 23 + 45?",
+    "What is 7 * 8?",
+    "Name three colors.",
+    "What is the capital of France?",
+    "Write one sentence about rain.",
+    "What is 120 - 37?",
+    "List two prime numbers.",
+    "How many legs does a spider have?",
+]
+
+
+def load(model_path: str | None, threads: int):
+    torch.set_num_threads(threads)
+    from grpo.models import load_model, load_tokenizer, resolve_model_folder
+
+    folder = resolve_model_folder(model_path)
+    return load_model(folder, "float32", "cpu").eval(), load_tokenizer(folder)
+
+
+def prompts_for(tokenizer, b: int) -> list[list[int]]:
+    out = []
+    for q in (QUESTIONS * (b // len(QUESTIONS) + 1))[:b]:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False)
+        out.append(tokenizer(text, add_special_tokens=False).input_ids)
+    return out
+
+
+# -- the engines under test: each returns the number of real completion tokens -----------------------
+
+
+def make_runners(model, tokenizer, names: list[str]) -> dict:
+    from grpo.rollout import FastEngine, SamplingParams
+    from grpo.rollout.base import finish_completions
+    from grpo.rollout.hf import eos_token_ids, left_pad
+
+    eos = eos_token_ids(model, tokenizer)
+    pad = tokenizer.pad_token_id
+
+    def generate_on(m):
+        def run(prompts, g, t, seed):
+            ids, attn = left_pad([p for p in prompts for _ in range(g)], pad)  # each prompt repeated G times
+            torch.manual_seed(seed)
+            with torch.inference_mode():
+                out = m.generate(
+                    input_ids=ids, attention_mask=attn, do_sample=True, temperature=1.0, top_k=None, top_p=1.0,
+                    max_new_tokens=t, pad_token_id=pad, eos_token_id=sorted(eos),
+                )  # fmt: skip
+            _, mask, _ = finish_completions(out[:, ids.shape[1] :], eos, pad, t)
+            return int(mask.sum())
+
+        return run
+
+    def fast_with(**options):
+        engine = FastEngine(model, tokenizer, **options)
+
+        def run(prompts, g, t, seed):
+            params = SamplingParams(max_new_tokens=t, temperature=1.0)
+            return int(engine.generate(prompts, g, params, torch.Generator().manual_seed(seed)).completion_mask.sum())
+
+        return run
+
+    makers = {
+        "generate": lambda: generate_on(model),
+        "fast": lambda: fast_with(),
+        "generate-bf16": lambda: generate_on(copy.deepcopy(model).to(torch.bfloat16)),
+        "fast-bf16": lambda: fast_with(dtype="bfloat16"),
+    }
+    return {name: makers[name]() for name in names}
+
+
+def time_engines(runners: dict, prompts_b, g: int, t: int, repeats: int) -> dict:
+    """name -> (tokens, seconds) summed over the repeats; engines take turns within each repeat."""
+    for run in runners.values():  # warm-up: allocator, kernels, lazy init
+        run(prompts_b[:1], 2, 8, seed=0)
+    totals = {name: [0, 0.0] for name in runners}
+    for r in range(repeats):
+        for name, run in runners.items():
+            start = time.perf_counter()
+            tokens = run(prompts_b, g, t, seed=1 + r)
+            totals[name][0] += tokens
+            totals[name][1] += time.perf_counter() - start
+    return {name: tuple(v) for name, v in totals.items()}
+
+
+# -- peak memory: one child process per engine ---------------------------------------------------------
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def memory_child(args) -> None:
+    """Load, warm up, then run one config while a thread samples RSS; print JSON."""
+    model, tok = load(args.model, args.threads)
+    b, g, t = parse_config(args.configs.split(",")[-1])
+    run = make_runners(model, tok, [args.memory_child])[args.memory_child]
+    prompts = prompts_for(tok, b)
+    run(prompts[:1], 2, 8, seed=0)
+    before, peak, done = rss_bytes(), [0], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], rss_bytes())
+            time.sleep(0.002)
+
+    thread = threading.Thread(target=sample)
+    thread.start()
+    run(prompts, g, t, seed=1)
+    done.set()
+    thread.join()
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"rss_before": before, "peak_during": max(peak[0], rss_bytes()), "ru_maxrss": maxrss}))
+
+
+def measure_memory(args, names: list[str]) -> dict:
+    out = {}
+    for name in names:
+        cmd = [sys.executable, __file__, "--memory-child", name, "--configs", args.configs, "--threads", str(args.threads)]
+        cmd += ["--model", args.model] if args.model else []
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=src_path()))
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+        out[name] = json.loads(lines[-1]) if lines else {"error": proc.stderr[-500:]}
+    return out
+
+
+# -- this machine's bound ----------------------------------------------------------------------------
+
+
+def best_time(fn, repeats: int = 5) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def machine_rates() -> dict:
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    big = torch.randn(64 * 1024 * 1024)  # 256 MiB, far beyond the caches
+    return {
+        "matmul_gflops": 2 * 2048**3 / best_time(lambda: a @ b) / 1e9,
+        "matmul_bf16_gflops": 2 * 2048**3 / best_time(lambda: a.bfloat16() @ b.bfloat16(), 3) / 1e9,
+        "read_gbs": big.numel() * 4 / best_time(lambda: big.sum()) / 1e9,
+    }
+
+
+def model_costs(model) -> dict:
+    """FLOPs per decoded token (2 x matmul weights, attention separately) and weight bytes read per step."""
+    linear = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return {
+        "weight_params": sum(w.numel() for w in linear),
+        "flops_per_token": 2 * sum(w.numel() for w in linear),
+        # q.k and p.v: 2 x 2 FLOPs per head dim per cached position, per layer
+        "attn_flops_per_token_per_position": 4 * cfg.num_hidden_layers * cfg.num_attention_heads * head_dim,
+        # keys and values read per row per cached position, float32
+        "kv_bytes_per_position": 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * 4,
+        "weight_bytes": sum(w.numel() * w.element_size() for w in linear),
+    }
+
+
+def decode_matmul_floor(model, n: int) -> float:
+    """Seconds for all weight matmuls of one decode step at batch n: the model's own Linear layers, nothing else."""
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    inputs = {m.in_features: torch.randn(n, m.in_features) for m in layers}
+
+    def step():
+        for m in layers:
+            torch.nn.functional.linear(inputs[m.in_features], m.weight)
+
+    with torch.inference_mode():
+        return best_time(step, 3)
+
+
+def bound_tokens_per_s(costs: dict, rates: dict, n: int, context: float) -> float:
+    flops = n * (costs["flops_per_token"] + costs["attn_flops_per_token_per_position"] * context)
+    reads = costs["weight_bytes"] + n * costs["kv_bytes_per_position"] * context
+    return n / max(flops / (rates["matmul_gflops"] * 1e9), reads / (rates["read_gbs"] * 1e9))
+
+
+# -- main ------------------------------------------------------------------------------------------------
+
+
+def parse_config(text: str) -> tuple[int, int, int]:
+    b, g, t = (int(x) for x in text.lower().split("x"))
+    return b, g, t
+
+
+def src_path() -> str:
+    here = os.path.dirname(os.path.abspath(__file__))
+    return os.pathsep.join([os.path.join(here, "..", "src"), os.environ.get("PYTHONPATH", "")])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="HF folder or .gguf; default: the bundled SmolLM2-135M-Instruct")
+    parser.add_argument("--configs", default="2x8x64,8x8x128", help="comma-separated BxGxT")
+    parser.add_argument("--engines", default="generate,fast,generate-bf16,fast-bf16")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes")
+    parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_child:
+        return memory_child(args)
+
+    names = args.engines.split(",")
+    model, tok = load(args.model, args.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, model {model.config._name_or_path}")
+    rates = machine_rates()
+    costs = model_costs(model)
+    print(
+        f"machine: {rates['matmul_gflops']:.0f} GFLOP/s fp32 matmul (2048^3), {rates['matmul_bf16_gflops']:.0f} bf16, "
+        f"{rates['read_gbs']:.1f} GB/s read; model: {costs['weight_params'] / 1e6:.0f}M matmul weights, "
+        f"{costs['flops_per_token'] / 1e9:.2f} GFLOP/token + attention, {costs['weight_bytes'] / 1e6:.0f} MB read/step"
+    )
+    runners = make_runners(model, tok, names)
+    rows = []
+    for config in args.configs.split(","):
+        b, g, t = parse_config(config)
+        prompts = prompts_for(tok, b)
+        results = time_engines(runners, prompts, g, t, args.repeats)
+        base = results["generate"][0] / results["generate"][1] if "generate" in results else None
+        n = b * g
+        context = sum(map(len, prompts)) / b + t / 2
+        floor = decode_matmul_floor(model, n)
+        for name, (tokens, seconds) in results.items():
+            rate = tokens / seconds
+            rows.append(
+                {
+                    "config": config, "engine": name, "tokens_per_s": rate, "seconds": seconds / args.repeats,
+                    "mean_len": tokens / (n * args.repeats), "vs_generate": rate / base if base else float("nan"),
+                    "bound_fp32": bound_tokens_per_s(costs, rates, n, context), "matmul_floor": n / floor,
+                }
+            )  # fmt: skip
+            print(json.dumps(rows[-1]), flush=True)
+    memory = {} if args.no_memory else measure_memory(args, names)
+    print_markdown(rows, memory, rates, costs, args)
+
+
+def print_markdown(rows, memory, rates, costs, args) -> None:
+    print(
+        "\n| config BxGxT | engine | tokens/s | vs generate | mean length | s/run "
+        "| fp32 bound tokens/s (roofline; fp32 matmul floor) | share of the roofline |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(
+            f"| {r['config']} | {r['engine']} | {r['tokens_per_s']:.0f} | {r['vs_generate']:.2f}x | {r['mean_len']:.0f} "
+            f"| {r['seconds']:.1f} | {r['bound_fp32']:.0f} ({r['matmul_floor']:.0f}) "
+            f"| {r['tokens_per_s'] / r['bound_fp32']:.0%} |"
+        )
+    if memory:
+        config = args.configs.split(",")[-1]
+        print(f"\nPeak memory, config {config} (one process per engine; RSS sampled every 2 ms):\n")
+        print("| engine | RSS after load + warm-up | peak RSS while sampling | growth | ru_maxrss |")
+        print("|---|---:|---:|---:|---:|")
+        for name, m in memory.items():
+            if "error" in m:
+                print(f"| {name} | error: {m['error'][-120:]!r} | | | |")
+                continue
+            mb = {k: v / 2**20 for k, v in m.items()}
+            growth = mb["peak_during"] - mb["rss_before"]
+            print(
+                f"| {name} | {mb['rss_before']:.0f} MiB | {mb['peak_during']:.0f} MiB | {growth:.0f} MiB "
+                f"| {mb['ru_maxrss']:.0f} MiB |"
+            )
+    print(
+        f"\nBound: {rates['matmul_gflops']:.0f} GFLOP/s fp32 matmul, {rates['read_gbs']:.1f} GB/s read; "
+        f"{costs['flops_per_token'] / 1e9:.2f} GFLOP per token in matmuls plus "
+        f"{costs['attn_flops_per_token_per_position'] / 1e6:.2f} MFLOP per cached position in attention; "
+        f"{costs['weight_bytes'] / 1e6:.0f} MB of weights read per decode step. "
+        "Roofline: batch N / max(N x FLOPs / matmul rate, (weights + KV cache) bytes / read rate), "
+        "at the mean context of the run; the matmul floor is the measured time of the model's own "
+        "Linear layers at batch N."
+    )
+
+
+if __name__ == "__main__":
+    main()
