@@ -5,7 +5,8 @@
 
 A config BxGxT is B prompts x G samples x T max new tokens. `generate` is `model.generate` on each prompt
 repeated G times (left padded, do_sample, temperature 1, no top-k/top-p), the way a GRPO trainer calls it;
-`fast` is FastEngine with the same settings; `fast-bf16` is FastEngine sampling from a bfloat16 copy of the
+`fast` is FastEngine with the same settings (`fast-mkl`: with PyTorch's default float32 matmul kernel
+instead of oneDNN's); `fast-bf16` is FastEngine sampling from a bfloat16 copy of the
 weights, and `generate-bf16` is generate on a bfloat16 model, for a like-for-like bf16 ratio.
 Tokens/s counts real completion tokens (up to and including EOS) over wall time; engines run in turn, after
 a warm-up, with a different seed each repeat. Peak memory comes from one child process per engine.
@@ -91,6 +92,7 @@ def make_runners(model, tokenizer, names: list[str]) -> dict:
     makers = {
         "generate": lambda: generate_on(model),
         "fast": lambda: fast_with(),
+        "fast-mkl": lambda: fast_with(onednn=False),
         "generate-bf16": lambda: generate_on(copy.deepcopy(model).to(torch.bfloat16)),
         "fast-bf16": lambda: fast_with(dtype="bfloat16"),
     }
@@ -192,23 +194,32 @@ def model_costs(model) -> dict:
     }
 
 
-def decode_matmul_floor(model, n: int) -> float:
-    """Seconds for all weight matmuls of one decode step at batch n: the model's own Linear layers, nothing else."""
-    layers = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    inputs = {m.in_features: torch.randn(n, m.in_features) for m in layers}
-
-    def step():
-        for m in layers:
-            torch.nn.functional.linear(inputs[m.in_features], m.weight)
+def decode_matmul_floor(model, n: int, dtype: torch.dtype) -> float:
+    """Seconds for all weight matmuls of one decode step at batch n: the model's own Linear layers only,
+    through the kernel FastEngine uses (oneDNN for float32, PyTorch's default for bfloat16)."""
+    weights = [m.weight.detach().to(dtype) for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    inputs = {w.shape[1]: torch.randn(n, w.shape[1], dtype=dtype) for w in weights}
+    if dtype == torch.float32:
+        def step():
+            for w in weights:
+                torch.ops.mkldnn._linear_pointwise(inputs[w.shape[1]], w, None, "none", [], "")
+    else:
+        def step():
+            for w in weights:
+                torch.nn.functional.linear(inputs[w.shape[1]], w)
 
     with torch.inference_mode():
         return best_time(step, 3)
 
 
-def bound_tokens_per_s(costs: dict, rates: dict, n: int, context: float) -> float:
+def roofline_tokens_per_s(costs: dict, rates: dict, n: int, context: float, dtype: torch.dtype) -> float:
+    """n / max(compute time, memory time) of one decode step at batch n and the given mean context."""
+    bf16 = dtype == torch.bfloat16
+    rate = (rates["matmul_bf16_gflops"] if bf16 else rates["matmul_gflops"]) * 1e9
+    shrink = 2 if bf16 else 1  # bytes per element: 2 instead of 4
     flops = n * (costs["flops_per_token"] + costs["attn_flops_per_token_per_position"] * context)
-    reads = costs["weight_bytes"] + n * costs["kv_bytes_per_position"] * context
-    return n / max(flops / (rates["matmul_gflops"] * 1e9), reads / (rates["read_gbs"] * 1e9))
+    reads = (costs["weight_bytes"] + n * costs["kv_bytes_per_position"] * context) / shrink
+    return n / max(flops / rate, reads / (rates["read_gbs"] * 1e9))
 
 
 # -- main ------------------------------------------------------------------------------------------------
@@ -228,7 +239,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="HF folder or .gguf; default: the bundled SmolLM2-135M-Instruct")
     parser.add_argument("--configs", default="2x8x64,8x8x128", help="comma-separated BxGxT")
-    parser.add_argument("--engines", default="generate,fast,generate-bf16,fast-bf16")
+    parser.add_argument("--engines", default="generate,fast,fast-mkl,generate-bf16,fast-bf16")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes")
@@ -256,14 +267,15 @@ def main() -> None:
         base = results["generate"][0] / results["generate"][1] if "generate" in results else None
         n = b * g
         context = sum(map(len, prompts)) / b + t / 2
-        floor = decode_matmul_floor(model, n)
+        floors = {dt: n / decode_matmul_floor(model, n, dt) for dt in (torch.float32, torch.bfloat16)}
         for name, (tokens, seconds) in results.items():
             rate = tokens / seconds
+            dtype = torch.bfloat16 if name.endswith("bf16") else torch.float32
             rows.append(
                 {
                     "config": config, "engine": name, "tokens_per_s": rate, "seconds": seconds / args.repeats,
                     "mean_len": tokens / (n * args.repeats), "vs_generate": rate / base if base else float("nan"),
-                    "bound_fp32": bound_tokens_per_s(costs, rates, n, context), "matmul_floor": n / floor,
+                    "roofline": roofline_tokens_per_s(costs, rates, n, context, dtype), "matmul_floor": floors[dtype],
                 }
             )  # fmt: skip
             print(json.dumps(rows[-1]), flush=True)
@@ -274,14 +286,14 @@ def main() -> None:
 def print_markdown(rows, memory, rates, costs, args) -> None:
     print(
         "\n| config BxGxT | engine | tokens/s | vs generate | mean length | s/run "
-        "| fp32 bound tokens/s (roofline; fp32 matmul floor) | share of the roofline |"
+        "| bound tokens/s: roofline / matmul floor | share of the matmul floor |"
     )
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(
             f"| {r['config']} | {r['engine']} | {r['tokens_per_s']:.0f} | {r['vs_generate']:.2f}x | {r['mean_len']:.0f} "
-            f"| {r['seconds']:.1f} | {r['bound_fp32']:.0f} ({r['matmul_floor']:.0f}) "
-            f"| {r['tokens_per_s'] / r['bound_fp32']:.0%} |"
+            f"| {r['seconds']:.1f} | {r['roofline']:.0f} / {r['matmul_floor']:.0f} "
+            f"| {r['tokens_per_s'] / r['matmul_floor']:.0%} |"
         )
     if memory:
         config = args.configs.split(",")[-1]
@@ -299,13 +311,14 @@ def print_markdown(rows, memory, rates, costs, args) -> None:
                 f"| {mb['ru_maxrss']:.0f} MiB |"
             )
     print(
-        f"\nBound: {rates['matmul_gflops']:.0f} GFLOP/s fp32 matmul, {rates['read_gbs']:.1f} GB/s read; "
-        f"{costs['flops_per_token'] / 1e9:.2f} GFLOP per token in matmuls plus "
-        f"{costs['attn_flops_per_token_per_position'] / 1e6:.2f} MFLOP per cached position in attention; "
-        f"{costs['weight_bytes'] / 1e6:.0f} MB of weights read per decode step. "
-        "Roofline: batch N / max(N x FLOPs / matmul rate, (weights + KV cache) bytes / read rate), "
-        "at the mean context of the run; the matmul floor is the measured time of the model's own "
-        "Linear layers at batch N."
+        f"\nBound: {rates['matmul_gflops']:.0f} GFLOP/s fp32 and {rates['matmul_bf16_gflops']:.0f} GFLOP/s bf16 on a "
+        f"2048^3 matmul, {rates['read_gbs']:.1f} GB/s read (sum of 256 MiB); {costs['flops_per_token'] / 1e9:.2f} GFLOP "
+        f"per token in matmuls plus {costs['attn_flops_per_token_per_position'] / 1e6:.2f} MFLOP per cached position "
+        f"in attention; {costs['weight_bytes'] / 1e6:.0f} MB of fp32 weights read per decode step. Roofline: "
+        "N / max(N x FLOPs / matmul rate, (weights + KV cache) bytes / read rate) at batch N = B x G and the run's "
+        "mean context, in the engine's dtype. Matmul floor: N / the measured time of the model's own Linear layers "
+        "at batch N (oneDNN for fp32), i.e. a decode step with no attention, sampling or Python; an engine whose "
+        "rows finish early decodes at smaller batches and can sit above or below it."
     )
 
 

@@ -230,7 +230,7 @@ def test_kv_cache_verbs():
     keys, _ = cache.update(k, -k, 0)
     assert keys.shape == (2, 1, 3, 1) and torch.equal(keys, k)
     cache.advance(3)
-    cache.repeat_rows(2)  # rows 0, 0, 1, 1
+    cache.repeat_rows(2, 2)  # rows 0, 0, 1, 1
     layer = cache.layers[0]
     assert layer.keys[:, 0, :3, 0].tolist() == [[0, 1, 2], [0, 1, 2], [3, 4, 5], [3, 4, 5]]
     cache.keep_rows(torch.tensor([1, 2]))
@@ -300,3 +300,29 @@ def test_onednn_linears_equal_the_default_kernel_and_are_removed_after(model, to
     assert not any("forward" in m.__dict__ for m in model.modules())  # the model is left as it was
     with pytest.raises(ValueError, match="onednn=True needs float32"):
         FastEngine(peaky_model(len(tok)).to(torch.bfloat16), tok, onednn=True).generate(prompts, 1, params)
+
+
+def test_prefill_in_chunks_gives_the_same_completions(model, tok, prompts, monkeypatch):
+    params = SamplingParams(max_new_tokens=10, temperature=0.0)
+    whole = FastEngine(model, tok).generate(prompts, 2, params)
+    monkeypatch.setattr("grpo.rollout.engine.PREFILL_TOKENS", 1)  # one prompt per forward
+    chunked = FastEngine(model, tok).generate(prompts, 2, params)
+    assert torch.equal(whole.completion_ids, chunked.completion_ids)
+    torch.testing.assert_close(whole.sampling_logprobs, chunked.sampling_logprobs, rtol=0, atol=1e-5)
+
+
+def test_sliding_window_models_are_refused_past_the_window(tok, prompts):
+    from types import SimpleNamespace
+
+    from grpo.rollout.engine import sliding_window
+
+    assert sliding_window(SimpleNamespace(sliding_window=8, layer_types=["sliding_attention", "full_attention"])) == 8
+    assert sliding_window(SimpleNamespace(sliding_window=8, layer_types=["full_attention"])) is None
+    assert sliding_window(SimpleNamespace(sliding_window=8, use_sliding_window=False)) is None
+    assert sliding_window(SimpleNamespace()) is None
+    model = peaky_model(len(tok))
+    model.config.sliding_window = 12
+    engine = FastEngine(model, tok)
+    engine.generate([prompts[1]], 1, SamplingParams(max_new_tokens=4))  # 4 + 4 tokens fit in 12
+    with pytest.raises(ValueError, match=r"sliding-window attention over 12 positions.*longest prompt \(11 tokens\)"):
+        engine.generate(prompts[:2], 1, SamplingParams(max_new_tokens=4))

@@ -9,8 +9,9 @@ What `model.generate` does for GRPO, and what this engine does instead:
 - a chain of logits processors over the whole vocabulary    -> a few small tensor functions, only those enabled
 
 It drives any `transformers` causal LM through its own forward (embeddings, rotary, attention kernels
-and lm_head stay the model's), handing it a cache object and a 4D additive attention mask. Weight
-updates of the model are seen at once: the engine holds no copy of the weights.
+and lm_head stay the model's), handing it a cache object and a 4D additive attention mask. By default
+it samples with the model itself, so weight updates are seen at once; with `dtype=` it samples with a
+cast copy that it refreshes at every call (see FastEngine).
 
 Vocabulary: B prompts, G samples per prompt, N = B*G rows, n rows still decoding, P padded prompt
 width, T max_new_tokens, V vocab, L cache length so far.
@@ -31,6 +32,9 @@ from grpo.rollout.hf import eos_token_ids, left_pad
 
 # Attention implementations that take a ready 4D additive mask [n, 1, q, L].
 MASKED_ATTENTION = ("sdpa", "eager")
+# Prefill runs the prompts in chunks of at most this many tokens and mask elements per forward.
+PREFILL_TOKENS = 8192
+PREFILL_MASK_ELEMENTS = 2**24
 
 
 # -- sampling: pure tensor functions ---------------------------------------------------------------
@@ -140,10 +144,10 @@ class _CacheLayer(CacheLayerMixin):
         """Write the new [n, kv_heads, q, head_dim] states at the cache's length; return all [n, kv_heads, L+q, hd]."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        n, q, start = key_states.shape[0], key_states.shape[2], self.owner.length
-        self.keys[:n, :, start : start + q] = key_states
-        self.values[:n, :, start : start + q] = value_states
-        return self.keys[:n, :, : start + q], self.values[:n, :, : start + q]
+        r, n, q, start = self.owner.row_start, key_states.shape[0], key_states.shape[2], self.owner.length
+        self.keys[r : r + n, :, start : start + q] = key_states
+        self.values[r : r + n, :, start : start + q] = value_states
+        return self.keys[r : r + n, :, : start + q], self.values[r : r + n, :, : start + q]
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.owner.length + query_length, 0
@@ -158,27 +162,29 @@ class _CacheLayer(CacheLayerMixin):
 class KVCache(Cache):
     """A preallocated KV cache for a batch whose rows share one time axis (prompts are left padded).
 
-    The model's attention layers call `update`; the engine uses four verbs:
-    `advance(q)` after a forward of q tokens, `repeat_rows(G)` to give each prefilled prompt
-    its G samples, `keep_rows(idx)` to drop finished rows, and `length`.
+    The model's attention layers call `update`, which writes the rows from `row_start` on at
+    position `length`. The engine's verbs: `advance(q)` after a forward of q tokens,
+    `repeat_rows(b, G)` to give each of b prefilled prompts its G samples, `keep_rows(idx)` to
+    drop finished rows.
     """
 
     def __init__(self, num_layers: int, max_rows: int, max_len: int):
         super().__init__(layers=[])
         self.max_rows, self.max_len = max_rows, max_len
         self.length = 0  # positions written so far (the same for every row)
+        self.row_start = 0  # the first row the next forward writes (prefill runs in chunks of prompts)
         self.layers = [_CacheLayer(self) for _ in range(num_layers)]
 
     def advance(self, q: int) -> None:
         self.length += q
 
-    def repeat_rows(self, repeats: int) -> None:
-        """Rows [0, b) become rows [0, b*repeats): row i is copied to rows i*repeats ... i*repeats+repeats-1."""
+    def repeat_rows(self, rows: int, repeats: int) -> None:
+        """Rows [0, rows) become rows [0, rows*repeats): row i is copied to rows i*repeats ... (i+1)*repeats-1."""
         for layer in self.layers:
             if layer.is_initialized:
                 for buf in (layer.keys, layer.values):
-                    filled = buf[: buf.shape[0] // repeats, :, : self.length]
-                    buf[: filled.shape[0] * repeats, :, : self.length] = filled.repeat_interleave(repeats, dim=0)
+                    filled = buf[:rows, :, : self.length]
+                    buf[: rows * repeats, :, : self.length] = filled.repeat_interleave(repeats, dim=0)
 
     def keep_rows(self, index: torch.Tensor) -> None:
         """Move rows `index` ([m] long, ascending) to the front; the rows after m are dropped."""
@@ -197,6 +203,17 @@ def _text_config(model):
 
 def _context_length(model) -> int | None:
     return getattr(_text_config(model), "max_position_embeddings", None)
+
+
+def sliding_window(config) -> int | None:
+    """The attention window of the model's sliding-window layers, or None when every layer attends to all."""
+    window = getattr(config, "sliding_window", None)
+    if not window:
+        return None
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        return window if any("sliding" in t for t in layer_types) else None
+    return window if getattr(config, "use_sliding_window", True) else None
 
 
 def _as_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
@@ -375,6 +392,14 @@ class FastEngine:
                     f"{len(p) + params.max_new_tokens} positions, but the model's context "
                     f"(config.max_position_embeddings) is {context}: shorten the prompt or lower max_new_tokens"
                 )
+        window = sliding_window(_text_config(self.model))
+        longest = max(len(p) for p in prompt_ids)
+        if window is not None and longest + params.max_new_tokens > window:
+            raise ValueError(
+                f"the model has sliding-window attention over {window} positions and FastEngine's mask is fully "
+                f"causal, so the longest prompt ({longest} tokens) plus max_new_tokens ({params.max_new_tokens}) "
+                f"must fit in {window}; use the 'hf' engine for longer sequences"
+            )
 
     def _forward(self, ids, positions, mask, cache) -> torch.Tensor:
         """[n, q] ids and positions, [n, 1, q, L+q] additive mask -> [n, V] logits of the last position."""
@@ -383,36 +408,54 @@ class FastEngine:
         return out.logits[:, -1]
 
     def _sample(self, prompt_ids, group_size, params, gen, device):
-        """The decode loop. Returns raw ids [N, T], log-probs [N, T], ends [N], stopped [N], stats."""
+        """Prefill, then decode. Returns raw ids [N, T], log-probs [N, T], ends [N], stopped [N], stats."""
         t0 = time.perf_counter()
+        cache, bias, logits, next_pos = self._prefill(prompt_ids, group_size, params.max_new_tokens, device)
+        t_prefill = time.perf_counter() - t0
+        out = self._decode(cache, bias, logits, next_pos, params, gen)
+        ids, logprobs, ends, stopped, row_steps = out
+        stats = {
+            "prefill_s": t_prefill,
+            "decode_s": time.perf_counter() - t0 - t_prefill,
+            "tokens": float(ends.sum()),
+            "decode_row_steps": float(row_steps),  # sum over decode steps of the rows still running
+        }
+        return ids, logprobs, ends, stopped, stats
+
+    def _prefill(self, prompt_ids, group_size, max_new_tokens, device):
+        """Run the B prompts once, in chunks; copy each prompt's cache rows to its G samples.
+
+        Returns the cache, the additive attention bias per key slot [N, P+T] (0 where a row may attend,
+        the dtype's minimum at padding and unwritten slots), the next-token logits [N, V], and the
+        position id of each row's next token [N].
+        """
         dtype = next(self.runner.parameters()).dtype
         neg = torch.finfo(dtype).min
-        B, G, T = len(prompt_ids), group_size, params.max_new_tokens
-        N = B * G
+        B, G, T = len(prompt_ids), group_size, max_new_tokens
         ids, attn = left_pad(prompt_ids, self.pad_id)  # [B, P]
         ids, attn = ids.to(device), attn.to(device).bool()
         P = ids.shape[1]
-        num_layers = _text_config(self.model).num_hidden_layers
-        cache = KVCache(num_layers, max_rows=N, max_len=P + T - 1)  # the last sampled token is never fed back
-        # additive attention bias per key slot: 0 where a row may attend, `neg` at padding and unwritten slots
-        bias = torch.full((N, P + T), neg, dtype=dtype, device=device)  # [N, P+T]
+        cache = KVCache(_text_config(self.model).num_hidden_layers, max_rows=B * G, max_len=P + T - 1)
+        bias = torch.full((B * G, P + T), neg, dtype=dtype, device=device)  # [N, P+T]
         bias[:B, :P].masked_fill_(attn, 0.0)
-
-        # 1. prefill the B prompts once; only the last position goes through the lm_head
         causal = torch.full((P, P), neg, dtype=dtype, device=device).triu(1)  # [P, P]
-        prefill_mask = (bias[:B, None, None, :P] + causal).clamp(min=neg)  # [B, 1, P, P]
-        positions = (attn.long().cumsum(1) - 1).clamp(min=0)  # [B, P]
-        logits = self._forward(ids, positions, prefill_mask, cache)  # [B, V]
+        positions = (attn.long().cumsum(1) - 1).clamp(min=0)  # [B, P] left padding shifts positions
+        chunk = max(1, min(B, PREFILL_TOKENS // P, PREFILL_MASK_ELEMENTS // (P * P)))  # prompts per forward
+        logits = []
+        for i in range(0, B, chunk):
+            cache.row_start = i
+            mask = (bias[i : i + chunk, None, None, :P] + causal).clamp(min=neg)  # [b, 1, P, P]
+            logits.append(self._forward(ids[i : i + chunk], positions[i : i + chunk], mask, cache))  # [b, V]
+        cache.row_start = 0
         cache.advance(P)
+        cache.repeat_rows(B, G)  # no G-fold prefill: each prompt's keys and values are copied G times
+        bias[:, :P] = bias[:B, :P].repeat_interleave(G, dim=0)
+        next_pos = attn.sum(1).repeat_interleave(G)  # [N] the prompt lengths
+        return cache, bias, torch.cat(logits).repeat_interleave(G, dim=0), next_pos
 
-        # 2. share each prompt's cache with its G samples
-        cache.repeat_rows(G)
-        bias[:N, :P] = bias[:B, :P].repeat_interleave(G, dim=0)
-        logits = logits.repeat_interleave(G, dim=0)  # [N, V]
-        next_pos = attn.sum(1).repeat_interleave(G)  # [N] position id of the next token: the prompt length
-        t_prefill = time.perf_counter() - t0
-
-        # 3. decode; rows leave the batch when they end
+    def _decode(self, cache, bias, logits, next_pos, params, gen):
+        """Sample up to T tokens per row; a row leaves the batch (and the cache) once it ends."""
+        N, T, device = bias.shape[0], params.max_new_tokens, bias.device
         out_ids = torch.full((N, T), self.pad_id, dtype=torch.long, device=device)  # [N, T]
         out_logprobs = torch.zeros((N, T), dtype=torch.float32, device=device)  # [N, T]
         ends = torch.full((N,), T, dtype=torch.long, device=device)  # [N] number of real tokens
@@ -450,15 +493,8 @@ class FastEngine:
             logits = self._decode_forward(tokens[:, None], next_pos[:, None], mask, cache)  # [n, V]
             cache.advance(1)
             next_pos = next_pos + 1
-        ends, stopped = stops.exact_ends(out_ids, ends, stopped)
-        elapsed = time.perf_counter() - t0
-        stats = {
-            "prefill_s": t_prefill,
-            "decode_s": elapsed - t_prefill,
-            "tokens": float(ends.sum()),
-            "decode_row_steps": float(row_steps),
-        }
-        return out_ids, out_logprobs, ends, stopped, stats
+        ends, stopped = stops.exact_ends(ends, stopped)
+        return out_ids, out_logprobs, ends, stopped, row_steps
 
 
 class _StopStrings:
@@ -478,7 +514,7 @@ class _StopStrings:
         texts = self.tokenizer.batch_decode(tails, skip_special_tokens=False)
         return torch.tensor([any(s in text for s in self.stop) for text in texts], dtype=torch.bool, device=device)
 
-    def exact_ends(self, out_ids, ends, stopped):
+    def exact_ends(self, ends, stopped):
         """Cut each row at the shortest prefix whose full decoded text contains a stop string."""
         if not self.active:
             return ends, stopped
