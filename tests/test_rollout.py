@@ -326,3 +326,25 @@ def test_sliding_window_models_are_refused_past_the_window(tok, prompts):
     engine.generate([prompts[1]], 1, SamplingParams(max_new_tokens=4))  # 4 + 4 tokens fit in 12
     with pytest.raises(ValueError, match=r"sliding-window attention over 12 positions.*longest prompt \(11 tokens\)"):
         engine.generate(prompts[:2], 1, SamplingParams(max_new_tokens=4))
+
+
+@pytest.mark.parametrize(
+    "temperature, top_k, top_p, min_p", [(0.7, 0, 0.9, 0.0), (1.3, 10, 1.0, 0.0), (1.0, 20, 0.8, 0.05), (0.9, 0, 1.0, 0.1)]
+)
+def test_filter_logits_equals_the_transformers_warpers(temperature, top_k, top_p, min_p):
+    from transformers.generation.logits_process import (
+        LogitsProcessorList,
+        MinPLogitsWarper,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    logits = torch.randn(8, 50, generator=torch.Generator().manual_seed(top_k)) * 3  # [n, V]
+    chain = [TemperatureLogitsWarper(temperature)]
+    chain += [TopKLogitsWarper(top_k)] if top_k else []
+    chain += [TopPLogitsWarper(top_p)] if top_p < 1 else []
+    chain += [MinPLogitsWarper(min_p)] if min_p else []
+    expected = LogitsProcessorList(chain)(torch.zeros(8, 1, dtype=torch.long), logits.clone()).softmax(-1)
+    got = filter_logits(logits, temperature, top_k, top_p, min_p).softmax(-1)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
