@@ -128,37 +128,46 @@ class Trainer:
 
     # -- 5. gradient steps ---------------------------------------------------------------------
     def optimize(self, batch: StepBatch) -> dict[str, float]:
+        """mu optimizer steps on this batch (DeepSeekMath's inner iterations); averaged metrics."""
+        mu = self.cfg.algorithm.mu
+        totals: dict[str, float] = {}
+        for _ in range(mu):
+            self.optimizer.zero_grad(set_to_none=True)
+            for k, v in self.accumulate_gradients(batch).items():
+                totals[k] = totals.get(k, 0.0) + v / mu
+            grad_norm = self.clip_and_step()
+        totals["grad_norm"] = grad_norm
+        return totals
+
+    def accumulate_gradients(self, batch: StepBatch) -> dict[str, float]:
+        """Backward of the whole batch's loss, one micro-batch at a time; the sum of the micro-batch
+        gradients equals the gradient of the whole batch (normalizers are the global batch's)."""
         a, mb = self.cfg.algorithm, self.cfg.trainer.micro_batch_size
         mask = batch.rollout.completion_mask.to(self.device)  # [N, T]
         n = mask.shape[0]
         totals = BatchTotals(n, int(mask.sum()), self.cfg.sampling.max_new_tokens)
         advantages = batch.advantages.to(self.device)
         sums = {"loss": 0.0, "kl": 0.0, "clip_low": 0.0, "clip_high": 0.0, "entropy": 0.0, "ratio": 0.0}
-        for _ in range(a.mu):
-            self.optimizer.zero_grad(set_to_none=True)
-            for start in range(0, n, mb):
-                rows = slice(start, start + mb)
-                m = mask[rows]
-                lp, entropy = completion_logprobs(
-                    self.model, slice_batch(batch.sequences, rows), self.params.temperature, with_entropy=True
-                )
-                old = lp.detach() if batch.old_logprobs is None else batch.old_logprobs[rows]
-                sur = clipped_surrogate(lp, old, advantages[rows], a.eps_low, a.eps_high)
-                kl = kl_k3(lp, batch.ref_logprobs[rows]) if batch.ref_logprobs is not None else None
-                loss = aggregate(per_token_loss(sur.objective, kl, a.beta), m, a.loss_type, totals)
-                loss.backward()
-                share = int(m.sum()) / max(totals.num_tokens, 1)  # token-weighted metric averages
-                sums["loss"] += float(loss.detach())
-                sums["entropy"] += float(masked_mean(entropy, m)) * share
-                sums["ratio"] += float(masked_mean(sur.ratio.detach(), m)) * share
-                sums["clip_low"] += float(masked_mean(sur.clipped_low.float(), m)) * share
-                sums["clip_high"] += float(masked_mean(sur.clipped_high.float(), m)) * share
-                if kl is not None:
-                    sums["kl"] += float(masked_mean(kl.detach(), m)) * share
-            grad_norm = self.clip_and_step()
-        out = {k: v / a.mu for k, v in sums.items()}
-        out["grad_norm"] = grad_norm
-        return out
+        for start in range(0, n, mb):
+            rows = slice(start, start + mb)
+            m = mask[rows]
+            lp, entropy = completion_logprobs(
+                self.model, slice_batch(batch.sequences, rows), self.params.temperature, with_entropy=True
+            )
+            old = lp.detach() if batch.old_logprobs is None else batch.old_logprobs[rows]
+            sur = clipped_surrogate(lp, old, advantages[rows], a.eps_low, a.eps_high)
+            kl = kl_k3(lp, batch.ref_logprobs[rows]) if batch.ref_logprobs is not None else None
+            loss = aggregate(per_token_loss(sur.objective, kl, a.beta), m, a.loss_type, totals)
+            loss.backward()
+            share = int(m.sum()) / max(totals.num_tokens, 1)  # token-weighted metric averages
+            sums["loss"] += float(loss.detach())
+            sums["entropy"] += float(masked_mean(entropy, m)) * share
+            sums["ratio"] += float(masked_mean(sur.ratio.detach(), m)) * share
+            sums["clip_low"] += float(masked_mean(sur.clipped_low.float(), m)) * share
+            sums["clip_high"] += float(masked_mean(sur.clipped_high.float(), m)) * share
+            if kl is not None:
+                sums["kl"] += float(masked_mean(kl.detach(), m)) * share
+        return sums
 
     def clip_and_step(self) -> float:
         params = [p for p in self.model.parameters() if p.grad is not None]
@@ -172,9 +181,17 @@ class Trainer:
 
     # -- one step ------------------------------------------------------------------------------
     def step(self) -> tuple[dict, StepBatch]:
-        cfg, phases = self.cfg, Phases()
-        step_start = time.perf_counter()
-        rows = self.sampler.next(cfg.prompts_per_step)
+        phases, start = Phases(), time.perf_counter()
+        batch = self.make_batch(self.sampler.next(self.cfg.prompts_per_step), phases)
+        with phases.time("train"):
+            opt = self.optimize(batch)
+        self.step_count += 1
+        phases.seconds["step"] = time.perf_counter() - start
+        return self.metrics(batch, opt, phases), batch
+
+    def make_batch(self, rows: list[dict], phases: Phases) -> StepBatch:
+        """Steps 1-4: sample, score, advantages, and the log-probs that stay fixed during the step."""
+        cfg = self.cfg
         with phases.time("generate"):
             rollout, prompts = self.rollout(rows)
         with phases.time("score"):
@@ -191,11 +208,7 @@ class Trainer:
         if cfg.algorithm.mu > 1:
             with phases.time("old_logprobs"):
                 batch.old_logprobs = self.fixed_logprobs(self.model, sequences)
-        with phases.time("train"):
-            opt = self.optimize(batch)
-        self.step_count += 1
-        phases.seconds["step"] = time.perf_counter() - step_start
-        return self.metrics(batch, opt, phases), batch
+        return batch
 
     # -- 6. metrics (SPEC.md section 5) ---------------------------------------------------------
     def metrics(self, batch: StepBatch, opt: dict, phases: Phases) -> dict:
