@@ -171,7 +171,9 @@ class TrainerConfig(Section):
     seed: int = 0
     """Seed for sampling and everything random in training."""
     samples_per_step: int = Field(4, ge=0)
-    """Completions written to samples.jsonl per step (best and worst of groups first)."""
+    """Completions written to samples.jsonl per sampled step (best and worst of groups first)."""
+    samples_every: int = Field(1, ge=1)
+    """Write samples.jsonl every this many steps (and always at the last step)."""
 
     @field_validator("adam_betas")
     @classmethod
@@ -198,11 +200,22 @@ class EvalConfig(Section):
 
 class OutputConfig(Section):
     dir: str = "runs/grpo"
-    """Run folder: resolved config, metrics.jsonl, samples.jsonl, eval results, final model."""
+    """Run folder: resolved config, metrics.jsonl, samples.jsonl, TensorBoard events, eval results,
+    report.html, final model."""
     overwrite: bool = False
     """Replace an existing run folder instead of refusing."""
     save_model: bool = True
     """Save the final weights as a Hugging Face folder in <dir>/model."""
+    tensorboard: bool = True
+    """Write every metric as TensorBoard events in <dir>/tensorboard (`tensorboard --logdir <dir>`)."""
+    report_every: int = Field(10, ge=0)
+    """Rewrite the HTML report <dir>/report.html every this many steps (0: only at the end); it is
+    always written at the end of the run, so it can be opened while training runs."""
+    wandb: bool = False
+    """Also log metrics and samples to Weights & Biases (needs `pip install wandb`; skipped with a
+    message when it is not installed). Use WANDB_MODE=offline on machines without network."""
+    wandb_project: str = "grpo"
+    """Weights & Biases project name (with output.wandb)."""
 
 
 class Config(Section):
