@@ -231,11 +231,9 @@ class Trainer:
         m["ratio/mean"] = opt["ratio"]
         m["entropy/mean"] = opt["entropy"]
         m["grad_norm"], m["lr"] = opt["grad_norm"], self.last_lr
-        for name, seconds in phases.seconds.items():
+        for name, seconds in phases.seconds.items():  # wall time and completion tokens/s of each phase
             m[f"time/{name}"] = seconds
-        m["time/score"] = phases.seconds.get("score", 0.0)
-        m["throughput/generate_tokens_per_s"] = tokens / max(phases.seconds["generate"], 1e-9)
-        m["throughput/tokens_per_s"] = tokens / max(phases.seconds["step"], 1e-9)
+            m["throughput/" + ("tokens_per_s" if name == "step" else f"{name}_tokens_per_s")] = tokens / max(seconds, 1e-9)
         m["tokens/completion"] = tokens
         return m
 
