@@ -132,21 +132,55 @@ class SamplingConfig(Section):
 
 
 class AlgorithmConfig(Section):
+    """The GRPO recipe (SPEC.md sections 2-4). Names map to one registry each in grpo.core."""
+
     beta: float = Field(0.04, ge=0)
     """KL penalty coefficient against the reference policy (DeepSeekMath: 0.04). 0 loads no reference model."""
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    """Per-token KL estimator (Schulman 2020, "Approximating KL divergence"): k3 = r - log r - 1, unbiased
+    and >= 0 (DeepSeekMath eq. 4); k1 = log(pi/pi_ref); k2 = (log(pi/pi_ref))^2 / 2."""
     eps_low: float = Field(0.2, gt=0, lt=1)
-    """Lower clip range of the ratio, 1 - eps_low (PPO; DeepSeekMath 0.2)."""
+    """Lower clip range of the ratio, 1 - eps_low (PPO; DeepSeekMath 0.2; GSPO 3e-4)."""
     eps_high: float = Field(0.2, gt=0)
-    """Upper clip range, 1 + eps_high; > eps_low is DAPO's clip-higher (arXiv 2503.14476, 0.28)."""
+    """Upper clip range, 1 + eps_high; > eps_low is DAPO's clip-higher (arXiv 2503.14476, 0.28; GSPO 4e-4)."""
+    delta: float | None = Field(None, gt=1)
+    """Dual-clip (Ye et al. 2020, arXiv 1912.09729): for negative advantages the objective is at least
+    delta * A (e.g. 3), bounding the loss of tokens whose ratio exploded. None: off."""
+    importance_sampling_level: Literal["token", "sequence"] = "token"
+    """Ratio per token (PPO/GRPO) or per sequence, s_i = exp(mean_t log(pi/pi_old)), clipped per
+    sequence (GSPO, Zheng et al. 2025, arXiv 2507.18071)."""
     loss_type: Literal["grpo", "dapo", "token", "dr_grpo", "bnpo"] = "grpo"
     """How per-token losses become one number: grpo (per-sequence mean, paper), dapo/token (global
     token mean, DAPO), dr_grpo (constant normalizer, arXiv 2503.20783), bnpo (micro-batch token mean)."""
+    entropy_coef: float = Field(0.0, ge=0)
+    """Entropy bonus: adds entropy_coef * token entropy to the objective (PPO, Schulman et al. 2017,
+    arXiv 1707.06347). 0: off (the entropy is still reported)."""
+    advantage: Literal["outcome", "process"] = "outcome"
+    """outcome: one advantage per completion from its total reward; process: per-token advantages from
+    step rewards (DeepSeekMath 4.1.3) -- step rewards such as step_accuracy keep their steps, scalar
+    rewards count as one step at the completion's last token."""
     scale_rewards: Literal["group", "batch", "none"] = "group"
-    """Divide centered rewards by the group std (paper), the batch std, or nothing (Dr. GRPO)."""
+    """Divide centered rewards by the group std (paper), the batch std, or nothing (Dr. GRPO, arXiv 2503.20783)."""
     mu: int = Field(1, ge=1)
     """Gradient steps per generated batch (DeepSeekMath's mu). With 1, pi_old = pi_theta: no extra forward."""
     advantage_eps: float = Field(1e-4, gt=0)
     """Added to the std before dividing, so all-equal groups give 0, not NaN."""
+    dynamic_sampling: bool = False
+    """DAPO's dynamic sampling (arXiv 2503.14476): drop groups whose rewards are all equal and sample more
+    prompts until the batch is full (at most max_sampling_rounds rounds; then the batch is topped up with
+    dropped groups, which carry only KL)."""
+    max_sampling_rounds: int = Field(4, ge=1)
+    """Most generation rounds per step with dynamic_sampling."""
+    overlong_filter: bool = False
+    """Leave truncated completions (no EOS before max_new_tokens) out of the loss (DAPO's overlong filtering)."""
+    ref_reset_steps: int | None = Field(None, ge=1)
+    """Every this many steps set pi_ref := pi_theta (DeepSeekMath 4.2 iterative RL). None: never. Needs beta > 0."""
+
+    @model_validator(mode="after")
+    def _reference(self):
+        if self.ref_reset_steps is not None and self.beta == 0:
+            raise ValueError("ref_reset_steps needs a reference model: set beta > 0 or ref_reset_steps=null")
+        return self
 
 
 class TrainerConfig(Section):

@@ -77,3 +77,43 @@ def zero_std_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:  # 
     hi = torch.where(valid, r, torch.full_like(r, -float("inf"))).amax(dim=1)
     lo = torch.where(valid, r, torch.full_like(r, float("inf"))).amin(dim=1)
     return (hi - lo <= 0) | (valid.sum(dim=1) < 2)
+
+
+AdvantageKind = Literal["outcome", "process"]
+
+
+def process_advantages(
+    step_rewards: torch.Tensor,  # [S] float: one reward per step, all completions of the batch
+    step_rows: torch.Tensor,  # [S] long: completion (row n) of each step
+    step_index: torch.Tensor,  # [S] long: token index in [0, T) where each step ends
+    num_tokens: int,  # T
+    group_size: int,  # G; rows n = b * G + g
+    num_rows: int,  # N
+    scale: ScaleRewards = "group",
+    eps: float = 1e-4,
+) -> torch.Tensor:  # [N, T]
+    """Process supervision (DeepSeekMath 4.1.3): A_{i,t} = sum of normalized step rewards of
+    completion i whose step ends at or after token t.
+
+    All step rewards of a group share one mean and std (sample std, as for outcomes); scale
+    "batch" divides by the std of every step of the batch, "none" only centers. A completion
+    without steps, and tokens after a completion's last step, get advantage 0.
+    """
+    if scale not in SCALE_REWARDS:
+        raise ValueError(f"unknown scale_rewards {scale!r}; valid: {sorted(SCALE_REWARDS)}")
+    if num_rows % group_size != 0:
+        raise ValueError(f"expected [B*G] rows with G={group_size}, got {num_rows}")
+    num_groups = num_rows // group_size
+    r = step_rewards.double()
+    group = step_rows // group_size  # [S]
+    count = torch.zeros(num_groups, dtype=r.dtype).index_add_(0, group, torch.ones_like(r))  # [B]
+    mean = torch.zeros(num_groups, dtype=r.dtype).index_add_(0, group, r) / count.clamp(min=1)  # [B]
+    centered = r - mean[group]  # [S]
+    sq = torch.zeros(num_groups, dtype=r.dtype).index_add_(0, group, centered**2)
+    group_std = (sq / (count - 1).clamp(min=1)).sqrt()  # [B]; 0 for groups with < 2 steps
+    denom = SCALE_REWARDS[scale](r, torch.ones_like(r, dtype=torch.bool), group_std[group])  # [S] or []
+    normalized = centered / (denom + eps)  # [S]
+    dense = torch.zeros(num_rows * num_tokens, dtype=r.dtype)
+    dense.index_add_(0, step_rows * num_tokens + step_index, normalized)  # steps ending on one token add up
+    dense = dense.view(num_rows, num_tokens)  # [N, T]
+    return dense.flip(1).cumsum(1).flip(1).to(step_rewards.dtype)  # sum over steps ending at or after t

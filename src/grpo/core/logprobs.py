@@ -46,13 +46,15 @@ def logprobs_from_logits(
     logits: torch.Tensor,  # [n, T, V]
     targets: torch.Tensor,  # [n, T]
     with_entropy: bool = False,
+    entropy_grad: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """log p(target) per position, and the entropy of the distribution (no grad) if asked."""
+    """log p(target) per position, and the entropy of the distribution if asked (with grad only when
+    entropy_grad: the entropy bonus needs it, the metric does not)."""
     logp = torch.log_softmax(logits.float(), dim=-1)  # [n, T, V]
     token_logp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [n, T]
     entropy = None
     if with_entropy:
-        with torch.no_grad():
+        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
             entropy = -(logp.exp() * logp).sum(-1)  # [n, T]
     return token_logp, entropy
 
@@ -62,6 +64,7 @@ def completion_logprobs(
     batch: SequenceBatch,
     temperature: float = 1.0,
     with_entropy: bool = False,
+    entropy_grad: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """[n, T] log-probs of the completion tokens (logits divided by the sampling temperature, as TRL)."""
     device = next(model.parameters()).device
@@ -77,7 +80,7 @@ def completion_logprobs(
     if temperature != 1.0:
         logits = logits / temperature
     targets = batch.input_ids[:, -t:].to(device)
-    return logprobs_from_logits(logits, targets, with_entropy)
+    return logprobs_from_logits(logits, targets, with_entropy, entropy_grad)
 
 
 def slice_batch(batch: SequenceBatch, rows: slice) -> SequenceBatch:

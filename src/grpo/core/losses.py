@@ -16,6 +16,16 @@ import torch
 LossType = Literal["grpo", "dapo", "token", "dr_grpo", "bnpo"]
 
 
+def kl_k1(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:  # [N, T] -> [N, T]
+    """k1 = log(pi_theta / pi_ref): unbiased for KL(pi_theta || pi_ref) on samples of pi_theta, can be < 0."""
+    return logprobs - ref_logprobs
+
+
+def kl_k2(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:  # [N, T] -> [N, T]
+    """k2 = (log(pi_theta / pi_ref))^2 / 2: biased, >= 0, low variance (Schulman 2020, "Approximating KL")."""
+    return 0.5 * (logprobs - ref_logprobs) ** 2
+
+
 def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:  # [N, T] -> [N, T]
     """KL(pi_theta || pi_ref) per token, Schulman's k3 estimator: r - log r - 1 with r = pi_ref / pi_theta.
 
@@ -25,12 +35,51 @@ def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:  
     return torch.exp(log_ratio) - log_ratio - 1.0
 
 
+KLEstimator = Literal["k1", "k2", "k3"]
+KL_ESTIMATORS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "k1": kl_k1,
+    "k2": kl_k2,
+    "k3": kl_k3,  # DeepSeekMath's choice
+}
+
+
+def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: KLEstimator = "k3") -> torch.Tensor:
+    """Per-token KL estimate [N, T] by the named estimator."""
+    if estimator not in KL_ESTIMATORS:
+        raise ValueError(f"unknown kl_estimator {estimator!r}; valid: {sorted(KL_ESTIMATORS)}")
+    return KL_ESTIMATORS[estimator](logprobs, ref_logprobs)
+
+
+# -- importance ratio ------------------------------------------------------------------------------
+
+
+def token_log_ratio(logprobs, old_logprobs, mask):  # [N, T] -> [N, T]
+    """PPO / GRPO: log pi_theta(o_t) - log pi_old(o_t), one ratio per token."""
+    return logprobs - old_logprobs
+
+
+def sequence_log_ratio(logprobs, old_logprobs, mask):  # [N, T] -> [N, T]
+    """GSPO (Zheng et al. 2025, arXiv 2507.18071): log s_i = mean over the completion's tokens of
+    (log pi_theta - log pi_old), the same for every token of o_i. A fully masked row gets 0 (s_i = 1)."""
+    m = mask.to(logprobs.dtype)
+    mean = ((logprobs - old_logprobs) * m).sum(dim=1, keepdim=True) / m.sum(dim=1, keepdim=True).clamp(min=1)
+    return mean.expand_as(logprobs)  # [N, T]
+
+
+ImportanceLevel = Literal["token", "sequence"]
+IMPORTANCE_LEVELS: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "token": token_log_ratio,
+    "sequence": sequence_log_ratio,
+}
+
+
 @dataclass
 class SurrogateOut:
     objective: torch.Tensor  # [N, T] min(ratio * A, clip(ratio) * A), to maximize
     ratio: torch.Tensor  # [N, T]
     clipped_low: torch.Tensor  # [N, T] bool: ratio < 1 - eps_low with A < 0 (the clip is active)
     clipped_high: torch.Tensor  # [N, T] bool: ratio > 1 + eps_high with A > 0
+    clipped_dual: torch.Tensor  # [N, T] bool: A < 0 and ratio * A < delta * A (the dual clip is active)
 
 
 def clipped_surrogate(
@@ -39,17 +88,34 @@ def clipped_surrogate(
     advantages: torch.Tensor,  # [N] or [N, T]
     eps_low: float,
     eps_high: float,
+    mask: torch.Tensor | None = None,  # [N, T] completion mask; needed by level "sequence"
+    level: ImportanceLevel = "token",
+    delta: float | None = None,
 ) -> SurrogateOut:
-    """PPO's clipped surrogate with asymmetric bounds (clip-higher: DAPO, Yu et al. 2025, arXiv 2503.14476)."""
+    """PPO's clipped surrogate with asymmetric bounds (clip-higher: DAPO, Yu et al. 2025, arXiv 2503.14476).
+
+    level "sequence" uses GSPO's sequence ratio s_i for every token of o_i, so the clip acts per
+    sequence. delta > 1 adds dual-clip (Ye et al. 2020, arXiv 1912.09729): for A < 0 the objective is
+    at least delta * A, so a huge ratio cannot make the loss unbounded.
+    """
+    if level not in IMPORTANCE_LEVELS:
+        raise ValueError(f"unknown importance_sampling_level {level!r}; valid: {sorted(IMPORTANCE_LEVELS)}")
     adv = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages  # [N, 1] or [N, T]
-    ratio = torch.exp(logprobs - old_logprobs)
+    mask = torch.ones_like(logprobs, dtype=torch.bool) if mask is None else mask
+    ratio = torch.exp(IMPORTANCE_LEVELS[level](logprobs, old_logprobs, mask))  # [N, T]
     clipped = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high)
     objective = torch.minimum(ratio * adv, clipped * adv)
+    dual = torch.zeros_like(objective, dtype=torch.bool)
+    if delta is not None:
+        floor = delta * adv
+        dual = (adv < 0) & (objective < floor)
+        objective = torch.where(adv < 0, torch.maximum(objective, floor), objective)
     return SurrogateOut(
         objective=objective,
         ratio=ratio,
         clipped_low=(ratio < 1.0 - eps_low) & (adv < 0),
         clipped_high=(ratio > 1.0 + eps_high) & (adv > 0),
+        clipped_dual=dual,
     )
 
 
@@ -57,9 +123,13 @@ def per_token_loss(
     surrogate: torch.Tensor,  # [N, T]
     kl: torch.Tensor | None,  # [N, T] or None when beta == 0
     beta: float,
+    entropy: torch.Tensor | None = None,  # [N, T] with grad, or None when entropy_coef == 0
+    entropy_coef: float = 0.0,
 ) -> torch.Tensor:  # [N, T]
-    """The negative of the per-token objective: -(surrogate - beta * kl)."""
+    """The negative of the per-token objective: -(surrogate - beta * kl + entropy_coef * entropy)."""
     objective = surrogate if kl is None or beta == 0 else surrogate - beta * kl
+    if entropy is not None and entropy_coef != 0:
+        objective = objective + entropy_coef * entropy
     return -objective
 
 
@@ -67,7 +137,7 @@ def per_token_loss(
 class BatchTotals:
     """Sizes of the whole global batch (all micro-batches, all processes) that normalizers use."""
 
-    num_completions: int  # N
+    num_completions: int  # N: completions with at least one token in the loss mask
     num_tokens: int  # sum of the completion mask
     max_completion_length: int  # the configured limit, for dr_grpo
 
