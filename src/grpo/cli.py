@@ -1,4 +1,4 @@
-"""`grpo train | eval`: the command line. Each command parses, validates, then calls grpo.run."""
+"""`grpo train | eval | report`: the command line. Each command parses, validates, then calls grpo.run."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import Literal, get_args, get_origin
 from pydantic import BaseModel
 
 from grpo.config import Config, ConfigError, load_config
+from grpo.logging.console import CONSOLE_MODES
 
 
 def config_reference(model: type[BaseModel] = Config, prefix: str = "") -> list[str]:
@@ -43,6 +44,8 @@ examples:
   grpo train configs/default.yaml trainer.steps=10 trainer.lr=5e-6 output.dir=runs/try
   grpo eval runs/grpo                      # the trained model of a run folder, on its task
   grpo eval configs/default.yaml           # the configured (untrained) model
+  grpo report runs/grpo                    # (re)write runs/grpo/report.html
+  grpo train configs/default.yaml --log-format jsonl > steps.jsonl   # one JSON object per step
 """
 
 
@@ -60,12 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser(
         "train", help="run GRPO training", formatter_class=fmt, epilog=reference,
         description="Train with GRPO. Writes the run folder: config.yaml, metrics.jsonl, samples.jsonl, "
-        "eval_before.json, eval_after.json and model/.",
+        "tensorboard/, eval_before.json, eval_after.json, report.html and model/.",
     )
     train.add_argument("config", nargs="?", help="YAML config file (omit to use the defaults)")
     train.add_argument("overrides", nargs="*", metavar="section.field=value", help="config overrides, e.g. trainer.lr=1e-6")
     train.add_argument("--overwrite", action="store_true", help="replace an existing run folder (output.overwrite=true)")
     train.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    train.add_argument("--log-format", choices=CONSOLE_MODES, default="auto", help=LOG_FORMAT_HELP)
 
     ev = sub.add_parser(
         "eval", help="held-out accuracy and pass@k of a model or a run folder", formatter_class=fmt, epilog=reference,
@@ -77,7 +81,23 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--model", help="model to evaluate: HF folder or .gguf (default: the run's model/ or model.path)")
     ev.add_argument("--output", help="where to write the JSON results (default: <run folder>/eval.json)")
     ev.add_argument("--quiet", action="store_true", help="print nothing but the table and errors")
+    ev.add_argument("--log-format", choices=CONSOLE_MODES, default="auto", help=LOG_FORMAT_HELP)
+
+    rep = sub.add_parser(
+        "report", help="write the HTML report of a run folder", formatter_class=fmt,
+        description="Write one self-contained HTML file (no network needed to view it): curves of every metric, "
+        "held-out evaluation before/after (and `grpo eval` results), sampled completions of each step with "
+        "rewards and advantages, and the config. Training refreshes it every output.report_every steps.",
+    )
+    rep.add_argument("run_dir", help="a run folder written by grpo train")
+    rep.add_argument("--output", help="where to write the HTML (default: <run folder>/report.html)")
     return parser
+
+
+LOG_FORMAT_HELP = (
+    "console output: auto (a live progress display on a terminal, else plain), live, plain (one line per step), "
+    "jsonl (one JSON object per step on stdout, messages on stderr), quiet"
+)
 
 
 def split_overrides(first: str | None, rest: list[str]) -> tuple[str | None, list[str]]:
@@ -94,7 +114,7 @@ def cmd_train(args) -> int:
     if args.overwrite:
         overrides.append("output.overwrite=true")
     config = load_config(path, overrides)
-    run.train(config, quiet=args.quiet)
+    run.train(config, quiet=args.quiet, console_mode=args.log_format)
     return 0
 
 
@@ -112,7 +132,21 @@ def cmd_eval(args) -> int:
         output = output or run_dir / "eval.json"
     else:
         config = load_config(target, overrides)
-    run.eval_only(config, model, output, quiet=args.quiet)
+    run.eval_only(config, model, output, quiet=args.quiet, console_mode=args.log_format)
+    if output and (output.parent / "config.yaml").is_file():  # a run folder: its report shows the result
+        from grpo.report import write_report
+
+        write_report(output.parent)
+    return 0
+
+
+def cmd_report(args) -> int:
+    from grpo.report import write_report
+
+    run_dir = Path(args.run_dir)
+    if not run_dir.is_dir() or not ((run_dir / "config.yaml").is_file() or (run_dir / "metrics.jsonl").is_file()):
+        raise ConfigError(f"{run_dir} is not a run folder (no config.yaml or metrics.jsonl)")
+    print(write_report(run_dir, args.output))
     return 0
 
 
@@ -122,14 +156,16 @@ def main(argv: list[str] | None = None) -> int:
     bad = [x for x in extra if "=" not in x or x.startswith("-")]
     if bad:
         parser.error(f"unrecognized arguments: {' '.join(bad)}")
-    args.overrides = list(args.overrides) + extra  # overrides given after an --option
+    args.overrides = list(getattr(args, "overrides", [])) + extra  # overrides given after an --option
+    if extra and args.command == "report":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from grpo.data import DataError
     from grpo.models import ModelError
     from grpo.rewards import RewardError
     from grpo.run import RunFolderError
 
     try:
-        return {"train": cmd_train, "eval": cmd_eval}[args.command](args)
+        return {"train": cmd_train, "eval": cmd_eval, "report": cmd_report}[args.command](args)
     except (ConfigError, DataError, ModelError, RunFolderError, RewardError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,17 +1,21 @@
-"""The run folder's files (metrics.jsonl, samples.jsonl, JSON results) and the console line."""
+"""The run folder's files: metrics.jsonl, samples.jsonl, TensorBoard events, optional Weights &
+Biases, JSON results, and the HTML report refreshed during the run (RunLog fans a step out to all)."""
 
 from __future__ import annotations
 
 import json
 import math
-import sys
-import time
 from pathlib import Path
+from typing import Callable
+
+from grpo.logging.console import ConsoleLine, format_duration  # noqa: F401  (their earlier home)
 
 
 def _clean(v):
     if isinstance(v, float) and not math.isfinite(v):
         return None  # JSON has no NaN; a missing value reads as null
+    if isinstance(v, dict):
+        return {k: _clean(x) for k, x in v.items()}
     return v
 
 
@@ -36,42 +40,78 @@ def write_json(path: Path, data) -> None:
     tmp.replace(path)
 
 
-def format_duration(seconds: float) -> str:
-    seconds = int(max(0, seconds))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else f"{seconds // 60}:{seconds % 60:02d}"
+class RunLog:
+    """Where each step's metrics and samples go (SPEC.md section 5): metrics.jsonl, samples.jsonl every
+    trainer.samples_every steps, TensorBoard events in <run>/tensorboard, Weights & Biases when asked
+    for, and <run>/report.html rewritten every output.report_every steps and on close."""
+
+    def __init__(self, run_dir: Path, config, info: Callable[[str], None] = print):
+        self.run_dir, self.cfg, self.info = Path(run_dir), config, info
+        self.metrics = JsonlWriter(self.run_dir / "metrics.jsonl")
+        self.samples = JsonlWriter(self.run_dir / "samples.jsonl")
+        self.tb = tensorboard_writer(self.run_dir / "tensorboard", info) if config.output.tensorboard else None
+        self.wandb = start_wandb(config, self.run_dir, info) if config.output.wandb else None
+        self.refresh_report()
+
+    def step(self, step: int, metrics: dict, samples: Callable[[], list[dict]]) -> None:
+        """Log one step; `samples` is called only on the steps whose completions are written."""
+        self.metrics.write(metrics)
+        scalars = {k: float(v) for k, v in metrics.items() if k != "step" and _is_number(v)}
+        if self.tb is not None:
+            for k, v in scalars.items():
+                self.tb.add_scalar(k, v, step)
+            self.tb.flush()
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=step)
+        t = self.cfg.trainer
+        if t.samples_per_step and (step % t.samples_every == 0 or step == t.steps):
+            for record in samples():
+                self.samples.write(record)
+        every = self.cfg.output.report_every
+        if every and step % every == 0:
+            self.refresh_report()
+
+    def refresh_report(self) -> Path | None:
+        """Rewrite report.html; a failure is reported and never stops training."""
+        from grpo.report import write_report
+
+        try:
+            return write_report(self.run_dir)
+        except Exception as e:  # noqa: BLE001  (the report is a view; training matters more)
+            self.info(f"warning: could not write {self.run_dir / 'report.html'}: {type(e).__name__}: {e}")
+            return None
+
+    def close(self) -> Path | None:
+        self.metrics.close()
+        self.samples.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+        return self.refresh_report()
 
 
-class ConsoleLine:
-    """One readable line per step: progress, reward, accuracy, KL, length, speed, time left."""
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
-    def __init__(self, total_steps: int, stream=None, quiet: bool = False):
-        self.total, self._stream, self.quiet = total_steps, stream, quiet
-        self.start = time.perf_counter()
 
-    @property
-    def stream(self):
-        return self._stream or sys.stdout  # looked up late, so redirected stdout is honoured
+def tensorboard_writer(folder: Path, info: Callable[[str], None] = print):
+    """torch's SummaryWriter on `folder` (needs the tensorboard package; without it: a message, no events)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        info("note: TensorBoard events skipped: the tensorboard package is not installed (pip install tensorboard)")
+        return None
+    return SummaryWriter(log_dir=str(folder))
 
-    def step(self, step: int, m: dict) -> None:
-        if self.quiet:
-            return
-        elapsed = time.perf_counter() - self.start
-        eta = elapsed / step * (self.total - step)
-        parts = [
-            f"step {step:>{len(str(self.total))}}/{self.total}",
-            f"reward {m['reward/mean']:.3f}±{m['reward/std']:.2f}",
-        ]
-        if "reward/answer_accuracy/mean" in m:
-            parts.append(f"acc {m['reward/answer_accuracy/mean']:.2f}")
-        parts += [
-            f"kl {m['kl/mean']:.4f}" if "kl/mean" in m else None,
-            f"len {m['completion/length_mean']:.1f}",
-            f"{m['time/step']:.1f}s (gen {m['time/generate']:.1f} train {m['time/train']:.1f})",
-            f"{m['throughput/tokens_per_s']:.0f} tok/s",
-            f"{format_duration(elapsed)}<{format_duration(eta)}",
-        ]
-        print(" | ".join(p for p in parts if p), file=self.stream, flush=True)
 
-    def info(self, text: str) -> None:
-        if not self.quiet:
-            print(text, file=self.stream, flush=True)
+def start_wandb(config, run_dir: Path, info: Callable[[str], None] = print):
+    """A Weights & Biases run for output.wandb=true, or None with a message when wandb is not installed."""
+    try:
+        import wandb
+    except ImportError:
+        info("note: output.wandb=true but Weights & Biases is not installed (pip install wandb); logging to the run folder only")
+        return None
+    return wandb.init(
+        project=config.output.wandb_project, name=run_dir.name, dir=str(run_dir), config=config.model_dump(mode="json")
+    )
