@@ -27,9 +27,11 @@ train: $(STAMP)
 	$(VENV)/bin/grpo train configs/default.yaml --overwrite
 
 test: $(STAMP)
+	sh tests/install_chromium.sh
 	$(VENV)/bin/pytest -q
 
 test-fast: $(STAMP)
+	sh tests/install_chromium.sh
 	$(VENV)/bin/pytest -q -m "not slow"
 
 clean:

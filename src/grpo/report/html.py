@@ -90,7 +90,8 @@ def charts_section(metrics: list[dict], evals: dict[str, dict], total_steps: int
     used: set[str] = set()
     cards = []
     for title, patterns, note in CHARTS:
-        names = [k for p in patterns for k in keys if fnmatch.fnmatchcase(k, p) and k not in used]
+        # a wildcard takes only metrics no earlier chart showed; a metric named exactly is always drawn
+        names = [k for p in patterns for k in keys if (k == p or ("*" in p and fnmatch.fnmatchcase(k, p) and k not in used))]
         names = list(dict.fromkeys(names))
         points = {}
         if title == "Accuracy":
