@@ -14,6 +14,8 @@ from __future__ import annotations
 import math
 import re
 
+import torch
+
 from grpo.rewards.base import register_reward
 from grpo.rewards.builtin import to_number
 
@@ -55,20 +57,24 @@ def soft_overlong(length: int, max_length: int, cache_length: int) -> float:
 def overlong_penalty(
     completions,
     completion_lengths: list[int] | None = None,
-    max_new_tokens: int | None = None,
+    max_new_tokens: list[int] | None = None,
     max_length: int | None = None,
     cache_length: int = 16,
     **_,
 ) -> list[float | None]:
     """DAPO's soft overlong penalty (arXiv 2503.14476): 0 for completions up to max_length - cache_length
     tokens, falling linearly to -1 at max_length. max_length defaults to sampling.max_new_tokens. It reads
-    the token lengths the trainer passes as `completion_lengths`; without them (e.g. in eval) it is None."""
-    limit = max_length or max_new_tokens
-    if completion_lengths is None or limit is None:
+    the token lengths the trainer passes as the columns `completion_lengths` and `max_new_tokens` (one
+    value per completion); without them (e.g. in eval) it does not apply (None)."""
+    if completion_lengths is None or (max_length is None and max_new_tokens is None):
         return [None] * len(completions)
-    if not 0 < cache_length <= limit:
-        raise ValueError(f"overlong_penalty: cache_length ({cache_length}) must be in (0, max_length={limit}]")
-    return [soft_overlong(int(n), limit, cache_length) for n in completion_lengths]
+    out: list[float | None] = []
+    for i, n in enumerate(completion_lengths):
+        limit = max_length or int(max_new_tokens[i])
+        if not 0 < cache_length <= limit:
+            raise ValueError(f"overlong_penalty: cache_length ({cache_length}) must be in (0, max_length={limit}]")
+        out.append(soft_overlong(int(n), limit, cache_length))
+    return out
 
 
 def step_token_index(token_ids: list[int], tokenizer, ends: list[int]) -> list[int]:
@@ -98,3 +104,35 @@ def step_token_index(token_ids: list[int], tokenizer, ends: list[int]) -> list[i
                 lo = mid + 1
         out.append(lo)
     return out
+
+
+def step_table(
+    steps: dict[str, list],  # reward name -> N step lists or None (RewardResult.steps)
+    scalars: dict[str, torch.Tensor],  # reward name -> [N] scalar values, NaN for None (RewardResult.per_function)
+    weights: dict[str, float],  # reward name -> weight
+    completion_ids: torch.Tensor,  # [N, T]
+    lengths: torch.Tensor,  # [N] tokens of each completion
+    tokenizer,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # values [S], rows [S], token index [S]
+    """Every weighted step reward of the batch, for core.advantages.process_advantages.
+
+    A step reward lands on the token of its end offset; a scalar reward is one step at the
+    completion's last token; a completion a reward scored None (or with no steps) adds nothing.
+    """
+    values, rows, index = [], [], []
+    for name, weight in weights.items():
+        step_lists = steps.get(name)
+        for i in range(completion_ids.shape[0]):
+            n = int(lengths[i])
+            if step_lists is not None and step_lists[i] is not None:
+                ids = completion_ids[i, :n].tolist()
+                tokens = step_token_index(ids, tokenizer, [end for end, _ in step_lists[i]])
+                for (_, r), t in zip(step_lists[i], tokens):
+                    values.append(weight * r), rows.append(i), index.append(t)
+            elif not math.isnan(float(scalars[name][i])):
+                values.append(weight * float(scalars[name][i])), rows.append(i), index.append(max(n - 1, 0))
+    return (
+        torch.tensor(values, dtype=torch.float32),
+        torch.tensor(rows, dtype=torch.long),
+        torch.tensor(index, dtype=torch.long),
+    )

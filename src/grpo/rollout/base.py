@@ -122,3 +122,41 @@ def finish_completions(
     ids = completion_ids.masked_fill(~mask, pad_token_id)
     truncated = ~stopped & (ends >= max_new_tokens)
     return ids, mask, truncated
+
+
+def select_groups(rollout: Rollout, groups: list[int]) -> Rollout:
+    """The rollout of the given groups (prompt indices), in that order."""
+    g = rollout.group_size
+    rows = torch.tensor([b * g + k for b in groups for k in range(g)], dtype=torch.long)
+    return Rollout(
+        prompt_ids=[rollout.prompt_ids[b] for b in groups],
+        completion_ids=rollout.completion_ids[rows],
+        completion_mask=rollout.completion_mask[rows],
+        truncated=rollout.truncated[rows],
+        group_size=g,
+        sampling_logprobs=None if rollout.sampling_logprobs is None else rollout.sampling_logprobs[rows],
+        stats=dict(rollout.stats),
+    )
+
+
+def concat_rollouts(rollouts: list[Rollout], pad_token_id: int) -> Rollout:
+    """One rollout of all groups, completions right-padded to the longest; numeric stats are summed."""
+    t = max(r.completion_ids.shape[1] for r in rollouts)
+
+    def pad(x: torch.Tensor, value) -> torch.Tensor:  # [n, t_r] -> [n, t]
+        return torch.nn.functional.pad(x, (0, t - x.shape[1]), value=value)
+
+    stats: dict[str, float] = {}
+    for r in rollouts:
+        for k, v in r.stats.items():
+            stats[k] = stats.get(k, 0.0) + v
+    logprobs = [r.sampling_logprobs for r in rollouts]
+    return Rollout(
+        prompt_ids=[p for r in rollouts for p in r.prompt_ids],
+        completion_ids=torch.cat([pad(r.completion_ids, pad_token_id) for r in rollouts]),
+        completion_mask=torch.cat([pad(r.completion_mask, False) for r in rollouts]),
+        truncated=torch.cat([r.truncated for r in rollouts]),
+        group_size=rollouts[0].group_size,
+        sampling_logprobs=None if any(x is None for x in logprobs) else torch.cat([pad(x, 0.0) for x in logprobs]),
+        stats=stats,
+    )
