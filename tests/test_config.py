@@ -47,7 +47,7 @@ def test_unknown_key_suggests_the_close_one():
 
 def test_unknown_reward_lists_valid_ones():
     msg = error(["rewards=[{name: acc}]"])
-    assert "unknown reward 'acc'; valid: ['answer_accuracy', 'format'" in msg and "'step_accuracy'" in msg
+    assert "unknown reward 'acc'; valid: ['answer_accuracy', " in msg and "'format'" in msg and "'step_accuracy'" in msg
 
 
 def test_malformed_yaml_names_the_file(tmp_path):

@@ -43,29 +43,37 @@ class ModelConfig(Section):
 
 
 class DataConfig(Section):
-    task: Literal["arithmetic", "file"] = "arithmetic"
-    """Prompt source: the built-in seeded "arithmetic" task, or "file" (train_file / eval_file)."""
+    task: Literal["arithmetic", "countdown", "file", "gsm8k", "math"] = "arithmetic"
+    """Prompt source: the built-in seeded tasks "arithmetic" and "countdown" (reach a target with
+    given numbers and + - * /), or a file (train_file / eval_file): "file" (a prompt column and
+    any others), "gsm8k" (question, answer ending in "#### 72"), "math" (problem, solution with
+    the answer in \\boxed{}; or an answer column)."""
     train_file: str | None = None
-    """For task=file: a .jsonl or .parquet file with a `prompt` column (text or chat messages)
-    and any answer columns, which reach reward functions as keyword arguments by name."""
+    """For task=file|gsm8k|math: a .jsonl or .parquet file. With task=file it needs a `prompt` column
+    (text or chat messages); every column reaches reward functions as a keyword argument by name."""
     eval_file: str | None = None
-    """For task=file: held-out rows for `grpo eval` and before/after accuracy."""
+    """For task=file|gsm8k|math: held-out rows for `grpo eval` and before/after accuracy."""
     prompt_column: str = "prompt"
     """Column holding the prompt text or chat messages."""
     answer_column: str = "answer"
     """Column holding the reference answer (used by answer_accuracy and by eval)."""
+    question_column: str | None = None
+    """gsm8k/math: column holding the problem text (None: `question` for gsm8k, `problem` for math)."""
     system_prompt: str | None = None
     """A system message put before every text prompt (None: the chat template's default)."""
     digits: int = Field(2, ge=1, le=9)
     """arithmetic: number of digits of each operand."""
     operators: list[Literal["+", "-", "*"]] = ["+"]
     """arithmetic: operators to draw from."""
+    countdown_numbers: int = Field(4, ge=2, le=6)
+    """countdown: how many numbers each problem gives (TinyZero uses 3 and 4)."""
     num_train: int = Field(5000, ge=1)
-    """arithmetic: number of training problems."""
+    """arithmetic/countdown: number of training problems."""
     num_eval: int = Field(100, ge=1)
-    """arithmetic: number of held-out problems (never seen in training)."""
-    instruction: str = "What is {question}? Reply with only the number."
-    """arithmetic: the prompt text; {question} is replaced by e.g. "23 + 45"."""
+    """arithmetic/countdown: number of held-out problems (never seen in training)."""
+    instruction: str | None = None
+    """The prompt text; {question} is replaced by the problem (e.g. "23 + 45"; countdown also has
+    {numbers} and {target}). None: the task's default (see grpo.data.INSTRUCTIONS)."""
     seed: int = 1234
     """Seed of the task generator and of the order in which prompts are drawn."""
 
@@ -80,8 +88,8 @@ class DataConfig(Section):
 
     @model_validator(mode="after")
     def _task(self):
-        if self.task == "file" and self.train_file is None:
-            raise ValueError("task=file needs data.train_file")
+        if self.task in ("file", "gsm8k", "math") and self.train_file is None:
+            raise ValueError(f"task={self.task} needs data.train_file")
         if self.task == "arithmetic":
             from grpo.data.arithmetic import problem_space
 
@@ -96,20 +104,36 @@ class DataConfig(Section):
 
 class RewardSpec(Section):
     name: str
-    """A built-in reward: answer_accuracy, format (see `grpo.rewards`)."""
+    """A built-in reward (answer_accuracy, math_accuracy, format, think_format, length, countdown,
+    code_tests; see `grpo.rewards.builtin`), or your own function: `path/to/file.py:function`
+    (relative to the current directory) or `package.module:function`. See `grpo.rewards.base` for
+    the contract: dataset columns arrive as keyword arguments; return a float or None per completion."""
     weight: float = 1.0
     """Weight of this reward in the completion's total reward (SPEC.md section 4)."""
     args: dict[str, Any] = {}
     """Keyword arguments fixed for this reward, e.g. {tags: [answer]}."""
+    label: str | None = None
+    """Name in metrics and samples (`reward/<label>/mean`). None: the built-in's name, or the
+    function's name for `file.py:function`."""
+    on_error: Literal["raise", "none"] = "raise"
+    """When the function raises: "raise" stops the run naming the reward, prompt and completion;
+    "none" scores that completion None (does not apply) and counts it in `reward/<label>/errors`."""
+    concurrency: int = Field(8, ge=1)
+    """Rewards written per completion (`def f(completion, ...)`): how many run at once (threads for
+    a sync function, concurrent tasks for an async one)."""
 
-    @field_validator("name")
-    @classmethod
-    def _known(cls, v):
-        from grpo.rewards import REWARDS
+    @model_validator(mode="after")
+    def _loadable(self):
+        from grpo.rewards import check_args, get_reward
 
-        if v not in REWARDS:
-            raise ValueError(f"unknown reward {v!r}; valid: {sorted(REWARDS)}")
-        return v
+        check_args(self.name, get_reward(self.name), self.args)  # file exists, function exists, args known
+        return self
+
+    @property
+    def metric_name(self) -> str:
+        from grpo.rewards import default_label
+
+        return self.label or default_label(self.name)
 
 
 class SamplingConfig(Section):
@@ -273,6 +297,10 @@ class Config(Section):
             )
         if not self.rewards:
             raise ValueError("rewards: at least one reward function is needed")
+        labels = [r.metric_name for r in self.rewards]
+        twice = sorted({x for x in labels if labels.count(x) > 1})
+        if twice:
+            raise ValueError(f"rewards: two rewards are named {twice[0]!r} in metrics; give one a `label:`")
         return self
 
     @property

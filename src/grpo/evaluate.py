@@ -4,23 +4,23 @@ from __future__ import annotations
 
 import torch
 
-from grpo.data import chat_messages
+from grpo.data import accuracy_reward, chat_messages
 from grpo.models import encode_prompt
-from grpo.rewards import get_reward, score
+from grpo.rewards import Reward, build_rewards, get_reward, score
 from grpo.rollout.base import SamplingParams
 
 
 def evaluate(model, tokenizer, engine, rows: list[dict], config, progress=None) -> dict:
-    """Greedy accuracy (answer_accuracy on the greedy completion), pass@k (k sampled completions,
+    """Greedy accuracy (the task's accuracy reward on the greedy completion), pass@k (k sampled completions,
     at least one right) when eval.k > 1, and each configured reward's mean on the greedy completions."""
     ev, data = config.eval, config.data
     rows = rows[: ev.num_problems] if ev.num_problems else rows
     if not rows:
         raise ValueError("no evaluation rows: the task has no eval split (set data.eval_file)")
     max_new = ev.max_new_tokens or config.sampling.max_new_tokens
-    specs = [(r.name, get_reward(r.name), r.weight, r.args) for r in config.rewards]
-    if "answer_accuracy" not in {s[0] for s in specs}:
-        specs.insert(0, ("answer_accuracy", get_reward("answer_accuracy"), 0.0, {}))
+    # accuracy is the task's own check (answer_accuracy, math_accuracy or countdown), scored first
+    specs = [s for s in build_rewards(config.rewards) if s.name != "accuracy"]
+    specs.insert(0, Reward("accuracy", get_reward(accuracy_reward(data.task)), 0.0))
     greedy = SamplingParams(max_new_tokens=max_new, temperature=0.0, stop=tuple(config.sampling.stop))
     sampled = SamplingParams(
         max_new_tokens=max_new, temperature=config.sampling.temperature, top_p=config.sampling.top_p,
@@ -36,14 +36,14 @@ def evaluate(model, tokenizer, engine, rows: list[dict], config, progress=None) 
         result = _score(specs, tokenizer, prompt_ids, texts, chunk, data.prompt_column, 1)
         for name, values in result.per_function.items():
             per_reward.setdefault(name, []).extend(v for v in values.tolist() if v == v)
-        correct += result.per_function["answer_accuracy"].tolist()
-        for r, text, ok in zip(chunk, texts, result.per_function["answer_accuracy"].tolist()):
+        correct += result.per_function["accuracy"].tolist()
+        for r, text, ok in zip(chunk, texts, result.per_function["accuracy"].tolist()):
             if len(examples) < 8:
                 examples.append({"prompt": r[data.prompt_column], "answer": r.get("answer"), "completion": text, "correct": ok})
         if ev.k > 1:
             texts = _complete(engine, tokenizer, prompt_ids, ev.k, sampled, generator)
             acc = _score(specs[:1], tokenizer, prompt_ids, texts, chunk, data.prompt_column, ev.k)
-            passed += (acc.per_function["answer_accuracy"].view(-1, ev.k) == 1).any(dim=1).float().tolist()
+            passed += (acc.per_function["accuracy"].view(-1, ev.k) == 1).any(dim=1).float().tolist()
         if progress:
             progress(min(start + ev.batch_size, len(rows)), len(rows))
     valid = [c for c in correct if c == c]

@@ -6,7 +6,35 @@ import random
 from dataclasses import dataclass
 
 from grpo.data.arithmetic import arithmetic_rows
+from grpo.data.countdown import countdown_rows
+from grpo.data.datasets import dataset_rows
 from grpo.data.files import DataError, check_rows, read_rows
+
+INSTRUCTIONS = {
+    "arithmetic": "What is {question}? Reply with only the number.",
+    "countdown": (
+        "Using the numbers {numbers}, write an arithmetic expression that equals {target}. You may use "
+        "+ - * / and parentheses, and each number at most once. Put the expression inside "
+        "<answer></answer>, for example <answer>(1 + 2) * 3</answer>."
+    ),
+    "gsm8k": "{question}\nThink step by step, then write the final number inside <answer></answer>.",
+    "math": "{question}\nThink step by step, then put the final answer inside \\boxed{{}}.",
+    "file": "{question}",
+}
+"""The default prompt text of each task (data.instruction overrides it)."""
+
+ACCURACY_REWARDS = {
+    "arithmetic": "answer_accuracy",
+    "countdown": "countdown",
+    "file": "answer_accuracy",
+    "gsm8k": "answer_accuracy",
+    "math": "math_accuracy",
+}
+
+
+def accuracy_reward(task: str) -> str:
+    """The built-in reward that decides whether an answer is right, for eval accuracy and pass@k."""
+    return ACCURACY_REWARDS[task]
 
 
 @dataclass
@@ -18,11 +46,21 @@ class Task:
 
 def load_task(data, needed_columns: list[str]) -> Task:
     """Rows of the configured task. `data` is a DataConfig; rows keep every column."""
+    instruction = data.instruction or INSTRUCTIONS[data.task]
     if data.task == "arithmetic":
-        train, eval_ = arithmetic_rows(
-            data.digits, data.operators, data.num_train, data.num_eval, data.instruction, data.seed
-        )
+        train, eval_ = arithmetic_rows(data.digits, data.operators, data.num_train, data.num_eval, instruction, data.seed)
         return Task(train, eval_, f"arithmetic-{data.digits}d{''.join(data.operators)}")
+    if data.task == "countdown":
+        train, eval_ = countdown_rows(data.countdown_numbers, data.num_train, data.num_eval, instruction, data.seed)
+        return Task(train, eval_, f"countdown-{data.countdown_numbers}")
+    if data.task in ("gsm8k", "math"):
+        load = lambda path: dataset_rows(path, data.task, data.question_column, data.answer_column, instruction)  # noqa: E731
+        train = load(data.train_file)
+        eval_ = load(data.eval_file) if data.eval_file else []
+        for path, rows in ((data.train_file, train), (data.eval_file, eval_)):
+            if rows:
+                check_rows(rows, path, ["prompt"] + [c for c in needed_columns if c != "prompt"])
+        return Task(train, eval_, data.task)
     needed = [data.prompt_column] + [c for c in needed_columns if c != data.prompt_column]
     train = _file_rows(data.train_file, data, needed)
     eval_ = _file_rows(data.eval_file, data, needed) if data.eval_file else []
@@ -90,4 +128,4 @@ class PromptSampler:
         self._order = self._shuffled(self.epoch)
 
 
-__all__ = ["DataError", "PromptSampler", "Task", "chat_messages", "load_task"]
+__all__ = ["ACCURACY_REWARDS", "INSTRUCTIONS", "DataError", "PromptSampler", "Task", "accuracy_reward", "chat_messages", "load_task"]

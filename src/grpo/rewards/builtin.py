@@ -1,10 +1,14 @@
-"""Built-in reward functions: answer checking and format."""
+"""Built-in reward functions: answer checking (numbers, math, countdown), format, length, code tests.
+
+Each is an ordinary function following the contract in grpo.rewards.base; read them as examples.
+"""
 
 from __future__ import annotations
 
 import ast
 import math
 import operator
+from fractions import Fraction
 import re
 
 from grpo.rewards.base import register_reward
@@ -25,16 +29,17 @@ def _tag_contents(text: str, tag: str) -> list[str]:
     return re.findall(rf"<{tag}>(.*?)</{tag}>", text, flags=re.DOTALL)
 
 
-def _boxed(text: str) -> str | None:
-    """Content of the last \\boxed{...}, with nested braces."""
-    start = text.rfind("\\boxed{")
+def boxed(text: str) -> str | None:
+    """Content of the last \\boxed{...} (or \\fbox{...}), with nested braces; None when there is none."""
+    start = max(text.rfind("\\boxed{"), text.rfind("\\fbox{"))
     if start < 0:
-        return None
-    i, depth = start + len("\\boxed{"), 1
+        m = re.search(r"\\boxed (\S+)", text)  # "\boxed 5"
+        return m.group(1).rstrip("$.") if m else None
+    i, depth = text.index("{", start) + 1, 1
     for j in range(i, len(text)):
         depth += {"{": 1, "}": -1}.get(text[j], 0)
         if depth == 0:
-            return text[i:j]
+            return text[i:j].strip()
     return None
 
 
@@ -43,9 +48,9 @@ def extract_answer(text: str) -> str | None:
     tagged = _tag_contents(text, "answer")
     if tagged:
         return tagged[-1].strip()
-    boxed = _boxed(text)
-    if boxed is not None:
-        return boxed.strip()
+    boxed_ = boxed(text)
+    if boxed_ is not None:
+        return boxed_
     numbers = _NUMBER.findall(text)
     return numbers[-1] if numbers else None
 
@@ -113,3 +118,146 @@ def format_reward(completions, tags: list[str] = ("answer",), **_) -> list[float
                 last_end = match.end()
         out.append(ok / len(tags))
     return out
+
+
+@register_reward("think_format")
+def think_format(completions, **_) -> list[float]:
+    """DeepSeek-R1's format: 1.0 when the completion is exactly <think>...</think> then
+    <answer>...</answer> (whitespace around them allowed, both non-empty), else 0.0."""
+    pattern = re.compile(r"\s*<think>(?!.*<think>)(.+?)</think>\s*<answer>(?!.*<answer>)(.+?)</answer>\s*", re.DOTALL)
+    return [float(bool((m := pattern.fullmatch(t)) and m.group(1).strip() and m.group(2).strip())) for t in completions]
+
+
+@register_reward("length")
+def length_reward(completions, target: int = 200, tolerance: int = 0, **_) -> list[float]:
+    """Closeness of the completion's length in characters to `target`: 1.0 within `tolerance`,
+    falling linearly to 0.0 at `tolerance + target` characters away (shorter or longer). For a
+    token-based penalty of overlong completions see `overlong_penalty` (DAPO)."""
+    if target <= 0:
+        raise ValueError("length: target must be > 0 characters")
+    return [max(0.0, 1.0 - max(0, abs(len(t) - target) - tolerance) / target) for t in completions]
+
+
+# --- math answers: math-verify -------------------------------------------------------------------
+
+
+def _math_verify():
+    try:
+        import math_verify
+    except ImportError:
+        raise ImportError("math_accuracy needs math-verify: pip install math-verify") from None
+    return math_verify
+
+
+@register_reward("math_accuracy")
+def math_accuracy(completions, answer, **_) -> list[float | None]:
+    """1.0 when the completion's final answer is mathematically equal to the reference, checked with
+    math-verify (Hugging Face): LaTeX, \\boxed{}, fractions, decimals, percentages, sets, intervals,
+    equivalent forms (\\frac{1}{2} = 0.5 = 1/2). None when the row has no reference."""
+    mv = _math_verify()
+    import threading
+
+    # math-verify's timeouts use SIGALRM, which only the main thread may set
+    timeout = 5 if threading.current_thread() is threading.main_thread() else None
+    out: list[float | None] = []
+    for text, ref in zip(completions, answer):
+        if ref is None or not str(ref).strip():
+            out.append(None)
+            continue
+        ref = str(ref)
+        gold = mv.parse(ref if "$" in ref or "\\boxed" in ref else f"${ref}$", parsing_timeout=timeout)
+        tagged = _tag_contents(text, "answer")
+        given = mv.parse(f"${tagged[-1]}$" if tagged and "\\boxed" not in tagged[-1] else text, parsing_timeout=timeout)
+        if not given and tagged:
+            given = mv.parse(tagged[-1], parsing_timeout=timeout)
+        out.append(float(bool(gold) and bool(given) and mv.verify(gold, given, timeout_seconds=timeout)))
+    return out
+
+
+# --- countdown -----------------------------------------------------------------------------------
+
+
+def countdown_value(expression: str, numbers: list[int]) -> Fraction | None:
+    """The exact value of an expression of + - * / and parentheses over integers, each of them one of
+    `numbers` used at most once (as many times as it is given); None if the expression breaks a rule."""
+    expression = expression.replace("×", "*").replace("÷", "/").replace("\\times", "*").replace("\\div", "/")
+    if len(expression) > 200:
+        return None
+    try:
+        tree = ast.parse(expression.strip(), mode="eval").body
+    except SyntaxError:
+        return None
+    available = list(numbers)
+
+    def ev(node) -> Fraction:
+        if isinstance(node, ast.Constant) and type(node.value) is int:
+            if node.value not in available:
+                raise ValueError("number not given, or used too often")
+            available.remove(node.value)
+            return Fraction(node.value)
+        if isinstance(node, ast.BinOp) and type(node.op) in (ast.Add, ast.Sub, ast.Mult, ast.Div):
+            a, b = ev(node.left), ev(node.right)
+            if isinstance(node.op, ast.Div):
+                return a / b  # ZeroDivisionError is caught below
+            return {ast.Add: a + b, ast.Sub: a - b, ast.Mult: a * b}[type(node.op)]
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub) and isinstance(node.operand, ast.BinOp):
+            return -ev(node.operand)
+        raise ValueError("only integers, + - * / and parentheses")
+
+    try:
+        return ev(tree)
+    except (ValueError, ZeroDivisionError, RecursionError):
+        return None
+
+
+@register_reward("countdown")
+def countdown(completions, numbers, target, **_) -> list[float]:
+    """1.0 when the completion's expression (in <answer></answer>, else its last line; a trailing
+    "= target" is allowed) uses only the given numbers, each at most once, with + - * / and
+    parentheses, and equals the target exactly; else 0.0. Parsed with `ast`, never eval'd."""
+    out = []
+    for text, nums, tgt in zip(completions, numbers, target):
+        tagged = _tag_contents(text, "answer")
+        lines = [line for line in text.strip().splitlines() if line.strip()]
+        expr = tagged[-1] if tagged else (lines[-1] if lines else "")
+        if "=" in expr:
+            left, _, right = expr.partition("=")
+            expr = left if to_number(right) == float(tgt) else right if to_number(left) == float(tgt) else left
+        value = countdown_value(expr, [int(n) for n in nums])
+        out.append(float(value is not None and value == Fraction(int(tgt))))
+    return out
+
+
+# --- code: run the completion against the row's tests in the sandbox ------------------------------
+
+_CODE_BLOCK = re.compile(r"```(?:python|py|python3)?[ \t]*\n(.*?)```", re.DOTALL | re.IGNORECASE)
+
+
+def extract_code(text: str) -> str:
+    """The last ```python fenced block of a completion (an unclosed last one counts), else the whole text."""
+    blocks = _CODE_BLOCK.findall(text)
+    if blocks:
+        return blocks[-1]
+    start = max(text.rfind("```python"), text.rfind("```py\n"))
+    if start >= 0:  # a block cut off by max_new_tokens
+        return text[text.index("\n", start) + 1 :] if "\n" in text[start:] else ""
+    return text
+
+
+@register_reward("code_tests")
+def code_tests(
+    completion, tests, timeout: float = 10.0, per_test_timeout: float = 3.0, memory_mb: int = 512, **_
+) -> float | None:
+    """Fraction of the row's test cases that the completion's code passes, run in the sandbox
+    (grpo.rewards.sandbox: own process and uid, time, CPU, memory and process limits, no network,
+    a private working directory). `tests`: assert statements (a list, or code whose top-level
+    asserts are the cases) or input/output pairs for a stdin/stdout program. None without tests.
+    Written per completion, so completions run in parallel (RewardSpec.concurrency threads; at most
+    sandbox.set_max_concurrency processes at once)."""
+    from grpo.rewards.sandbox import Limits, run_tests
+
+    if tests is None or (isinstance(tests, (list, str, dict)) and not tests):
+        return None
+    limits = Limits(timeout=timeout, cpu_seconds=max(1, math.ceil(timeout)), memory_mb=memory_mb)
+    cases, _ = run_tests(extract_code(completion), tests, limits, per_test_timeout)
+    return sum(c.passed for c in cases) / len(cases) if cases else None
