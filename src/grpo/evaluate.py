@@ -35,6 +35,8 @@ def evaluate(model, tokenizer, engine, rows: list[dict], config, progress=None) 
         texts = _complete(engine, tokenizer, prompt_ids, 1, greedy, generator)
         result = _score(specs, tokenizer, prompt_ids, texts, chunk, data.prompt_column, 1)
         for name, values in result.per_function.items():
+            if name == "accuracy":
+                continue  # reported as accuracy
             per_reward.setdefault(name, []).extend(v for v in values.tolist() if v == v)
         correct += result.per_function["accuracy"].tolist()
         for r, text, ok in zip(chunk, texts, result.per_function["accuracy"].tolist()):
