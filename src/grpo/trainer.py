@@ -3,10 +3,12 @@
 One step:
   1. draw B prompts; the engine samples G completions each      (rollout)
   2. score every completion with the reward functions            (rewards)
-  3. group-relative advantages                                   (core.advantages)
+     dynamic sampling (DAPO): repeat 1-2, keeping groups whose rewards differ, until B groups
+  3. group-relative advantages, outcome [N] or process [N, T]    (core.advantages)
   4. reference log-probs if beta > 0, old log-probs if mu > 1    (core.logprobs)
   5. mu optimizer steps, micro-batched, loss normalized over the whole batch (core.losses)
-  6. metrics to metrics.jsonl and the console, samples to samples.jsonl
+  6. every ref_reset_steps steps, pi_ref := pi_theta             (DeepSeekMath iterative RL)
+  7. metrics to metrics.jsonl and the console, samples to samples.jsonl
 
 Departures from the paper, on purpose: the policy's log-probs use the sampling
 temperature (as TRL does), and the model runs without dropout so that with
@@ -23,13 +25,15 @@ from dataclasses import dataclass, field
 import torch
 
 from grpo.config import Config
-from grpo.core.advantages import outcome_advantages, zero_std_groups
+from grpo.core.advantages import outcome_advantages, process_advantages, zero_std_groups
 from grpo.core.logprobs import SequenceBatch, build_sequences, completion_logprobs, slice_batch
-from grpo.core.losses import BatchTotals, aggregate, clipped_surrogate, kl_k3, masked_mean, per_token_loss
+from grpo.core.losses import BatchTotals, aggregate, clipped_surrogate, kl_penalty, masked_mean, per_token_loss
 from grpo.data import PromptSampler, chat_messages
 from grpo.models import encode_prompt
-from grpo.rewards import get_reward, score
-from grpo.rollout.base import Rollout, SamplingParams
+from grpo.rewards import build_rewards, score
+from grpo.rewards.base import RewardResult
+from grpo.rewards.process import step_table
+from grpo.rollout.base import Rollout, SamplingParams, concat_rollouts, select_groups
 
 
 @dataclass
@@ -46,6 +50,49 @@ class Phases:
 
 
 @dataclass
+class Scored:
+    """Whole groups of sampled completions and their rewards (steps 1-2). N = B * G rows."""
+
+    rows: list[dict]  # B dataset rows
+    rollout: Rollout
+    prompts: list[str]  # N rendered prompt texts
+    completions: list[str]  # N completion texts
+    rewards: RewardResult
+
+    def select(self, groups: list[int]) -> "Scored":
+        g = self.rollout.group_size
+        idx = [b * g + k for b in groups for k in range(g)]
+        r = self.rewards
+        rewards = RewardResult(
+            per_function={k: v[idx] for k, v in r.per_function.items()},
+            total=r.total[idx],
+            errors=dict(r.errors),
+            steps={k: [v[i] for i in idx] for k, v in r.steps.items()},
+        )
+        pick = lambda xs: [xs[i] for i in idx]  # noqa: E731
+        return Scored([self.rows[b] for b in groups], select_groups(self.rollout, groups), pick(self.prompts), pick(self.completions), rewards)
+
+
+def concat_scored(parts: list[Scored], pad_id: int) -> Scored:
+    """The groups of all parts, in order (a reward's steps are None where a part had none)."""
+    n = [p.rollout.num_completions for p in parts]
+    names = {k: None for p in parts for k in p.rewards.steps}
+    rewards = RewardResult(
+        per_function={k: torch.cat([p.rewards.per_function[k] for p in parts]) for k in parts[0].rewards.per_function},
+        total=torch.cat([p.rewards.total for p in parts]),
+        errors={k: sum(p.rewards.errors.get(k, 0) for p in parts) for k in parts[0].rewards.errors},
+        steps={k: [s for p, m in zip(parts, n) for s in p.rewards.steps.get(k, [None] * m)] for k in names},
+    )
+    return Scored(
+        [r for p in parts for r in p.rows],
+        concat_rollouts([p.rollout for p in parts], pad_id),
+        [x for p in parts for x in p.prompts],
+        [x for p in parts for x in p.completions],
+        rewards,
+    )
+
+
+@dataclass
 class StepBatch:
     """Everything one step computes before the gradient steps. N = B * G rows."""
 
@@ -55,10 +102,14 @@ class StepBatch:
     completions: list[str]  # N completion texts
     rewards: dict[str, torch.Tensor]  # per reward function, [N] with NaN for None
     total_rewards: torch.Tensor  # [N]
-    advantages: torch.Tensor  # [N]
+    advantages: torch.Tensor  # [N] (outcome) or [N, T] (process)
     sequences: SequenceBatch
+    loss_mask: torch.Tensor  # [N, T] bool: completion tokens that enter the loss (overlong_filter drops truncated rows)
     ref_logprobs: torch.Tensor | None = None  # [N, T]
     old_logprobs: torch.Tensor | None = None  # [N, T]
+    reward_errors: dict[str, int] = field(default_factory=dict)  # rewards with on_error: none -> failures
+    sampling: dict[str, float] = field(default_factory=dict)  # dynamic sampling counts
+    num_steps: int | None = None  # process supervision: step rewards in the batch
 
 
 def lr_lambda(warmup: int, total: int, schedule: str):
@@ -83,7 +134,7 @@ class Trainer:
         self.device = next(model.parameters()).device
         self.pad_id = tokenizer.pad_token_id
         self.sampler = PromptSampler(train_rows, config.data.seed)
-        self.reward_specs = [(r.name, get_reward(r.name), r.weight, r.args) for r in config.rewards]
+        self.reward_specs = build_rewards(config.rewards)
         self.params = SamplingParams(
             max_new_tokens=config.sampling.max_new_tokens,
             temperature=config.sampling.temperature,
@@ -111,10 +162,61 @@ class Trainer:
         return rollout, [t for t in prompt_texts for _ in range(rollout.group_size)]
 
     # -- 2. rewards ---------------------------------------------------------------------------
-    def score(self, rows: list[dict], prompts: list[str], completions: list[str]):
+    def score(self, rows: list[dict], prompts: list[str], completions: list[str], rollout: Rollout | None = None):
+        """Dataset columns reach reward functions by name; so do `completion_lengths` (tokens, EOS
+        included) and `max_new_tokens`, which length rewards such as overlong_penalty read."""
         g = self.cfg.sampling.group_size
         columns = {k: [r.get(k) for r in rows for _ in range(g)] for k in rows[0] if k != self.cfg.data.prompt_column}
+        if rollout is not None:
+            columns["completion_lengths"] = rollout.lengths.tolist()
+            columns["max_new_tokens"] = [self.params.max_new_tokens] * len(completions)
         return score(self.reward_specs, prompts, completions, columns)
+
+    def generate_and_score(self, rows: list[dict], phases: Phases) -> Scored:
+        with phases.time("generate"):
+            rollout, prompts = self.rollout(rows)
+        with phases.time("score"):
+            completions = self.tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
+            rewards = self.score(rows, prompts, completions, rollout)
+        return Scored(rows, rollout, prompts, completions, rewards)
+
+    def sample_groups(self, rows: list[dict], phases: Phases) -> tuple[Scored, dict[str, float]]:
+        """Steps 1-2 for `rows`; with dynamic sampling (DAPO) more rounds of fresh prompts until B groups
+        have rewards that differ. After max_sampling_rounds the batch is topped up with dropped groups."""
+        a, b, g = self.cfg.algorithm, len(rows), self.cfg.sampling.group_size
+        first = self.generate_and_score(rows, phases)
+        if not a.dynamic_sampling:
+            return first, {}
+        rounds, kept, dropped = [first], [], []
+        while True:
+            zero = zero_std_groups(rounds[-1].rewards.total, g).tolist()  # [B_round] bool
+            kept += [(len(rounds) - 1, i) for i, z in enumerate(zero) if not z]
+            dropped += [(len(rounds) - 1, i) for i, z in enumerate(zero) if z]
+            if len(kept) >= b or len(rounds) == a.max_sampling_rounds:
+                break
+            rounds.append(self.generate_and_score(self.sampler.next(b - len(kept)), phases))
+        chosen = (kept + dropped)[:b]
+        parts = [s.select([i for r, i in chosen if r == k]) for k, s in enumerate(rounds)]
+        scored = concat_scored([part for part in parts if part.rows], self.pad_id)
+        counts = {
+            "rounds": len(rounds),
+            "groups_drawn": sum(len(s.rows) for s in rounds),
+            "groups_kept": min(len(kept), b),
+            "groups_filled": max(0, b - len(kept)),
+        }
+        return scored, counts
+
+    # -- 3. advantages --------------------------------------------------------------------------
+    def advantages(self, s: Scored) -> tuple[torch.Tensor, int | None]:
+        """Outcome: [N] from the total rewards. Process: [N, T] from every weighted step reward."""
+        a, g = self.cfg.algorithm, s.rollout.group_size
+        if a.advantage == "outcome":
+            return outcome_advantages(s.rewards.total, g, a.scale_rewards, a.advantage_eps), None
+        weights = {r.name: r.weight for r in self.reward_specs}
+        ids, lengths = s.rollout.completion_ids, s.rollout.lengths
+        values, rows, index = step_table(s.rewards.steps, s.rewards.per_function, weights, ids, lengths, self.tokenizer)
+        n, t = ids.shape
+        return process_advantages(values, rows, index, t, g, n, a.scale_rewards, a.advantage_eps), int(values.numel())
 
     # -- 4. log-probs that stay fixed during the step ------------------------------------------
     @torch.no_grad()
@@ -128,7 +230,11 @@ class Trainer:
 
     # -- 5. gradient steps ---------------------------------------------------------------------
     def optimize(self, batch: StepBatch) -> dict[str, float]:
-        """mu optimizer steps on this batch (DeepSeekMath's inner iterations); averaged metrics."""
+        """mu optimizer steps on this batch (DeepSeekMath's inner iterations); averaged metrics.
+
+        pi_old is the policy that sampled the batch: with mu > 1 its log-probs were computed once,
+        before the first update (StepBatch.old_logprobs); with mu = 1 they are the detached current ones.
+        """
         mu = self.cfg.algorithm.mu
         totals: dict[str, float] = {}
         for _ in range(mu):
@@ -139,34 +245,39 @@ class Trainer:
         totals["grad_norm"] = grad_norm
         return totals
 
+    def micro_batch_loss(self, batch: StepBatch, rows: slice, totals: BatchTotals):
+        """This micro-batch's share of the loss, and the per-token pieces the metrics need."""
+        a = self.cfg.algorithm
+        m = batch.loss_mask[rows].to(self.device)
+        lp, entropy = completion_logprobs(
+            self.model, slice_batch(batch.sequences, rows), self.params.temperature,
+            with_entropy=True, entropy_grad=a.entropy_coef > 0,
+        )
+        old = lp.detach() if batch.old_logprobs is None else batch.old_logprobs[rows].to(self.device)
+        completion_mask = batch.rollout.completion_mask[rows].to(self.device)
+        adv = batch.advantages[rows].to(self.device)
+        sur = clipped_surrogate(lp, old, adv, a.eps_low, a.eps_high, completion_mask, a.importance_sampling_level, a.delta)
+        ref = batch.ref_logprobs
+        kl = kl_penalty(lp, ref[rows].to(self.device), a.kl_estimator) if ref is not None else None
+        loss = aggregate(per_token_loss(sur.objective, kl, a.beta, entropy, a.entropy_coef), m, a.loss_type, totals)
+        return loss, m, sur, kl, entropy
+
     def accumulate_gradients(self, batch: StepBatch) -> dict[str, float]:
         """Backward of the whole batch's loss, one micro-batch at a time; the sum of the micro-batch
         gradients equals the gradient of the whole batch (normalizers are the global batch's)."""
-        a, mb = self.cfg.algorithm, self.cfg.trainer.micro_batch_size
-        mask = batch.rollout.completion_mask.to(self.device)  # [N, T]
+        mb, mask = self.cfg.trainer.micro_batch_size, batch.loss_mask  # [N, T]
         n = mask.shape[0]
-        totals = BatchTotals(n, int(mask.sum()), self.cfg.sampling.max_new_tokens)
-        advantages = batch.advantages.to(self.device)
-        sums = {"loss": 0.0, "kl": 0.0, "clip_low": 0.0, "clip_high": 0.0, "entropy": 0.0, "ratio": 0.0}
+        totals = BatchTotals(int(mask.any(dim=1).sum()), int(mask.sum()), self.cfg.sampling.max_new_tokens)
+        sums = dict.fromkeys(["loss", "kl", "clip_low", "clip_high", "clip_dual", "entropy", "ratio"], 0.0)
         for start in range(0, n, mb):
-            rows = slice(start, start + mb)
-            m = mask[rows]
-            lp, entropy = completion_logprobs(
-                self.model, slice_batch(batch.sequences, rows), self.params.temperature, with_entropy=True
-            )
-            old = lp.detach() if batch.old_logprobs is None else batch.old_logprobs[rows]
-            sur = clipped_surrogate(lp, old, advantages[rows], a.eps_low, a.eps_high)
-            kl = kl_k3(lp, batch.ref_logprobs[rows]) if batch.ref_logprobs is not None else None
-            loss = aggregate(per_token_loss(sur.objective, kl, a.beta), m, a.loss_type, totals)
+            loss, m, sur, kl, entropy = self.micro_batch_loss(batch, slice(start, start + mb), totals)
             loss.backward()
             share = int(m.sum()) / max(totals.num_tokens, 1)  # token-weighted metric averages
             sums["loss"] += float(loss.detach())
-            sums["entropy"] += float(masked_mean(entropy, m)) * share
-            sums["ratio"] += float(masked_mean(sur.ratio.detach(), m)) * share
-            sums["clip_low"] += float(masked_mean(sur.clipped_low.float(), m)) * share
-            sums["clip_high"] += float(masked_mean(sur.clipped_high.float(), m)) * share
-            if kl is not None:
-                sums["kl"] += float(masked_mean(kl.detach(), m)) * share
+            for key, x in [("entropy", entropy), ("ratio", sur.ratio), ("clip_low", sur.clipped_low),
+                           ("clip_high", sur.clipped_high), ("clip_dual", sur.clipped_dual), ("kl", kl)]:
+                if x is not None:
+                    sums[key] += float(masked_mean(x.detach().float(), m)) * share
         return sums
 
     def clip_and_step(self) -> float:
@@ -179,29 +290,40 @@ class Trainer:
         self.last_lr = lr
         return grad_norm
 
+    # -- 6. reference reset ---------------------------------------------------------------------
+    @torch.no_grad()
+    def maybe_reset_reference(self) -> bool:
+        """pi_ref := pi_theta every ref_reset_steps steps (DeepSeekMath 4.2, iterative RL)."""
+        every = self.cfg.algorithm.ref_reset_steps
+        if every is None or self.ref_model is None or self.step_count % every != 0:
+            return False
+        self.ref_model.load_state_dict(self.model.state_dict())
+        return True
+
     # -- one step ------------------------------------------------------------------------------
     def step(self) -> tuple[dict, StepBatch]:
         phases, start = Phases(), time.perf_counter()
-        batch = self.make_batch(self.sampler.next(self.cfg.prompts_per_step), phases)
+        batch = self.make_batch(self.sampler.next(self.cfg.prompts_per_step), phases)  # 1-4
         with phases.time("train"):
-            opt = self.optimize(batch)
+            opt = self.optimize(batch)  # 5
         self.step_count += 1
+        opt["ref_reset"] = float(self.maybe_reset_reference())  # 6
         phases.seconds["step"] = time.perf_counter() - start
-        return self.metrics(batch, opt, phases), batch
+        return self.metrics(batch, opt, phases), batch  # 7
 
     def make_batch(self, rows: list[dict], phases: Phases) -> StepBatch:
         """Steps 1-4: sample, score, advantages, and the log-probs that stay fixed during the step."""
         cfg = self.cfg
-        with phases.time("generate"):
-            rollout, prompts = self.rollout(rows)
+        s, sampling = self.sample_groups(rows, phases)
         with phases.time("score"):
-            completions = self.tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
-            rewards = self.score(rows, prompts, completions)
-            advantages = outcome_advantages(
-                rewards.total, rollout.group_size, cfg.algorithm.scale_rewards, cfg.algorithm.advantage_eps
-            )
-        sequences = build_sequences(rollout.prompt_ids, rollout.completion_ids, rollout.completion_mask, self.pad_id)
-        batch = StepBatch(rows, rollout, prompts, completions, rewards.per_function, rewards.total, advantages, sequences)
+            advantages, num_steps = self.advantages(s)
+        r = s.rollout
+        mask = r.completion_mask & ~r.truncated[:, None] if cfg.algorithm.overlong_filter else r.completion_mask
+        sequences = build_sequences(r.prompt_ids, r.completion_ids, r.completion_mask, self.pad_id)
+        batch = StepBatch(
+            s.rows, r, s.prompts, s.completions, s.rewards.per_function, s.rewards.total, advantages, sequences, mask,
+            reward_errors=s.rewards.errors, sampling=sampling, num_steps=num_steps,
+        )
         if cfg.algorithm.beta > 0:
             with phases.time("reference"):
                 batch.ref_logprobs = self.fixed_logprobs(self.ref_model, sequences)
@@ -210,7 +332,7 @@ class Trainer:
                 batch.old_logprobs = self.fixed_logprobs(self.model, sequences)
         return batch
 
-    # -- 6. metrics (SPEC.md section 5) ---------------------------------------------------------
+    # -- 7. metrics (SPEC.md section 5) ---------------------------------------------------------
     def metrics(self, batch: StepBatch, opt: dict, phases: Phases) -> dict:
         r, lengths = batch.total_rewards, batch.rollout.lengths.float()
         tokens = float(lengths.sum())
@@ -218,16 +340,29 @@ class Trainer:
         m.update(_mean_std("reward", r))
         for name, values in batch.rewards.items():
             m.update(_mean_std(f"reward/{name}", values))
+        for name, count in batch.reward_errors.items():
+            m[f"reward/{name}/errors"] = count
         m["reward/zero_std_frac"] = float(zero_std_groups(r, batch.rollout.group_size).float().mean())
-        m["advantage/abs_mean"] = float(batch.advantages.abs().mean())
+        adv = batch.advantages
+        m["advantage/abs_mean"] = float(adv.abs().mean() if adv.dim() == 1 else masked_mean(adv.abs(), batch.rollout.completion_mask))
+        if batch.num_steps is not None:  # process supervision
+            m["advantage/steps_per_completion"] = batch.num_steps / len(batch.completions)
+        for name, count in batch.sampling.items():  # dynamic sampling: rounds, groups drawn / kept / filled
+            m[f"dynamic_sampling/{name}"] = count
         m["completion/length_mean"] = float(lengths.mean())
         m["completion/length_min"] = float(lengths.min())
         m["completion/length_max"] = float(lengths.max())
         m["completion/truncated_frac"] = float(batch.rollout.truncated.float().mean())
+        if self.cfg.algorithm.overlong_filter:
+            m["completion/filtered_frac"] = float((~batch.loss_mask.any(dim=1)).float().mean())
         m["loss"] = opt["loss"]
         if batch.ref_logprobs is not None:
             m["kl/mean"] = opt["kl"]
         m["clip/low_frac"], m["clip/high_frac"] = opt["clip_low"], opt["clip_high"]
+        if self.cfg.algorithm.delta is not None:
+            m["clip/dual_frac"] = opt["clip_dual"]
+        if self.cfg.algorithm.ref_reset_steps is not None:
+            m["ref_reset"] = opt["ref_reset"]
         m["ratio/mean"] = opt["ratio"]
         m["entropy/mean"] = opt["entropy"]
         m["grad_norm"], m["lr"] = opt["grad_norm"], self.last_lr
@@ -255,7 +390,7 @@ class Trainer:
                     "completion": batch.completions[i],
                     "rewards": {name: float(v[i]) for name, v in batch.rewards.items()},
                     "reward": float(batch.total_rewards[i]),
-                    "advantage": float(batch.advantages[i]),
+                    "advantage": float(batch.advantages[i].flatten()[0]),  # first token's, for process
                     "length": int(batch.rollout.lengths[i]),
                     "truncated": bool(batch.rollout.truncated[i]),
                 }

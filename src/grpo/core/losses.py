@@ -144,7 +144,7 @@ class BatchTotals:
 
 def _grpo(loss, mask, totals):  # mean over completions of each completion's token mean
     per_seq = (loss * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)  # [n]
-    return per_seq.sum() / totals.num_completions
+    return per_seq.sum() / max(totals.num_completions, 1)
 
 
 def _token(loss, mask, totals):  # all tokens of the global batch weigh the same
@@ -152,7 +152,7 @@ def _token(loss, mask, totals):  # all tokens of the global batch weigh the same
 
 
 def _dr_grpo(loss, mask, totals):  # a constant normalizer: no length bias at all
-    return (loss * mask).sum() / (totals.num_completions * totals.max_completion_length)
+    return (loss * mask).sum() / (max(totals.num_completions, 1) * totals.max_completion_length)
 
 
 def _bnpo(loss, mask, totals):  # tokens of this micro-batch only
