@@ -165,7 +165,7 @@ def test_report_best_and_worst_side_by_side(tmp_path):
 
 def test_report_eval_table_and_progress(tmp_path):
     html = build_report(fake_run(tmp_path / "run"))
-    assert "<th>before</th><th>after</th><th>change</th>" in html and "+0.250" in html
+    assert "<th>before</th><th>after</th><th>after &minus; before</th>" in html and "+0.250" in html
     assert "3 / 5" in html and "in progress" in html  # the half-written line is skipped
 
 

@@ -123,7 +123,7 @@ def eval_section(evals: dict[str, dict]) -> str:
     rows = ["accuracy"] + sorted({k for r in evals.values() for k in r if k.startswith("pass@")})
     rewards = sorted({k for r in evals.values() for k in (r.get("rewards") or {})})
     delta = "before" in evals and "after" in evals
-    head = "".join(f"<th>{e(n)}</th>" for n in names) + ("<th>change</th>" if delta else "")
+    head = "".join(f"<th>{e(n)}</th>" for n in names) + ("<th>after &minus; before</th>" if delta else "")
     body = []
     for key, get in [(k, lambda r, k=k: r.get(k)) for k in rows] + [
         (f"reward/{k}", lambda r, k=k: (r.get("rewards") or {}).get(k)) for k in rewards
@@ -342,7 +342,7 @@ svg.chart .legend { font-size: 10.5px; fill: #374151; } svg.chart .grid { stroke
 svg.chart .frame { fill: none; stroke: #d1d5db; } svg.chart .empty { fill: #9ca3af; font-size: 12px; }
 table { border-collapse: collapse; margin: 8px 0; } th, td { border: 1px solid #e5e7eb; padding: 4px 8px; text-align: left; vertical-align: top; }
 table.num td { text-align: right; font-variant-numeric: tabular-nums; } thead th { background: #f9fafb; }
-table.examples td { max-width: 380px; } table.examples pre { max-height: 140px; overflow: auto; } .pos { color: #15803d; } .neg { color: #b91c1c; }
+table.examples td { max-width: 380px; } table.examples pre { max-height: 140px; overflow: auto; min-width: 180px; } .pos { color: #15803d; } .neg { color: #b91c1c; }
 .ok { color: #15803d; font-weight: 600; } .bad { color: #b91c1c; font-weight: 600; }
 .stepnav { position: sticky; top: 0; background: #fff; padding: 6px 0; z-index: 1; display: flex; gap: 6px; align-items: center; }
 .group { border: 1px solid #e5e7eb; border-radius: 8px; padding: 8px; margin: 8px 0; }
