@@ -251,6 +251,7 @@ def main() -> None:
     names = args.engines.split(",")
     model, tok = load(args.model, args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, model {model.config._name_or_path}")
+    print(f"load average before: {os.getloadavg()[0]:.2f} (other processes on these cores distort every number)")
     rates = machine_rates()
     costs = model_costs(model)
     print(
@@ -279,6 +280,7 @@ def main() -> None:
                 }
             )  # fmt: skip
             print(json.dumps(rows[-1]), flush=True)
+    print(f"load average after timing: {os.getloadavg()[0]:.2f}")
     memory = {} if args.no_memory else measure_memory(args, names)
     print_markdown(rows, memory, rates, costs, args)
 
