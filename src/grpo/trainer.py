@@ -70,7 +70,8 @@ class Scored:
             steps={k: [v[i] for i in idx] for k, v in r.steps.items()},
         )
         pick = lambda xs: [xs[i] for i in idx]  # noqa: E731
-        return Scored([self.rows[b] for b in groups], select_groups(self.rollout, groups), pick(self.prompts), pick(self.completions), rewards)
+        rollout = select_groups(self.rollout, groups)
+        return Scored([self.rows[b] for b in groups], rollout, pick(self.prompts), pick(self.completions), rewards)
 
 
 def concat_scored(parts: list[Scored], pad_id: int) -> Scored:
@@ -344,7 +345,8 @@ class Trainer:
             m[f"reward/{name}/errors"] = count
         m["reward/zero_std_frac"] = float(zero_std_groups(r, batch.rollout.group_size).float().mean())
         adv = batch.advantages
-        m["advantage/abs_mean"] = float(adv.abs().mean() if adv.dim() == 1 else masked_mean(adv.abs(), batch.rollout.completion_mask))
+        abs_adv = adv.abs().mean() if adv.dim() == 1 else masked_mean(adv.abs(), batch.rollout.completion_mask)
+        m["advantage/abs_mean"] = float(abs_adv)
         if batch.num_steps is not None:  # process supervision
             m["advantage/steps_per_completion"] = batch.num_steps / len(batch.completions)
         for name, count in batch.sampling.items():  # dynamic sampling: rounds, groups drawn / kept / filled
