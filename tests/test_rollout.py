@@ -209,6 +209,8 @@ def test_filter_logits_by_hand():
     assert probs(filter_logits(logits, 1.0, min_p=0.4)) == pytest.approx([0.625, 0.375, 0, 0], abs=1e-6)
     squared = [p * p for p in (0.5, 0.3, 0.15, 0.05)]  # temperature 0.5 squares the probabilities
     assert probs(filter_logits(logits, 0.5)) == pytest.approx([s / sum(squared) for s in squared], abs=1e-6)
+    assert probs(filter_logits(logits, 1.0, top_p=0.0)) == pytest.approx([1, 0, 0, 0], abs=1e-6)  # never empty
+    assert probs(filter_logits(logits, 1.0, min_p=2.0)) == pytest.approx([1, 0, 0, 0], abs=1e-6)
     both = probs(filter_logits(logits, 1.0, top_k=3, top_p=0.8))  # top-k first, then top-p on the rest
     assert both == pytest.approx([0.5 / 0.8, 0.3 / 0.8, 0, 0], abs=1e-6)
 

@@ -61,12 +61,13 @@ def filter_logits(
         sorted_logits, order = logits.sort(dim=-1, descending=True)  # [n, V]
         sorted_probs = sorted_logits.softmax(dim=-1)
         mass_above = sorted_probs.cumsum(dim=-1) - sorted_probs  # [n, V] probability of the tokens ranked above
-        drop_sorted = mass_above >= top_p  # never drops the first token: its mass_above is 0
+        drop_sorted = mass_above >= top_p
+        drop_sorted[:, 0] = False  # the most likely token always stays (even at top_p = 0)
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     if min_p > 0.0:
         probs = logits.softmax(dim=-1)  # [n, V]
-        floor = min_p * probs.max(dim=-1, keepdim=True).values  # [n, 1]
+        floor = min(min_p, 1.0) * probs.max(dim=-1, keepdim=True).values  # [n, 1]
         logits = logits.masked_fill(probs < floor, float("-inf"))
     return logits
 
