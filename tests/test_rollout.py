@@ -226,20 +226,39 @@ def test_inverse_cdf_sampling_matches_the_probabilities():
     assert edge.item() == 3  # never past the last possible token
 
 
-def test_kv_cache_verbs():
-    cache = KVCache(num_layers=1, max_rows=4, max_len=4)
+def test_kv_cache_verbs(monkeypatch):
+    monkeypatch.setattr(KVCache, "BLOCK", 1)
+    cache = KVCache(num_layers=1, max_rows=4, max_len=6)
+    cache.reserve(3)
     k = torch.arange(2 * 3, dtype=torch.float32).view(2, 1, 3, 1)  # [rows=2, heads=1, q=3, dim=1]
     keys, _ = cache.update(k, -k, 0)
     assert keys.shape == (2, 1, 3, 1) and torch.equal(keys, k)
     cache.advance(3)
     cache.repeat_rows(2, 2)  # rows 0, 0, 1, 1
     layer = cache.layers[0]
+    assert layer.keys.shape == (4, 1, 4, 1)  # capacity 3 + BLOCK
     assert layer.keys[:, 0, :3, 0].tolist() == [[0, 1, 2], [0, 1, 2], [3, 4, 5], [3, 4, 5]]
     cache.keep_rows(torch.tensor([1, 2]))
+    cache.reserve(4)  # fits: no new buffers
     step = torch.tensor([10.0, 20.0]).view(2, 1, 1, 1)
     keys, values = cache.update(step, step, 0)  # the next token of the 2 remaining rows
     assert keys[:, 0, :, 0].tolist() == [[0, 1, 2, 10], [3, 4, 5, 20]]
     assert torch.equal(values[:, 0, 3, 0], torch.tensor([10.0, 20.0]))
+    cache.advance(1)
+    cache.reserve(5)  # grows: the new buffers hold only the 2 live rows
+    assert layer.keys.shape == (2, 1, 6, 1) and layer.keys[:, 0, :4, 0].tolist() == [[0, 1, 2, 10], [3, 4, 5, 20]]
+
+
+def test_a_cache_that_grows_block_by_block_gives_the_same_completions(tok, prompts, monkeypatch):
+    model = peaky_model(len(tok))
+    model.generation_config.eos_token_id = [tok.eos_token_id] + tok.convert_tokens_to_ids(list("aeiou"))
+    params = SamplingParams(max_new_tokens=20)  # rows end at different steps: growths also drop rows
+    whole = FastEngine(model, tok).generate(prompts, 3, params, torch.Generator().manual_seed(6))
+    monkeypatch.setattr(KVCache, "BLOCK", 3)
+    grown = FastEngine(model, tok).generate(prompts, 3, params, torch.Generator().manual_seed(6))
+    assert torch.equal(whole.completion_ids, grown.completion_ids)
+    torch.testing.assert_close(whole.sampling_logprobs, grown.sampling_logprobs, rtol=0, atol=1e-5)
+    assert len(set(grown.lengths.tolist())) >= 4
 
 
 # -- the registry and the reference engine ----------------------------------------------------------

@@ -3,7 +3,8 @@
 What `model.generate` does for GRPO, and what this engine does instead:
 - each prompt is repeated G times and prefilled G times   -> B prompts prefilled once; their cache rows are
                                                              copied to the G samples of each group
-- the DynamicCache grows by concatenation at every step    -> one preallocated cache, written in place
+- the DynamicCache grows by concatenation at every step    -> a cache written in place, grown by blocks of
+                                                             positions, and holding only the live rows
 - finished rows keep decoding until the last row ends       -> finished rows leave the batch (it is compacted)
 - logits are computed for every prompt position at prefill  -> only for the last one
 - a chain of logits processors over the whole vocabulary    -> a few small tensor functions, only those enabled
@@ -126,7 +127,7 @@ def next_tokens(
 
 
 class _CacheLayer(CacheLayerMixin):
-    """Keys and values of one attention layer: [max_rows, kv_heads, max_len, head_dim], allocated once."""
+    """Keys and values of one attention layer: [rows, kv_heads, capacity, head_dim], written in place."""
 
     is_sliding = False
     is_compileable = False
@@ -136,10 +137,10 @@ class _CacheLayer(CacheLayerMixin):
         self.owner = owner
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        rows, length = self.owner.max_rows, self.owner.max_len
+        rows, capacity = self.owner.max_rows, self.owner.capacity
         self.device = key_states.device
-        self.keys = key_states.new_zeros((rows, key_states.shape[1], length, key_states.shape[3]))
-        self.values = value_states.new_zeros((rows, value_states.shape[1], length, value_states.shape[3]))
+        self.keys = key_states.new_zeros((rows, key_states.shape[1], capacity, key_states.shape[3]))
+        self.values = value_states.new_zeros((rows, value_states.shape[1], capacity, value_states.shape[3]))
         self.is_initialized = True
 
     def update(self, key_states, value_states, *args, **kwargs):
@@ -150,6 +151,14 @@ class _CacheLayer(CacheLayerMixin):
         self.keys[r : r + n, :, start : start + q] = key_states
         self.values[r : r + n, :, start : start + q] = value_states
         return self.keys[r : r + n, :, : start + q], self.values[r : r + n, :, : start + q]
+
+    def reallocate(self, rows: int, capacity: int, length: int) -> None:
+        """New buffers of [rows, kv_heads, capacity, head_dim] holding the first `rows` rows up to `length`."""
+        for name in ("keys", "values"):
+            old = getattr(self, name)
+            new = old.new_zeros((rows, old.shape[1], capacity, old.shape[3]))
+            new[:, :, :length] = old[:rows, :, :length]
+            setattr(self, name, new)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.owner.length + query_length, 0
@@ -162,20 +171,34 @@ class _CacheLayer(CacheLayerMixin):
 
 
 class KVCache(Cache):
-    """A preallocated KV cache for a batch whose rows share one time axis (prompts are left padded).
+    """A KV cache for a batch whose rows share one time axis (prompts are left padded), written in place.
 
-    The model's attention layers call `update`, which writes the rows from `row_start` on at
-    position `length`. The engine's verbs: `advance(q)` after a forward of q tokens,
-    `repeat_rows(b, G)` to give each of b prefilled prompts its G samples, `keep_rows(idx)` to
-    drop finished rows.
+    The model's attention layers call `update`, which writes the rows from `row_start` on at position
+    `length`. The engine's verbs: `reserve(L)` before a forward that fills positions up to L,
+    `advance(q)` after a forward of q tokens, `repeat_rows(b, G)` to give each of b prefilled prompts
+    its G samples, `keep_rows(idx)` to drop finished rows. Capacity grows by `BLOCK` positions at a
+    time and a growth also drops the rows that finished, so memory follows the live rows instead of
+    N x (P + max_new_tokens); there is no concatenation per step.
     """
+
+    BLOCK = 64  # positions added at each growth
 
     def __init__(self, num_layers: int, max_rows: int, max_len: int):
         super().__init__(layers=[])
         self.max_rows, self.max_len = max_rows, max_len
+        self.rows = max_rows  # rows in use
+        self.capacity = 0  # positions allocated
         self.length = 0  # positions written so far (the same for every row)
         self.row_start = 0  # the first row the next forward writes (prefill runs in chunks of prompts)
         self.layers = [_CacheLayer(self) for _ in range(num_layers)]
+
+    def reserve(self, length: int) -> None:
+        if length <= self.capacity:
+            return
+        self.capacity = min(self.max_len, length + self.BLOCK)
+        for layer in self.layers:
+            if layer.is_initialized:
+                layer.reallocate(self.rows, self.capacity, self.length)
 
     def advance(self, q: int) -> None:
         self.length += q
@@ -187,6 +210,7 @@ class KVCache(Cache):
                 for buf in (layer.keys, layer.values):
                     filled = buf[:rows, :, : self.length]
                     buf[: rows * repeats, :, : self.length] = filled.repeat_interleave(repeats, dim=0)
+        self.rows = rows * repeats
 
     def keep_rows(self, index: torch.Tensor) -> None:
         """Move rows `index` ([m] long, ascending) to the front; the rows after m are dropped."""
@@ -194,6 +218,7 @@ class KVCache(Cache):
             if layer.is_initialized:
                 for buf in (layer.keys, layer.values):
                     buf[: index.numel(), :, : self.length] = buf[index, :, : self.length]
+        self.rows = index.numel()
 
 
 # -- the engine -------------------------------------------------------------------------------------
@@ -445,6 +470,7 @@ class FastEngine:
         causal = torch.full((P, P), neg, dtype=dtype, device=device).triu(1)  # [P, P]
         positions = (attn.long().cumsum(1) - 1).clamp(min=0)  # [B, P] left padding shifts positions
         chunk = max(1, min(B, PREFILL_TOKENS // P, PREFILL_MASK_ELEMENTS // (P * P)))  # prompts per forward
+        cache.reserve(P)
         logits = []
         for i in range(0, B, chunk):
             cache.row_start = i
@@ -492,6 +518,7 @@ class FastEngine:
                 bias[: keep.numel()] = bias[keep]
                 rows, tokens, next_pos = rows[keep], tokens[keep], next_pos[keep]
             n, L = rows.numel(), cache.length
+            cache.reserve(L + 1)
             bias[:n, L] = 0.0  # the token fed now is attended from now on
             mask = bias[:n, None, None, : L + 1]  # [n, 1, 1, L+1]
             logits = self._decode_forward(tokens[:, None], next_pos[:, None], mask, cache)  # [n, V]
