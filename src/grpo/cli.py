@@ -42,6 +42,8 @@ EXAMPLES = """
 examples:
   grpo train configs/default.yaml
   grpo train configs/default.yaml trainer.steps=10 trainer.lr=5e-6 output.dir=runs/try
+  grpo train --resume runs/try             # continue a stopped run from its newest checkpoint
+  grpo train --resume runs/try trainer.steps=20   # ... and extend it to 20 steps
   grpo eval runs/grpo                      # the trained model of a run folder, on its task
   grpo eval configs/default.yaml           # the configured (untrained) model
   grpo report runs/grpo                    # (re)write runs/grpo/report.html
@@ -68,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("config", nargs="?", help="YAML config file (omit to use the defaults)")
     train.add_argument("overrides", nargs="*", metavar="section.field=value", help="config overrides, e.g. trainer.lr=1e-6")
     train.add_argument("--overwrite", action="store_true", help="replace an existing run folder (output.overwrite=true)")
+    train.add_argument("--resume", metavar="RUN_DIR|auto", help=RESUME_HELP)
     train.add_argument("--quiet", action="store_true", help="print nothing but errors")
     train.add_argument("--log-format", choices=CONSOLE_MODES, default="auto", help=LOG_FORMAT_HELP)
 
@@ -94,6 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+RESUME_HELP = (
+    "continue a run from its newest checkpoint, exactly as if it had not stopped: RUN_DIR (its config.yaml, or the "
+    "given config file, with output.dir=RUN_DIR), or auto (output.dir, when it has a checkpoint; else a new run). "
+    "Overrides may change trainer.steps (to extend the run), output.*, eval.* and logging fields"
+)
+
 LOG_FORMAT_HELP = (
     "console output: auto (a live progress display on a terminal, else plain), live, plain (one line per step), "
     "jsonl (one JSON object per step on stdout, messages on stderr), quiet"
@@ -107,14 +116,31 @@ def split_overrides(first: str | None, rest: list[str]) -> tuple[str | None, lis
     return first, rest
 
 
+def train_config(resume: str | None, path: str | None, overrides: list[str]) -> tuple[Config, bool]:
+    """The config to train with, and whether it continues a run (see RESUME_HELP)."""
+    from grpo.checkpoint import latest_checkpoint
+
+    if resume is None:
+        return load_config(path, overrides), False
+    if resume == "auto":
+        config = load_config(path, overrides)
+        return config, latest_checkpoint(Path(config.output.dir).expanduser()) is not None
+    run_dir = Path(resume)
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"--resume {run_dir}: not a run folder (no config.yaml); give the output.dir of a run")
+    return load_config(path or run_dir / "config.yaml", [*overrides, f"output.dir={run_dir}"]), True
+
+
 def cmd_train(args) -> int:
     from grpo import run
 
     path, overrides = split_overrides(args.config, args.overrides)
+    if args.overwrite and args.resume:
+        raise ConfigError("--overwrite replaces a run and --resume continues it: give only one of them")
     if args.overwrite:
         overrides.append("output.overwrite=true")
-    config = load_config(path, overrides)
-    run.train(config, quiet=args.quiet, console_mode=args.log_format)
+    config, resume = train_config(args.resume, path, overrides)
+    run.train(config, quiet=args.quiet, console_mode=args.log_format, resume=resume)
     return 0
 
 
@@ -162,13 +188,17 @@ def main(argv: list[str] | None = None) -> int:
     from grpo.data import DataError
     from grpo.models import ModelError
     from grpo.rewards import RewardError
-    from grpo.run import RunFolderError
+    from grpo.checkpoint import CheckpointError
+    from grpo.run import RunFolderError, TrainingStopped
 
     try:
         return {"train": cmd_train, "eval": cmd_eval, "report": cmd_report}[args.command](args)
-    except (ConfigError, DataError, ModelError, RunFolderError, RewardError) as e:
+    except (ConfigError, DataError, ModelError, RunFolderError, RewardError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except TrainingStopped as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

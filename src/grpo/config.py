@@ -232,6 +232,10 @@ class TrainerConfig(Section):
     """Completions written to samples.jsonl per sampled step (best and worst of groups first)."""
     samples_every: int = Field(1, ge=1)
     """Write samples.jsonl every this many steps (and always at the last step)."""
+    max_bad_steps: int = Field(3, ge=1)
+    """Numerics guard: a step whose loss, gradient norm or rewards are NaN/inf skips its update
+    (`guard/skipped` in the metrics); after this many such steps in a row the run stops, saving a
+    checkpoint of the last good weights."""
 
     @field_validator("adam_betas")
     @classmethod
@@ -264,6 +268,12 @@ class OutputConfig(Section):
     """Replace an existing run folder instead of refusing."""
     save_model: bool = True
     """Save the final weights as a Hugging Face folder in <dir>/model."""
+    checkpoint_every: int = Field(10, ge=0)
+    """Write a checkpoint every this many steps (0: only at the end, on Ctrl-C and on a guard stop) in
+    <dir>/checkpoints/step-NNNNNN: weights, optimizer, scheduler, data position, RNG states and config,
+    written atomically. `grpo train --resume <dir>` continues from the newest one exactly."""
+    keep_checkpoints: int = Field(2, ge=1)
+    """How many of the newest checkpoints to keep (older ones are deleted)."""
     tensorboard: bool = True
     """Write every metric as TensorBoard events in <dir>/tensorboard (`tensorboard --logdir <dir>`)."""
     report_every: int = Field(10, ge=0)

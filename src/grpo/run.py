@@ -1,19 +1,26 @@
-"""A training run end to end: run folder, models, evaluation before/after, the loop, saving."""
+"""A training run end to end: run folder, models, evaluation before/after, the loop, checkpoints, resume."""
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import signal
+import sys
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
+from grpo import checkpoint
 from grpo.config import Config, dump_config
-from grpo.data import load_task
+from grpo.data import DataError, chat_messages, load_task
 from grpo.evaluate import evaluate, format_table
 from grpo.logging.console import format_duration, make_console
 from grpo.logging.run import RunLog, write_json
-from grpo.models import frozen_copy, load_model_and_tokenizer
+from grpo.models import encode_prompt, frozen_copy, load_model_and_tokenizer
 from grpo.rewards import get_reward, required_columns
 from grpo.rollout import make_engine
 from grpo.trainer import Trainer
@@ -23,22 +30,71 @@ class RunFolderError(RuntimeError):
     pass
 
 
-def prepare_run_dir(config: Config) -> Path:
-    """Create the run folder; refuse to mix with an earlier run unless output.overwrite is set."""
+class TrainingStopped(RuntimeError):
+    """The run stopped itself (the numerics guard); the message says why and what was saved."""
+
+
+def check_run_dir(config: Config) -> Path:
+    """Refuse, before anything loads, a run folder that holds an earlier run (unless output.overwrite)
+    or that cannot be created."""
     run_dir = Path(config.output.dir).expanduser()
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not config.output.overwrite:
-            raise RunFolderError(
-                f"run folder {run_dir} already exists and is not empty; choose another output.dir "
-                "or pass --overwrite (output.overwrite=true) to replace it"
-            )
-        shutil.rmtree(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunFolderError(f"output.dir {run_dir} is a file, not a folder; choose another output.dir")
+    if run_dir.is_dir() and any(run_dir.iterdir()) and not config.output.overwrite:
+        hint = f", or continue it with --resume {run_dir}" if checkpoint.list_checkpoints(run_dir) else ""
+        raise RunFolderError(
+            f"run folder {run_dir} already exists and is not empty; choose another output.dir "
+            f"or pass --overwrite (output.overwrite=true) to replace it{hint}"
+        )
+    parent = run_dir
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise RunFolderError(f"cannot write the run folder {run_dir}: {parent} is not a writable folder; choose another output.dir")
+    return run_dir
+
+
+def create_run_dir(config: Config, run_dir: Path) -> None:
+    """Make the (checked) run folder, replacing an earlier run when output.overwrite is set."""
     try:
+        if run_dir.exists() and config.output.overwrite:
+            shutil.rmtree(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(dump_config(config))
+        write_config(run_dir, config)
     except OSError as e:
         raise RunFolderError(f"cannot write the run folder {run_dir}: {e.strerror}") from None
+
+
+def prepare_run_dir(config: Config) -> Path:
+    """Check and create the run folder (both steps at once)."""
+    run_dir = check_run_dir(config)
+    create_run_dir(config, run_dir)
     return run_dir
+
+
+def write_config(run_dir: Path, config: Config) -> None:
+    tmp = run_dir / "config.yaml.tmp"
+    tmp.write_text(dump_config(config))
+    tmp.replace(run_dir / "config.yaml")
+
+
+def resume_point(run_dir: Path, config: Config) -> checkpoint.Checkpoint:
+    """The newest complete checkpoint of run_dir, checked against the config (or a CheckpointError)."""
+    ckpt = checkpoint.latest_checkpoint(run_dir)
+    if ckpt is None:
+        raise checkpoint.CheckpointError(
+            f"cannot resume {run_dir}: no complete checkpoint in {checkpoint.checkpoints_dir(run_dir)}; "
+            "start the run again (with --overwrite to replace the folder)"
+        )
+    checkpoint.check_resume(ckpt, config)
+    return ckpt
+
+
+def reopen_run_dir(run_dir: Path, config: Config, ckpt: checkpoint.Checkpoint) -> None:
+    """A resumed run's folder: the new config, and log lines only up to the checkpoint's step."""
+    write_config(run_dir, config)
+    for name in ("metrics.jsonl", "samples.jsonl"):
+        checkpoint.truncate_jsonl(run_dir / name, ckpt.step)
 
 
 def needed_columns(config: Config) -> list[str]:
@@ -49,24 +105,116 @@ def needed_columns(config: Config) -> list[str]:
     return cols
 
 
+def check_prompt_lengths(config: Config, task, tokenizer, model) -> None:
+    """Every prompt, as the chat template renders it, leaves room for the completion in the model's
+    context (checked before any training; also fails early on a tokenizer without a chat template)."""
+    context = getattr(model.config, "max_position_embeddings", None)
+    data = config.data
+    eval_rows = task.eval[: config.eval.num_problems] if config.eval.num_problems else task.eval
+    splits = [("train", task.train, config.sampling.max_new_tokens, data.train_file),
+              ("eval", eval_rows, config.eval.max_new_tokens or config.sampling.max_new_tokens, data.eval_file)]
+    for split, rows, max_new, path in splits:
+        for i, row in enumerate(rows, start=1):
+            n = len(encode_prompt(tokenizer, chat_messages(row[data.prompt_column], data.system_prompt)))
+            if context and n + max_new > context:
+                where = path or f"data.task={data.task} ({split} problems)"
+                raise DataError(
+                    f"{where}: row {i}: the prompt is {n} tokens, and with {max_new} new tokens it does not fit "
+                    f"the model's context of {context} tokens; shorten or drop that prompt, or lower "
+                    f"{'sampling' if split == 'train' else 'eval'}.max_new_tokens to at most {max(context - n, 0)}"
+                )
+
+
 def set_threads(config: Config) -> None:
     if config.model.threads:
         torch.set_num_threads(config.model.threads)
 
 
-def train(config: Config, quiet: bool = False, console_mode: str = "auto") -> dict:
-    """Run GRPO as configured; returns {"before": eval, "after": eval, "run_dir": ...}."""
+@contextmanager
+def stop_requested():
+    """Ctrl-C during training asks the loop to stop after the current step (and save a checkpoint);
+    a second Ctrl-C raises KeyboardInterrupt at once. Yields a function: has a stop been asked for?"""
+    asked = []
+
+    def handler(signum, frame):
+        asked.append(True)
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # the second Ctrl-C interrupts
+        print("\nstopping after this step and saving a checkpoint (Ctrl-C again to quit at once)", file=sys.stderr, flush=True)
+
+    if threading.current_thread() is not threading.main_thread():  # signals reach only the main thread
+        yield lambda: False
+        return
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield lambda: bool(asked)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def save(run_dir: Path, config: Config, trainer: Trainer, tokenizer, console) -> checkpoint.Checkpoint:
+    write = lambda folder: checkpoint.write_checkpoint(folder, config, trainer, tokenizer)  # noqa: E731
+    ckpt = checkpoint.save_checkpoint(run_dir, trainer.step_count, write, config.output.keep_checkpoints)
+    console.info(f"saved checkpoint {ckpt.path}")
+    return ckpt
+
+
+def train_loop(trainer: Trainer, config: Config, log: RunLog, console, run_dir: Path, tokenizer) -> str:
+    """Steps until trainer.steps, a checkpoint every output.checkpoint_every steps and at the end.
+    Returns how it ended: "done", "interrupted" (Ctrl-C) or "guard" (too many bad steps in a row)."""
+    t, every, saved = config.trainer, config.output.checkpoint_every, -1
+    ending = "done"
+    with console.training(), stop_requested() as stop:
+        while trainer.step_count < t.steps:
+            m, batch = trainer.step()
+            log.step(trainer.step_count, m, lambda: trainer.sample_records(batch, t.samples_per_step))
+            console.step(trainer.step_count, m)
+            if trainer.skip_reason:
+                console.info(f"step {trainer.step_count}: update skipped: {trainer.skip_reason} "
+                             f"({trainer.bad_steps} bad step(s) in a row, stop at {t.max_bad_steps})")
+            if trainer.bad_steps >= t.max_bad_steps:
+                ending = "guard"
+                break
+            if stop() and trainer.step_count < t.steps:
+                ending = "interrupted"
+                break
+            if every and trainer.step_count % every == 0:
+                save(run_dir, config, trainer, tokenizer, console)
+                saved = trainer.step_count
+    if saved != trainer.step_count:
+        save(run_dir, config, trainer, tokenizer, console)
+    return ending
+
+
+def stop_message(trainer: Trainer, config: Config, run_dir: Path) -> str:
+    good = trainer.step_count - trainer.bad_steps
+    return (
+        f"training stopped at step {trainer.step_count}: {trainer.bad_steps} steps in a row had non-finite numbers "
+        f"(last: {trainer.skip_reason}); no update was made in them, so the saved checkpoint holds the weights "
+        f"of step {good} ({checkpoint.latest_checkpoint(run_dir).path}). Check the reward functions for NaN, or lower "
+        f"trainer.lr / set trainer.max_grad_norm, then resume with: grpo train --resume {run_dir} "
+        f"(trainer.max_bad_steps={config.trainer.max_bad_steps} sets how many bad steps in a row are tolerated)"
+    )
+
+
+def train(config: Config, quiet: bool = False, console_mode: str = "auto", resume: bool = False) -> dict:
+    """Run GRPO as configured; returns {"before": eval, "after": eval, "run_dir": ...}. With resume, continue
+    the run in output.dir from its newest checkpoint, exactly as if it had not stopped."""
     console = make_console("quiet" if quiet else console_mode, config.trainer.steps)
     task = load_task(config.data, needed_columns(config))  # data errors before any model loads
-    run_dir = prepare_run_dir(config)
+    run_dir = Path(config.output.dir).expanduser()
+    ckpt = resume_point(run_dir, config) if resume else None
+    if ckpt is None:
+        check_run_dir(config)
     set_threads(config)
     torch.manual_seed(config.trainer.seed)
-    console.info(f"run folder: {run_dir}")
     with console.phase("loading the model"):
         model, tokenizer, folder = load_model_and_tokenizer(config.model, log=console.info)
+    check_prompt_lengths(config, task, tokenizer, model)
+    create_run_dir(config, run_dir) if ckpt is None else reopen_run_dir(run_dir, config, ckpt)
+    console.info(f"run folder: {run_dir}")
     console.info(f"model: {folder} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {model.device})")
     engine = make_engine(config.sampling.engine, model, tokenizer)
-    ref_model = frozen_copy(model) if config.algorithm.beta > 0 else None
+    ref_model = frozen_copy(model) if config.algorithm.beta > 0 else None  # the start weights
     results: dict = {"run_dir": str(run_dir)}
 
     def run_eval(name: str):
@@ -78,16 +226,22 @@ def train(config: Config, quiet: bool = False, console_mode: str = "auto") -> di
         write_json(run_dir / f"eval_{name}.json", results[name])
         console.info(f"  accuracy {results[name]['accuracy']:.3f} ({time.perf_counter() - start:.0f} s)")
 
-    log = RunLog(run_dir, config, console.info)  # metrics, samples, TensorBoard, report.html
+    log = RunLog(run_dir, config, console.info, purge_step=ckpt.step + 1 if ckpt else None)
     try:
-        if config.eval.before:
+        if ckpt is None and config.eval.before:
             run_eval("before")
+        elif (run_dir / "eval_before.json").is_file():  # a resumed run does not evaluate "before" again
+            results["before"] = json.loads((run_dir / "eval_before.json").read_text())
         trainer = Trainer(config, model, tokenizer, engine, task.train, ref_model=ref_model)
-        with console.training():
-            for _ in range(config.trainer.steps):
-                m, batch = trainer.step()
-                log.step(trainer.step_count, m, lambda: trainer.sample_records(batch, config.trainer.samples_per_step))
-                console.step(trainer.step_count, m)
+        if ckpt is not None:
+            checkpoint.restore(ckpt, trainer)
+            console.info(f"resumed from {ckpt.path} at step {ckpt.step}")
+        ending = train_loop(trainer, config, log, console, run_dir, tokenizer)
+        if ending == "guard":
+            raise TrainingStopped(stop_message(trainer, config, run_dir))
+        if ending == "interrupted":
+            console.info(f"interrupted at step {trainer.step_count}; resume with: grpo train --resume {run_dir}")
+            raise KeyboardInterrupt
         console.info(f"trained {config.trainer.steps} steps in {format_duration(time.perf_counter() - console.start)}")
         if config.output.save_model:
             model.save_pretrained(run_dir / "model")

@@ -6,19 +6,28 @@ One step:
      dynamic sampling (DAPO): repeat 1-2, keeping groups whose rewards differ, until B groups
   3. group-relative advantages, outcome [N] or process [N, T]    (core.advantages)
   4. reference log-probs if beta > 0, old log-probs if mu > 1    (core.logprobs)
-  5. mu optimizer steps, micro-batched, loss normalized over the whole batch (core.losses)
+  5. mu optimizer steps, micro-batched, loss normalized over the whole batch (core.losses);
+     the guard skips an update whose loss, gradient norm or rewards are not finite
   6. every ref_reset_steps steps, pi_ref := pi_theta             (DeepSeekMath iterative RL)
   7. metrics to metrics.jsonl and the console, samples to samples.jsonl
 
 Departures from the paper, on purpose: the policy's log-probs use the sampling
 temperature (as TRL does), and the model runs without dropout so that with
 mu = 1 the ratio is exactly 1.
+
+The numerics guard: a NaN/inf loss or gradient norm, or a reward function that returned NaN/inf
+(None is fine: "does not apply"), skips that optimizer update: the gradients are dropped and the
+weights and AdamW moments stay as they were. The learning-rate scheduler still advances, so the
+schedule stays a function of the iteration (and a resumed or guarded run lines up with a clean one).
+The step is counted (`guard/skipped`, `bad_steps` in a row); grpo.run stops the run after
+trainer.max_bad_steps bad steps in a row.
 """
 
 from __future__ import annotations
 
 import math
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -68,6 +77,7 @@ class Scored:
             total=r.total[idx],
             errors=dict(r.errors),
             steps={k: [v[i] for i in idx] for k, v in r.steps.items()},
+            nonfinite=dict(r.nonfinite),
         )
         pick = lambda xs: [xs[i] for i in idx]  # noqa: E731
         rollout = select_groups(self.rollout, groups)
@@ -83,6 +93,7 @@ def concat_scored(parts: list[Scored], pad_id: int) -> Scored:
         total=torch.cat([p.rewards.total for p in parts]),
         errors={k: sum(p.rewards.errors.get(k, 0) for p in parts) for k in parts[0].rewards.errors},
         steps={k: [s for p, m in zip(parts, n) for s in p.rewards.steps.get(k, [None] * m)] for k in names},
+        nonfinite={k: sum(p.rewards.nonfinite.get(k, 0) for p in parts) for k in {k for p in parts for k in p.rewards.nonfinite}},
     )
     return Scored(
         [r for p in parts for r in p.rows],
@@ -109,6 +120,7 @@ class StepBatch:
     ref_logprobs: torch.Tensor | None = None  # [N, T]
     old_logprobs: torch.Tensor | None = None  # [N, T]
     reward_errors: dict[str, int] = field(default_factory=dict)  # rewards with on_error: none -> failures
+    reward_nonfinite: dict[str, int] = field(default_factory=dict)  # rewards -> NaN/inf scores (a bad step)
     sampling: dict[str, float] = field(default_factory=dict)  # dynamic sampling counts
     num_steps: int | None = None  # process supervision: step rewards in the batch
 
@@ -153,6 +165,32 @@ class Trainer:
         )
         self.generator = torch.Generator().manual_seed(t.seed)
         self.step_count = 0
+        self.bad_steps = 0  # consecutive steps the guard skipped
+        self.skipped_steps = 0  # all steps the guard skipped
+        self.skip_reason: str | None = None  # why the last step was skipped (None: it was not)
+        self.ref_reset_step: int | None = None  # last step at which pi_ref := pi_theta
+
+    # -- resume: the Trainer's own state (weights and global RNGs: grpo.checkpoint) -------------
+    def state_dict(self) -> dict:
+        return {
+            "step": self.step_count,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "sampler": self.sampler.state(),
+            "generator": self.generator.get_state(),
+            "bad_steps": self.bad_steps,
+            "skipped_steps": self.skipped_steps,
+            "ref_reset_step": self.ref_reset_step,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step_count = state["step"]
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.sampler.load_state(state["sampler"])
+        self.generator.set_state(state["generator"])
+        self.bad_steps, self.skipped_steps = state["bad_steps"], state["skipped_steps"]
+        self.ref_reset_step = state["ref_reset_step"]
 
     # -- 1. rollout ---------------------------------------------------------------------------
     def rollout(self, rows: list[dict]) -> tuple[Rollout, list[str]]:
@@ -230,21 +268,26 @@ class Trainer:
         return torch.cat(parts)  # [N, T]
 
     # -- 5. gradient steps ---------------------------------------------------------------------
-    def optimize(self, batch: StepBatch) -> dict[str, float]:
-        """mu optimizer steps on this batch (DeepSeekMath's inner iterations); averaged metrics.
+    def optimize(self, batch: StepBatch) -> tuple[dict[str, float], str | None]:
+        """mu optimizer steps on this batch (DeepSeekMath's inner iterations); averaged metrics, and why
+        the guard skipped an update (None: none was skipped).
 
         pi_old is the policy that sampled the batch: with mu > 1 its log-probs were computed once,
         before the first update (StepBatch.old_logprobs); with mu = 1 they are the detached current ones.
         """
         mu = self.cfg.algorithm.mu
+        bad = ", ".join(f"reward {k!r} returned NaN/inf for {n} completions" for k, n in batch.reward_nonfinite.items())
         totals: dict[str, float] = {}
+        skipped: str | None = None
         for _ in range(mu):
             self.optimizer.zero_grad(set_to_none=True)
-            for k, v in self.accumulate_gradients(batch).items():
+            sums = self.accumulate_gradients(batch)
+            for k, v in sums.items():
                 totals[k] = totals.get(k, 0.0) + v / mu
-            grad_norm = self.clip_and_step()
+            grad_norm, reason = self.clip_and_step(sums["loss"], bad or None)
+            skipped = skipped or reason
         totals["grad_norm"] = grad_norm
-        return totals
+        return totals, skipped
 
     def micro_batch_loss(self, batch: StepBatch, rows: slice, totals: BatchTotals):
         """This micro-batch's share of the loss, and the per-token pieces the metrics need."""
@@ -281,15 +324,22 @@ class Trainer:
                     sums[key] += float(masked_mean(x.detach().float(), m)) * share
         return sums
 
-    def clip_and_step(self) -> float:
+    def clip_and_step(self, loss: float | None = None, bad_reward: str | None = None) -> tuple[float, str | None]:
+        """Clip the gradient and take the optimizer step, unless the guard finds the update unsafe
+        (then the gradient is dropped); returns the grad norm and the reason for a skip."""
         params = [p for p in self.model.parameters() if p.grad is not None]
         max_norm = self.cfg.trainer.max_grad_norm or float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm)) if params else 0.0
-        lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
-        self.scheduler.step()
-        self.last_lr = lr
-        return grad_norm
+        reason = bad_reward or guard_reason(loss, grad_norm)
+        self.last_lr = self.scheduler.get_last_lr()[0]
+        if reason is None:
+            self.optimizer.step()
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+        with warnings.catch_warnings():  # torch warns when the very first optimizer step was skipped
+            warnings.simplefilter("ignore", UserWarning)
+            self.scheduler.step()  # the schedule follows the iteration, skipped or not
+        return grad_norm, reason
 
     # -- 6. reference reset ---------------------------------------------------------------------
     @torch.no_grad()
@@ -299,6 +349,7 @@ class Trainer:
         if every is None or self.ref_model is None or self.step_count % every != 0:
             return False
         self.ref_model.load_state_dict(self.model.state_dict())
+        self.ref_reset_step = self.step_count
         return True
 
     # -- one step ------------------------------------------------------------------------------
@@ -306,8 +357,12 @@ class Trainer:
         phases, start = Phases(), time.perf_counter()
         batch = self.make_batch(self.sampler.next(self.cfg.prompts_per_step), phases)  # 1-4
         with phases.time("train"):
-            opt = self.optimize(batch)  # 5
+            opt, self.skip_reason = self.optimize(batch)  # 5 (and the guard)
         self.step_count += 1
+        skipped = self.skip_reason is not None
+        self.bad_steps = self.bad_steps + 1 if skipped else 0
+        self.skipped_steps += skipped
+        opt["guard_skipped"] = float(skipped)
         opt["ref_reset"] = float(self.maybe_reset_reference())  # 6
         phases.seconds["step"] = time.perf_counter() - start
         return self.metrics(batch, opt, phases), batch  # 7
@@ -323,7 +378,7 @@ class Trainer:
         sequences = build_sequences(r.prompt_ids, r.completion_ids, r.completion_mask, self.pad_id)
         batch = StepBatch(
             s.rows, r, s.prompts, s.completions, s.rewards.per_function, s.rewards.total, advantages, sequences, mask,
-            reward_errors=s.rewards.errors, sampling=sampling, num_steps=num_steps,
+            reward_errors=s.rewards.errors, reward_nonfinite=s.rewards.nonfinite, sampling=sampling, num_steps=num_steps,
         )
         if cfg.algorithm.beta > 0:
             with phases.time("reference"):
@@ -343,6 +398,8 @@ class Trainer:
             m.update(_mean_std(f"reward/{name}", values))
         for name, count in batch.reward_errors.items():
             m[f"reward/{name}/errors"] = count
+        for name, count in batch.reward_nonfinite.items():
+            m[f"reward/{name}/nonfinite"] = count
         m["reward/zero_std_frac"] = float(zero_std_groups(r, batch.rollout.group_size).float().mean())
         adv = batch.advantages
         abs_adv = adv.abs().mean() if adv.dim() == 1 else masked_mean(adv.abs(), batch.rollout.completion_mask)
@@ -368,6 +425,7 @@ class Trainer:
         m["ratio/mean"] = opt["ratio"]
         m["entropy/mean"] = opt["entropy"]
         m["grad_norm"], m["lr"] = opt["grad_norm"], self.last_lr
+        m["guard/skipped"] = opt["guard_skipped"]  # 1: the update of this step was skipped (non-finite numbers)
         for name, seconds in phases.seconds.items():  # wall time and completion tokens/s of each phase
             m[f"time/{name}"] = seconds
             m["throughput/" + ("tokens_per_s" if name == "step" else f"{name}_tokens_per_s")] = tokens / max(seconds, 1e-9)
@@ -398,6 +456,15 @@ class Trainer:
                 }
             )
         return records
+
+
+def guard_reason(loss: float | None, grad_norm: float) -> str | None:
+    """Why an update must be skipped: a non-finite loss or gradient norm (None: it is safe)."""
+    if loss is not None and not math.isfinite(loss):
+        return f"the loss is {loss}"
+    if not math.isfinite(grad_norm):
+        return f"the gradient norm is {grad_norm}"
+    return None
 
 
 def _mean_std(prefix: str, values: torch.Tensor) -> dict[str, float]:

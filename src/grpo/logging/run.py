@@ -45,11 +45,12 @@ class RunLog:
     trainer.samples_every steps, TensorBoard events in <run>/tensorboard, Weights & Biases when asked
     for, and <run>/report.html rewritten every output.report_every steps and on close."""
 
-    def __init__(self, run_dir: Path, config, info: Callable[[str], None] = print):
+    def __init__(self, run_dir: Path, config, info: Callable[[str], None] = print, purge_step: int | None = None):
+        """purge_step: a resumed run's first step; TensorBoard hides the earlier events from that step on."""
         self.run_dir, self.cfg, self.info = Path(run_dir), config, info
         self.metrics = JsonlWriter(self.run_dir / "metrics.jsonl")
         self.samples = JsonlWriter(self.run_dir / "samples.jsonl")
-        self.tb = tensorboard_writer(self.run_dir / "tensorboard", info) if config.output.tensorboard else None
+        self.tb = tensorboard_writer(self.run_dir / "tensorboard", info, purge_step) if config.output.tensorboard else None
         self.wandb = start_wandb(config, self.run_dir, info) if config.output.wandb else None
         self.refresh_report()
 
@@ -95,14 +96,14 @@ def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def tensorboard_writer(folder: Path, info: Callable[[str], None] = print):
+def tensorboard_writer(folder: Path, info: Callable[[str], None] = print, purge_step: int | None = None):
     """torch's SummaryWriter on `folder` (needs the tensorboard package; without it: a message, no events)."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         info("note: TensorBoard events skipped: the tensorboard package is not installed (pip install tensorboard)")
         return None
-    return SummaryWriter(log_dir=str(folder))
+    return SummaryWriter(log_dir=str(folder), purge_step=purge_step)
 
 
 def start_wandb(config, run_dir: Path, info: Callable[[str], None] = print):

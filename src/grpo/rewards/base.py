@@ -202,6 +202,8 @@ class RewardResult:
     # that returned step rewards for at least one completion
     steps: dict[str, list[Steps | None]] = field(default_factory=dict)
     errors: dict[str, int] = field(default_factory=dict)  # name -> completions that raised (on_error: none)
+    # name -> completions scored NaN or inf (a bug, unlike None); the trainer skips such a step
+    nonfinite: dict[str, int] = field(default_factory=dict)
 
 
 def _as_steps(v) -> Steps | None:
@@ -360,6 +362,13 @@ def _check_values(name: str, values, n: int, prompts, completions) -> tuple[list
     return out, steps
 
 
+def _finite(v, step_list: Steps | None) -> bool:
+    """False for a NaN or infinite number (None, "does not apply", is fine)."""
+    if step_list is not None:
+        return all(math.isfinite(r) for _, r in step_list)
+    return v is None or math.isfinite(float(v))
+
+
 def _short(text, limit: int = 600) -> str:
     r = repr(text)
     return r if len(r) <= limit else r[: limit - 20] + f"... ({len(r)} chars)"
@@ -394,7 +403,7 @@ def score(
     per_function: dict[str, torch.Tensor] = {}
     steps: dict[str, list[Steps | None]] = {}
     errors: dict[str, int] = {}
-    steps: dict[str, list[Steps | None]] = {}
+    nonfinite: dict[str, int] = {}
     total = torch.zeros(n, dtype=torch.float64)
     any_applies = torch.zeros(n, dtype=torch.bool)
     for reward in rewards:
@@ -408,6 +417,9 @@ def score(
         if reward.on_error == "none":
             errors[reward.name] = len(failures)
         scalars, step_lists = _check_values(reward.name, values, n, prompts, completions)
+        bad = sum(1 for v, st in zip(values, step_lists) if not _finite(v, st))
+        if bad:
+            nonfinite[reward.name] = bad
         if any(x is not None for x in step_lists):
             steps[reward.name] = step_lists
         r = torch.tensor(scalars, dtype=torch.float64)
@@ -416,4 +428,4 @@ def score(
         total = total + torch.where(applies, reward.weight * r, torch.zeros_like(r))
         any_applies |= applies
     total = torch.where(any_applies, total, torch.full_like(total, math.nan))
-    return RewardResult(per_function=per_function, total=total.float(), errors=errors, steps=steps)
+    return RewardResult(per_function=per_function, total=total.float(), errors=errors, steps=steps, nonfinite=nonfinite)

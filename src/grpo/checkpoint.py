@@ -1,0 +1,287 @@
+"""Checkpoints of a run: atomic save, listing, pruning, exact resume, and the config check of a resume.
+
+A checkpoint is one folder, RUN_DIR/checkpoints/step-000004/:
+  model/          the policy as a Hugging Face folder (`transformers` loads it); LoRA: the adapter only
+  reference.safetensors   the reference weights, only once ref_reset_steps has replaced them
+                  (otherwise the reference is rebuilt from the start weights, as at the start of the run)
+  trainer.pt      the Trainer's own state: step, optimizer, scheduler, prompt position, sampling generator
+  rng.pt          every global RNG state: python random, numpy, torch CPU and CUDA
+  config.yaml     the resolved config of the run that wrote it
+  meta.json       written last: {"step": 4, "files": [...]}; a folder without it is not a checkpoint
+
+It is written to a hidden temporary folder, every file and the folder are fsynced, then the folder
+is renamed into place and its parent fsynced: a kill at any instant leaves the previous checkpoint intact
+(at worst a temporary folder, removed by the next save). Old checkpoints are renamed away before
+they are deleted, so a kill during pruning never leaves a half-deleted folder that looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from grpo.config import Config, dump_config
+
+CHECKPOINTS = "checkpoints"
+NAME = re.compile(r"^step-(\d{6,})$")
+FILES = ["model", "trainer.pt", "rng.pt", "config.yaml"]
+
+# Config fields a resume may change: the length of the run, where and how it is logged, and eval.
+# Everything else changes what the remaining steps compute, so a resume refuses it.
+RESUMABLE = ("trainer.steps", "trainer.samples_per_step", "trainer.samples_every", "trainer.max_bad_steps",
+             "model.threads", "output.", "eval.")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be written or read, or a resume is refused; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    path: Path
+    step: int
+
+
+# --- listing ----------------------------------------------------------------------------------
+
+
+def checkpoints_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / CHECKPOINTS
+
+
+def list_checkpoints(run_dir: Path) -> list[Checkpoint]:
+    """Complete checkpoints of a run, oldest first (a folder counts once its meta.json is in place)."""
+    folder = checkpoints_dir(run_dir)
+    if not folder.is_dir():
+        return []
+    found = []
+    for p in folder.iterdir():
+        m = NAME.match(p.name)
+        if m and (p / "meta.json").is_file():
+            found.append(Checkpoint(p, int(m.group(1))))
+    return sorted(found, key=lambda c: c.step)
+
+
+def latest_checkpoint(run_dir: Path) -> Checkpoint | None:
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+# --- atomic writing ---------------------------------------------------------------------------
+
+
+def fsync_tree(folder: Path) -> None:
+    """Flush every file under `folder`, then the folders themselves, to the disk."""
+    for root, dirs, files in os.walk(folder):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    for root, dirs, _ in os.walk(folder, topdown=False):
+        for d in dirs:
+            fsync_dir(Path(root) / d)
+    fsync_dir(folder)
+
+
+def fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_stale(run_dir: Path) -> None:
+    """Temporary and half-pruned folders left by a kill."""
+    folder = checkpoints_dir(run_dir)
+    for p in folder.glob(".*"):
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def save_checkpoint(run_dir: Path, step: int, write, keep: int | None = None) -> Checkpoint:
+    """Atomically publish RUN_DIR/checkpoints/step-<step>: `write(tmp_folder)` fills a temporary folder,
+    which is flushed and renamed into place; then all but the newest `keep` are removed."""
+    folder = checkpoints_dir(run_dir)
+    target = folder / f"step-{step:06d}"
+    tmp = folder / f".tmp-{target.name}-{os.getpid()}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        remove_stale(run_dir)
+        tmp.mkdir()
+        write(tmp)
+        meta = {"step": step, "files": sorted(p.name for p in tmp.iterdir())}
+        (tmp / "meta.json").write_text(json.dumps(meta) + "\n")
+        fsync_tree(tmp)
+        if target.exists():  # a checkpoint of this step already exists: replace it, never half of it
+            _trash(target)
+        tmp.rename(target)
+        fsync_dir(folder)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = latest_checkpoint(run_dir)
+        kept = f"the previous checkpoint {previous.path} is intact" if previous else "no earlier checkpoint exists"
+        raise CheckpointError(
+            f"could not write the checkpoint of step {step} in {folder}: {e.strerror or e}; {kept}. "
+            "Free disk space (or set output.dir to a disk with room) and resume with: "
+            f"grpo train --resume {run_dir}"
+        ) from None
+    if keep:
+        prune(run_dir, keep)
+    return Checkpoint(target, step)
+
+
+def _trash(path: Path) -> None:
+    """Rename first (atomic), delete after: a kill in between leaves a hidden folder, never a broken checkpoint."""
+    hidden = path.with_name(f".trash-{path.name}-{os.getpid()}")
+    path.rename(hidden)
+    shutil.rmtree(hidden, ignore_errors=True)
+
+
+def prune(run_dir: Path, keep: int) -> None:
+    for old in list_checkpoints(run_dir)[:-keep]:
+        _trash(old.path)
+
+
+# --- what a checkpoint holds ------------------------------------------------------------------
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_policy(model, tokenizer, folder: Path) -> None:
+    """The policy as a Hugging Face folder. LoRA hook: a peft model's save_pretrained writes only the
+    adapter (adapter_model.safetensors); load_policy then needs to load the adapter instead."""
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def load_policy(model, folder: Path) -> None:
+    """Load saved policy weights into `model` in place (bitwise). Weights tied to a loaded one
+    (e.g. lm_head to the embeddings, which save_pretrained writes once) may be absent."""
+    from safetensors.torch import load_file
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{folder}: no .safetensors weights")
+    state: dict = {}
+    for f in files:
+        state.update(load_file(f, device=str(next(model.parameters()).device)))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    loaded = {t.data_ptr() for k, t in model.state_dict().items() if k in state}
+    untied = [k for k in missing if model.state_dict()[k].data_ptr() not in loaded]
+    if untied or unexpected:
+        raise CheckpointError(f"{folder}: weights do not match the model (missing {untied[:3]}, unexpected {unexpected[:3]})")
+
+
+def write_checkpoint(folder: Path, config: Config, trainer, tokenizer) -> None:
+    """Fill a (temporary) checkpoint folder: everything a run needs to continue exactly."""
+    from safetensors.torch import save_model
+
+    save_policy(trainer.model, tokenizer, folder / "model")
+    torch.save(trainer.state_dict(), folder / "trainer.pt")
+    torch.save(rng_state(), folder / "rng.pt")
+    if trainer.ref_model is not None and trainer.ref_reset_step is not None:
+        save_model(trainer.ref_model, str(folder / "reference.safetensors"))
+    (folder / "config.yaml").write_text(dump_config(config))
+
+
+def restore(checkpoint: Checkpoint, trainer) -> None:
+    """Put the policy, the reference, the Trainer and every RNG back to the checkpoint's state."""
+    from safetensors.torch import load_model
+
+    path = checkpoint.path
+    try:
+        load_policy(trainer.model, path / "model")
+        trainer.load_state_dict(torch.load(path / "trainer.pt", weights_only=False))
+        if (path / "reference.safetensors").is_file() and trainer.ref_model is not None:
+            load_model(trainer.ref_model, str(path / "reference.safetensors"))
+        set_rng_state(torch.load(path / "rng.pt", weights_only=False))
+    except CheckpointError:
+        raise
+    except (OSError, RuntimeError, KeyError) as e:
+        raise CheckpointError(f"cannot load the checkpoint {path}: {type(e).__name__}: {e}") from None
+
+
+# --- resuming: which config, and is it the same run -------------------------------------------
+
+
+def flatten(tree, prefix: str = "") -> dict:
+    """{"trainer": {"lr": 1e-6}} -> {"trainer.lr": 1e-6}; lists (rewards) stay whole values."""
+    out: dict = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_diff(saved: dict, new: dict) -> list[str]:
+    """Differences that matter between two configs (as model_dump(mode="json") trees), one line each."""
+    a, b = flatten(saved), flatten(new)
+    lines = []
+    for key in sorted(set(a) | set(b)):
+        if key.startswith(RESUMABLE) or a.get(key) == b.get(key):
+            continue
+        lines.append(f"  {key}: {a.get(key, '(absent)')!r} in the checkpoint, {b.get(key, '(absent)')!r} now")
+    return lines
+
+
+def check_resume(checkpoint: Checkpoint, config: Config) -> None:
+    """Refuse a resume that would not continue the same run, or that has nothing left to train."""
+    saved = yaml.safe_load((checkpoint.path / "config.yaml").read_text())
+    diffs = config_diff(saved, config.model_dump(mode="json"))
+    if diffs:
+        raise CheckpointError(
+            f"cannot resume from {checkpoint.path}: the config differs in ways that change the training:\n"
+            + "\n".join(diffs)
+            + "\n  (a resume may change trainer.steps, output.*, eval.* and logging fields; "
+            "start a new run (another output.dir) to change the others)"
+        )
+    if checkpoint.step >= config.trainer.steps:
+        raise CheckpointError(
+            f"nothing to train: the checkpoint {checkpoint.path.name} is at step {checkpoint.step} and "
+            f"trainer.steps is {config.trainer.steps}; to train more, raise it, e.g. "
+            f"grpo train --resume {checkpoint.path.parent.parent} trainer.steps={checkpoint.step + config.trainer.steps}"
+        )
+
+
+def truncate_jsonl(path: Path, step: int) -> None:
+    """Keep the lines of a metrics/samples file up to `step`, so a resumed run's files read as one run
+    (lines of steps after the checkpoint, and a line cut by a kill, are dropped)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and record.get("step", 0) <= step:
+            kept.append(line + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept), encoding="utf-8")
+    tmp.replace(path)
