@@ -242,3 +242,25 @@ def test_a_nonfinite_loss_is_skipped_and_counted(args, tmp_path, monkeypatch):
     state = torch.load(checkpoint.latest_checkpoint(run).path / "trainer.pt", weights_only=False)
     assert state["skipped_steps"] == 1 and state["bad_steps"] == 0
     assert int(state["optimizer"]["state"][0]["step"]) == 2  # two updates in three steps
+
+
+def test_rng_states_round_trip():
+    import numpy as np
+
+    state = checkpoint.rng_state()
+    first = (random.random(), np.random.rand(), torch.rand(1))
+    checkpoint.set_rng_state(state)
+    assert (random.random(), np.random.rand(), torch.rand(1)) == first
+
+
+def test_config_diff_ignores_only_the_fields_a_resume_may_change():
+    saved = {"trainer": {"steps": 2, "lr": 1e-3}, "output": {"dir": "a"}, "eval": {"k": 1}, "rewards": [{"name": "x"}]}
+    new = {"trainer": {"steps": 9, "lr": 1e-3}, "output": {"dir": "b"}, "eval": {"k": 4}, "rewards": [{"name": "y"}]}
+    assert checkpoint.config_diff(saved, new) == ["  rewards: [{'name': 'x'}] in the checkpoint, [{'name': 'y'}] now"]
+
+
+def test_truncate_jsonl_keeps_steps_up_to_the_checkpoint_and_drops_a_cut_line(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n{"step": 4, "lo')
+    checkpoint.truncate_jsonl(path, 2)
+    assert path.read_text() == '{"step": 1}\n{"step": 2}\n'

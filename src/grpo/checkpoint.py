@@ -174,8 +174,16 @@ def set_rng_state(state: dict) -> None:
 def save_policy(model, tokenizer, folder: Path) -> None:
     """The policy as a Hugging Face folder. LoRA hook: a peft model's save_pretrained writes only the
     adapter (adapter_model.safetensors); load_policy then needs to load the adapter instead."""
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    from transformers.utils import logging as hf_logging
+
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # no "Writing model shards" bar in the training output
+    try:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
 
 
 def load_policy(model, folder: Path) -> None:

@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser(
         "train", help="run GRPO training", formatter_class=fmt, epilog=reference,
         description="Train with GRPO. Writes the run folder: config.yaml, metrics.jsonl, samples.jsonl, "
-        "tensorboard/, eval_before.json, eval_after.json, report.html and model/.",
+        "tensorboard/, eval_before.json, eval_after.json, report.html, checkpoints/ and model/. Ctrl-C stops after "
+        "the current step and saves a checkpoint; --resume continues a stopped run exactly.",
     )
     train.add_argument("config", nargs="?", help="YAML config file (omit to use the defaults)")
     train.add_argument("overrides", nargs="*", metavar="section.field=value", help="config overrides, e.g. trainer.lr=1e-6")

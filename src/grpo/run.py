@@ -210,7 +210,10 @@ def train(config: Config, quiet: bool = False, console_mode: str = "auto", resum
     with console.phase("loading the model"):
         model, tokenizer, folder = load_model_and_tokenizer(config.model, log=console.info)
     check_prompt_lengths(config, task, tokenizer, model)
-    create_run_dir(config, run_dir) if ckpt is None else reopen_run_dir(run_dir, config, ckpt)
+    if ckpt is None:
+        create_run_dir(config, run_dir)
+    else:
+        reopen_run_dir(run_dir, config, ckpt)
     console.info(f"run folder: {run_dir}")
     console.info(f"model: {folder} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {model.device})")
     engine = make_engine(config.sampling.engine, model, tokenizer)
