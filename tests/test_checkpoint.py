@@ -113,6 +113,24 @@ def test_ctrl_c_saves_a_checkpoint_and_the_resume_is_exact(args, tmp_path, strai
     assert_same_run(straight, run)
 
 
+def test_a_second_ctrl_c_quits_at_once(args, tmp_path, monkeypatch):
+    step = Trainer.step
+
+    def step_then_two_ctrl_c(self):
+        out = step(self)
+        if self.step_count == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # asks for a stop after this step
+            os.kill(os.getpid(), signal.SIGINT)  # KeyboardInterrupt right here
+        return out
+
+    monkeypatch.setattr(Trainer, "step", step_then_two_ctrl_c)
+    run = tmp_path / "r"
+    code, _, err = train(*args, "trainer.steps=4", "output.checkpoint_every=0", f"output.dir={run}")
+    assert code == 130 and "Ctrl-C again to quit at once" in err
+    assert checkpoint.list_checkpoints(run) == []  # no time was spent saving
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_checkpoint_folder_loads_with_transformers_and_keeps_the_last_k(args, tmp_path):
     from transformers import AutoModelForCausalLM
 
