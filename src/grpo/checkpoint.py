@@ -17,6 +17,7 @@ they are deleted, so a kill during pruning never leaves a half-deleted folder th
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -28,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
+from safetensors import SafetensorError
 
 from grpo.config import Config, dump_config
 
@@ -114,7 +116,7 @@ def save_checkpoint(run_dir: Path, step: int, write, keep: int | None = None) ->
     which is flushed and renamed into place; then all but the newest `keep` are removed."""
     folder = checkpoints_dir(run_dir)
     target = folder / f"step-{step:06d}"
-    tmp = folder / f".tmp-{target.name}-{os.getpid()}"
+    tmp, old = folder / f".tmp-{target.name}-{os.getpid()}", None
     try:
         folder.mkdir(parents=True, exist_ok=True)
         remove_stale(run_dir)
@@ -123,34 +125,48 @@ def save_checkpoint(run_dir: Path, step: int, write, keep: int | None = None) ->
         meta = {"step": step, "files": sorted(p.name for p in tmp.iterdir())}
         (tmp / "meta.json").write_text(json.dumps(meta) + "\n")
         fsync_tree(tmp)
-        if target.exists():  # a checkpoint of this step already exists: replace it, never half of it
-            _trash(target)
+        old = _hide(target) if target.exists() else None  # a checkpoint of this step: replaced whole
         tmp.rename(target)
         fsync_dir(folder)
-    except OSError as e:
+    except WRITE_ERRORS as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        previous = latest_checkpoint(run_dir)
-        kept = f"the previous checkpoint {previous.path} is intact" if previous else "no earlier checkpoint exists"
-        raise CheckpointError(
-            f"could not write the checkpoint of step {step} in {folder}: {e.strerror or e}; {kept}. "
-            "Free disk space (or set output.dir to a disk with room) and resume with: "
-            f"grpo train --resume {run_dir}"
-        ) from None
+        if old is not None and not target.exists():
+            old.rename(target)
+        raise write_error(run_dir, step, e) from None
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
     if keep:
         prune(run_dir, keep)
     return Checkpoint(target, step)
 
 
-def _trash(path: Path) -> None:
-    """Rename first (atomic), delete after: a kill in between leaves a hidden folder, never a broken checkpoint."""
+# torch.save reports a failed write (a full disk) as RuntimeError, safetensors as SafetensorError
+WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
+
+
+def write_error(run_dir: Path, step: int, e: Exception) -> CheckpointError:
+    previous = latest_checkpoint(run_dir)
+    kept = f"the previous checkpoint {previous.path} is intact" if previous else "no earlier checkpoint exists"
+    why = e.strerror if isinstance(e, OSError) and e.strerror else f"{type(e).__name__}: {e}"
+    full = (isinstance(e, OSError) and e.errno == errno.ENOSPC) or "space" in str(e).lower() or "StorageFull" in str(e)
+    fix = "free disk space (or set output.dir to a disk with room)" if full else f"check that {run_dir} can be written"
+    return CheckpointError(
+        f"could not write the checkpoint of step {step} in {checkpoints_dir(run_dir)}: {why}; {kept}. "
+        f"To continue, {fix} and resume with: grpo train --resume {run_dir}"
+    )
+
+
+def _hide(path: Path) -> Path:
+    """Rename to a hidden name (atomic) before deleting: a kill in between leaves a hidden folder
+    (removed by the next save), never a half-deleted folder that looks like a checkpoint."""
     hidden = path.with_name(f".trash-{path.name}-{os.getpid()}")
     path.rename(hidden)
-    shutil.rmtree(hidden, ignore_errors=True)
+    return hidden
 
 
 def prune(run_dir: Path, keep: int) -> None:
     for old in list_checkpoints(run_dir)[:-keep]:
-        _trash(old.path)
+        shutil.rmtree(_hide(old.path), ignore_errors=True)
 
 
 # --- what a checkpoint holds ------------------------------------------------------------------

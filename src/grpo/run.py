@@ -238,6 +238,7 @@ def train(config: Config, quiet: bool = False, console_mode: str = "auto", resum
         trainer = Trainer(config, model, tokenizer, engine, task.train, ref_model=ref_model)
         if ckpt is not None:
             checkpoint.restore(ckpt, trainer)
+            engine.sync_weights(model)  # an engine that samples from a copy must see the restored weights
             console.info(f"resumed from {ckpt.path} at step {ckpt.step}")
         ending = train_loop(trainer, config, log, console, run_dir, tokenizer)
         if ending == "guard":
