@@ -217,7 +217,9 @@ def load_policy(model, folder: Path) -> None:
     loaded = {t.data_ptr() for k, t in model.state_dict().items() if k in state}
     untied = [k for k in missing if model.state_dict()[k].data_ptr() not in loaded]
     if untied or unexpected:
-        raise CheckpointError(f"{folder}: weights do not match the model (missing {untied[:3]}, unexpected {unexpected[:3]})")
+        raise CheckpointError(
+            f"{folder}: weights do not match the model (missing {untied[:3]}, unexpected {unexpected[:3]})"
+        )
 
 
 def write_checkpoint(folder: Path, config: Config, trainer, tokenizer) -> None:

@@ -50,7 +50,9 @@ def check_run_dir(config: Config) -> Path:
     while not parent.exists():
         parent = parent.parent
     if not parent.is_dir() or not os.access(parent, os.W_OK):
-        raise RunFolderError(f"cannot write the run folder {run_dir}: {parent} is not a writable folder; choose another output.dir")
+        raise RunFolderError(
+            f"cannot write the run folder {run_dir}: {parent} is not a writable folder; choose another output.dir"
+        )
     return run_dir
 
 
@@ -139,7 +141,8 @@ def stop_requested():
     def handler(signum, frame):
         asked.append(True)
         signal.signal(signal.SIGINT, signal.default_int_handler)  # the second Ctrl-C interrupts
-        print("\nstopping after this step and saving a checkpoint (Ctrl-C again to quit at once)", file=sys.stderr, flush=True)
+        print("\nstopping after this step and saving a checkpoint (Ctrl-C again to quit at once)",
+              file=sys.stderr, flush=True)
 
     if threading.current_thread() is not threading.main_thread():  # signals reach only the main thread
         yield lambda: False

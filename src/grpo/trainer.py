@@ -93,7 +93,8 @@ def concat_scored(parts: list[Scored], pad_id: int) -> Scored:
         total=torch.cat([p.rewards.total for p in parts]),
         errors={k: sum(p.rewards.errors.get(k, 0) for p in parts) for k in parts[0].rewards.errors},
         steps={k: [s for p, m in zip(parts, n) for s in p.rewards.steps.get(k, [None] * m)] for k in names},
-        nonfinite={k: sum(p.rewards.nonfinite.get(k, 0) for p in parts) for k in {k for p in parts for k in p.rewards.nonfinite}},
+        nonfinite={k: sum(p.rewards.nonfinite.get(k, 0) for p in parts)
+                   for k in dict.fromkeys(k for p in parts for k in p.rewards.nonfinite)},
     )
     return Scored(
         [r for p in parts for r in p.rows],
