@@ -363,7 +363,6 @@ class Trainer:
         skipped = self.skip_reason is not None
         self.bad_steps = self.bad_steps + 1 if skipped else 0
         self.skipped_steps += skipped
-        opt["guard_skipped"] = float(skipped)
         opt["ref_reset"] = float(self.maybe_reset_reference())  # 6
         phases.seconds["step"] = time.perf_counter() - start
         return self.metrics(batch, opt, phases), batch  # 7
@@ -426,7 +425,7 @@ class Trainer:
         m["ratio/mean"] = opt["ratio"]
         m["entropy/mean"] = opt["entropy"]
         m["grad_norm"], m["lr"] = opt["grad_norm"], self.last_lr
-        m["guard/skipped"] = opt["guard_skipped"]  # 1: the update of this step was skipped (non-finite numbers)
+        m["guard/skipped"] = float(self.skip_reason is not None)  # 1: this step's update was skipped (NaN/inf)
         for name, seconds in phases.seconds.items():  # wall time and completion tokens/s of each phase
             m[f"time/{name}"] = seconds
             m["throughput/" + ("tokens_per_s" if name == "step" else f"{name}_tokens_per_s")] = tokens / max(seconds, 1e-9)
