@@ -181,7 +181,7 @@ class KVCache(Cache):
     N x (P + max_new_tokens); there is no concatenation per step.
     """
 
-    BLOCK = 64  # positions added at each growth
+    BLOCK = 32  # positions added at each growth
 
     def __init__(self, num_layers: int, max_rows: int, max_len: int):
         super().__init__(layers=[])
