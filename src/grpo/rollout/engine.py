@@ -298,7 +298,8 @@ def _onednn_linears(model, enabled: bool):
 
 def _device_generator(generator: torch.Generator | None, device: torch.device) -> torch.Generator:
     """A generator on the model's device, seeded from `generator` (or from torch's global RNG)."""
-    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    on = generator.device if generator is not None else "cpu"
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=on))
     local = torch.Generator(device=device)
     local.manual_seed(seed)
     return local
