@@ -253,14 +253,15 @@ def _as_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
 
 
 def _cast_copy(model, dtype: torch.dtype):
-    """A frozen copy of `model` whose parameters are in `dtype` (buffers, e.g. rotary frequencies, stay as they are)."""
+    """A frozen copy of `model` whose parameters are in `dtype` (buffers, e.g. rotary frequencies, stay as they are).
+
+    The parameters are cast straight into the copy (through deepcopy's memo), never copied at full size;
+    tied parameters stay tied.
+    """
     import copy
 
-    runner = copy.deepcopy(model).eval()
-    for p in runner.parameters():
-        p.requires_grad_(False)
-        p.data = p.data.to(dtype)
-    return runner
+    memo = {id(p): torch.nn.Parameter(p.detach().to(dtype), requires_grad=False) for p in model.parameters()}
+    return copy.deepcopy(model, memo).eval()
 
 
 def _same_layout(copy, model) -> bool:
