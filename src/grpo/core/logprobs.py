@@ -20,6 +20,17 @@ class SequenceBatch:
     completion_len: int  # T
 
 
+def left_pad(prompt_ids: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, P] ids and attention mask (long), prompts aligned to the right."""
+    width = max(len(p) for p in prompt_ids)
+    ids = torch.full((len(prompt_ids), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompt_ids), width), dtype=torch.long)
+    for i, p in enumerate(prompt_ids):
+        ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+        mask[i, width - len(p) :] = 1
+    return ids, mask
+
+
 def build_sequences(
     prompt_ids: list[list[int]],  # B prompts
     completion_ids: torch.Tensor,  # [N, T], N = B * G
@@ -28,12 +39,7 @@ def build_sequences(
 ) -> SequenceBatch:
     n, t = completion_ids.shape
     group_size = n // len(prompt_ids)
-    width = max(len(p) for p in prompt_ids)
-    prompts = torch.full((len(prompt_ids), width), pad_id, dtype=torch.long)
-    pmask = torch.zeros((len(prompt_ids), width), dtype=torch.long)
-    for i, p in enumerate(prompt_ids):
-        prompts[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
-        pmask[i, width - len(p) :] = 1
+    prompts, pmask = left_pad(prompt_ids, pad_id)  # [B, P]
     prompts = prompts.repeat_interleave(group_size, dim=0)  # [N, P]
     pmask = pmask.repeat_interleave(group_size, dim=0)
     input_ids = torch.cat([prompts, completion_ids.cpu()], dim=1)

@@ -214,19 +214,6 @@ def _as_steps(v) -> Steps | None:
         return [(int(end), float(r)) for end, r in v]
     except (TypeError, ValueError):
         return None
-    # name -> N step lists (None where that completion got a scalar or None), for the rewards that
-    # returned (end, reward) steps for at least one completion (process supervision)
-    steps: dict[str, list[Steps | None]] = field(default_factory=dict)
-
-
-def _as_steps(v) -> Steps | None:
-    """A list of (end, reward) pairs as ints and floats, or None when v is not one."""
-    if not isinstance(v, (list, tuple)):
-        return None
-    try:
-        return [(int(end), float(r)) for end, r in v]
-    except (TypeError, ValueError):
-        return None
 
 
 # --- calling them -------------------------------------------------------------------------------

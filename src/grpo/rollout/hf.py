@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from grpo.core.logprobs import left_pad  # noqa: F401  (engines pad prompts the way training does)
 from grpo.rollout.base import Rollout, SamplingParams, finish_completions
 
 
@@ -20,17 +21,6 @@ def eos_token_ids(model, tokenizer) -> set[int]:
     if not ids:
         raise ValueError("the tokenizer and the model define no EOS token: completions could never end")
     return ids
-
-
-def left_pad(prompt_ids: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """[B, P] ids and attention mask, prompts aligned to the right."""
-    width = max(len(p) for p in prompt_ids)
-    ids = torch.full((len(prompt_ids), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompt_ids), width), dtype=torch.long)
-    for i, p in enumerate(prompt_ids):
-        ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
-        mask[i, width - len(p) :] = 1
-    return ids, mask
 
 
 class HFGenerateEngine:
