@@ -2,6 +2,7 @@
 
     python benchmarks/bench_generate.py                       # default model, CPU, 2 threads (~5 min)
     python benchmarks/bench_generate.py --configs 2x8x64 --repeats 1 --no-memory   # ~1 min
+    python benchmarks/bench_generate.py --memory-only                        # peak memory only
 
 A config BxGxT is B prompts x G samples x T max new tokens. `generate` is `model.generate` on each prompt
 repeated G times (left padded, do_sample, temperature 1, no top-k/top-p), the way a GRPO trainer calls it;
@@ -50,7 +51,8 @@ def load(model_path: str | None, threads: int):
 def prompts_for(tokenizer, b: int) -> list[list[int]]:
     out = []
     for q in (QUESTIONS * (b // len(QUESTIONS) + 1))[:b]:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False)
+        messages = [{"role": "user", "content": q}]
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         out.append(tokenizer(text, add_special_tokens=False).input_ids)
     return out
 
@@ -153,7 +155,8 @@ def memory_child(args) -> None:
 def measure_memory(args, names: list[str]) -> dict:
     out = {}
     for name in names:
-        cmd = [sys.executable, __file__, "--memory-child", name, "--configs", args.configs, "--threads", str(args.threads)]
+        cmd = [sys.executable, __file__, "--memory-child", name, "--configs", args.configs]
+        cmd += ["--threads", str(args.threads)]
         cmd += ["--model", args.model] if args.model else []
         proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=src_path()))
         lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
@@ -256,12 +259,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes")
+    parser.add_argument("--memory-only", action="store_true", help="only the peak-memory child processes")
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
         return memory_child(args)
 
     names = args.engines.split(",")
+    if args.memory_only:
+        return print_markdown([], measure_memory(args, names), None, None, args)
     model, tok = load(args.model, args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, model {model.config._name_or_path}")
     print(f"load average before: {os.getloadavg()[0]:.2f} (other processes on these cores distort every number)")
@@ -299,6 +305,13 @@ def main() -> None:
 
 
 def print_markdown(rows, memory, rates, costs, args) -> None:
+    if rows:
+        print_speed(rows, rates, costs)
+    if memory:
+        print_memory(memory, args)
+
+
+def print_speed(rows, rates, costs) -> None:
     print(
         "\n| config BxGxT | engine | tokens/s | vs generate | mean length | s/run "
         "| bound tokens/s: roofline / matmul floor | share of the matmul floor |"
@@ -306,35 +319,37 @@ def print_markdown(rows, memory, rates, costs, args) -> None:
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(
-            f"| {r['config']} | {r['engine']} | {r['tokens_per_s']:.0f} | {r['vs_generate']:.2f}x | {r['mean_len']:.0f} "
-            f"| {r['seconds']:.1f} | {r['roofline']:.0f} / {r['matmul_floor']:.0f} "
+            f"| {r['config']} | {r['engine']} | {r['tokens_per_s']:.0f} | {r['vs_generate']:.2f}x "
+            f"| {r['mean_len']:.0f} | {r['seconds']:.1f} | {r['roofline']:.0f} / {r['matmul_floor']:.0f} "
             f"| {r['tokens_per_s'] / r['matmul_floor']:.0%} |"
         )
-    if memory:
-        config = args.configs.split(",")[-1]
-        print(f"\nPeak memory, config {config} (one process per engine; RSS sampled every 2 ms):\n")
-        print("| engine | RSS after load + warm-up | peak RSS while sampling | growth | ru_maxrss |")
-        print("|---|---:|---:|---:|---:|")
-        for name, m in memory.items():
-            if "error" in m:
-                print(f"| {name} | error: {m['error'][-120:]!r} | | | |")
-                continue
-            mb = {k: v / 2**20 for k, v in m.items()}
-            growth = mb["peak_during"] - mb["rss_before"]
-            print(
-                f"| {name} | {mb['rss_before']:.0f} MiB | {mb['peak_during']:.0f} MiB | {growth:.0f} MiB "
-                f"| {mb['ru_maxrss']:.0f} MiB |"
-            )
     print(
         f"\nBound: {rates['matmul_gflops']:.0f} GFLOP/s fp32 and {rates['matmul_bf16_gflops']:.0f} GFLOP/s bf16 on a "
-        f"2048^3 matmul (best of PyTorch's kernel and oneDNN's), {rates['read_gbs']:.1f} GB/s read (sum of 256 MiB); {costs['flops_per_token'] / 1e9:.2f} GFLOP "
-        f"per token in matmuls plus {costs['attn_flops_per_token_per_position'] / 1e6:.2f} MFLOP per cached position "
-        f"in attention; {costs['weight_bytes'] / 1e6:.0f} MB of fp32 weights read per decode step. Roofline: "
+        f"2048^3 matmul (best of PyTorch's kernel and oneDNN's), {rates['read_gbs']:.1f} GB/s read (sum of 256 MiB); "
+        f"{costs['flops_per_token'] / 1e9:.2f} GFLOP per token in matmuls plus "
+        f"{costs['attn_flops_per_token_per_position'] / 1e6:.2f} MFLOP per cached position in attention; {costs['weight_bytes'] / 1e6:.0f} MB of fp32 weights read per decode step. Roofline: "
         "N / max(N x FLOPs / matmul rate, (weights + KV cache) bytes / read rate) at batch N = B x G and the run's "
         "mean context, in the engine's dtype. Matmul floor: N / the measured time of the model's own Linear layers "
         "at batch N (oneDNN for fp32), i.e. a decode step with no attention, sampling or Python; an engine whose "
         "rows finish early decodes at smaller batches and can sit above or below it."
     )
+
+
+def print_memory(memory, args) -> None:
+    config = args.configs.split(",")[-1]
+    print(f"\nPeak memory, config {config} (one process per engine; RSS sampled every 2 ms):\n")
+    print("| engine | RSS after load + warm-up | peak RSS while sampling | growth | ru_maxrss |")
+    print("|---|---:|---:|---:|---:|")
+    for name, m in memory.items():
+        if "error" in m:
+            print(f"| {name} | error: {m['error'][-120:]!r} | | | |")
+            continue
+        mb = {k: v / 2**20 for k, v in m.items()}
+        growth = mb["peak_during"] - mb["rss_before"]
+        print(
+            f"| {name} | {mb['rss_before']:.0f} MiB | {mb['peak_during']:.0f} MiB | {growth:.0f} MiB "
+            f"| {mb['ru_maxrss']:.0f} MiB |"
+        )
 
 
 if __name__ == "__main__":

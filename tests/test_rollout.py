@@ -205,7 +205,8 @@ def test_filter_logits_by_hand():
     probs = lambda lg: lg.softmax(-1)[0].tolist()  # noqa: E731
     assert probs(filter_logits(logits, 1.0, top_p=0.7)) == pytest.approx([0.625, 0.375, 0, 0], abs=1e-6)
     assert probs(filter_logits(logits, 1.0, top_p=0.5)) == pytest.approx([1, 0, 0, 0], abs=1e-6)
-    assert probs(filter_logits(logits, 1.0, top_k=3)) == pytest.approx([0.5 / 0.95, 0.3 / 0.95, 0.15 / 0.95, 0], abs=1e-6)
+    top3 = [0.5 / 0.95, 0.3 / 0.95, 0.15 / 0.95, 0]
+    assert probs(filter_logits(logits, 1.0, top_k=3)) == pytest.approx(top3, abs=1e-6)
     assert probs(filter_logits(logits, 1.0, min_p=0.4)) == pytest.approx([0.625, 0.375, 0, 0], abs=1e-6)
     squared = [p * p for p in (0.5, 0.3, 0.15, 0.05)]  # temperature 0.5 squares the probabilities
     assert probs(filter_logits(logits, 0.5)) == pytest.approx([s / sum(squared) for s in squared], abs=1e-6)
@@ -350,7 +351,8 @@ def test_sliding_window_models_are_refused_past_the_window(tok, prompts):
 
 
 @pytest.mark.parametrize(
-    "temperature, top_k, top_p, min_p", [(0.7, 0, 0.9, 0.0), (1.3, 10, 1.0, 0.0), (1.0, 20, 0.8, 0.05), (0.9, 0, 1.0, 0.1)]
+    "temperature, top_k, top_p, min_p",
+    [(0.7, 0, 0.9, 0.0), (1.3, 10, 1.0, 0.0), (1.0, 20, 0.8, 0.05), (0.9, 0, 1.0, 0.1)],
 )
 def test_filter_logits_equals_the_transformers_warpers(temperature, top_k, top_p, min_p):
     from transformers.generation.logits_process import (
@@ -397,7 +399,8 @@ def smollm():
         pytest.skip(str(e))
     model, tok = load_model(folder).eval(), load_tokenizer(folder)
     questions = ["What is 23 + 45?", "Name three colors."]
-    text = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False) for q in questions]
+    chats = [[{"role": "user", "content": q}] for q in questions]
+    text = [tok.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in chats]
     return model, tok, [tok(t, add_special_tokens=False).input_ids for t in text]
 
 

@@ -404,7 +404,9 @@ class FastEngine:
         dtype = next(self.runner.parameters()).dtype
         possible = device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and _onednn_available()
         if self._onednn and not possible:
-            raise ValueError(f"onednn=True needs float32 or bfloat16 weights on a CPU with oneDNN; got {dtype} on {device}")
+            raise ValueError(
+                f"onednn=True needs float32 or bfloat16 weights on a CPU with oneDNN; got {dtype} on {device}"
+            )
         return possible if self._onednn is None else bool(self._onednn)
 
     def _check(self, prompt_ids, group_size, params) -> None:
