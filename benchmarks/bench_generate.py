@@ -266,8 +266,10 @@ def main() -> None:
         return memory_child(args)
 
     names = args.engines.split(",")
+    # children first: Linux carries a parent's peak RSS into ru_maxrss across fork and exec
+    memory = {} if args.no_memory else measure_memory(args, names)
     if args.memory_only:
-        return print_markdown([], measure_memory(args, names), None, None, args)
+        return print_markdown([], memory, None, None, args)
     model, tok = load(args.model, args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, model {model.config._name_or_path}")
     print(f"load average before: {os.getloadavg()[0]:.2f} (other processes on these cores distort every number)")
@@ -300,7 +302,6 @@ def main() -> None:
             )  # fmt: skip
             print(json.dumps(rows[-1]), flush=True)
     print(f"load average after timing: {os.getloadavg()[0]:.2f}")
-    memory = {} if args.no_memory else measure_memory(args, names)
     print_markdown(rows, memory, rates, costs, args)
 
 
