@@ -249,7 +249,8 @@ def train(config: Config, quiet: bool = False, console_mode: str = "auto", resum
         if ending == "interrupted":
             console.info(f"interrupted at step {trainer.step_count}; resume with: grpo train --resume {run_dir}")
             raise KeyboardInterrupt
-        console.info(f"trained {config.trainer.steps} steps in {format_duration(time.perf_counter() - console.start)}")
+        done = config.trainer.steps - (ckpt.step if ckpt else 0)
+        console.info(f"trained {done} steps in {format_duration(time.perf_counter() - console.start)}")
         if config.output.save_model:
             model.save_pretrained(run_dir / "model")
             tokenizer.save_pretrained(run_dir / "model")
