@@ -63,7 +63,8 @@ def prompts_for(tokenizer, b: int) -> list[list[int]]:
 def make_runners(model, tokenizer, names: list[str]) -> dict:
     from grpo.rollout import FastEngine, SamplingParams
     from grpo.rollout.base import finish_completions
-    from grpo.rollout.hf import eos_token_ids, left_pad
+    from grpo.core.logprobs import left_pad
+    from grpo.rollout.hf import eos_token_ids
 
     eos = eos_token_ids(model, tokenizer)
     pad = tokenizer.pad_token_id
