@@ -28,8 +28,8 @@ from contextlib import contextmanager
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from grpo.rollout.base import Rollout, SamplingParams, stop_string_end
 from grpo.core.logprobs import left_pad
+from grpo.rollout.base import Rollout, SamplingParams, stop_string_end
 from grpo.rollout.hf import eos_token_ids
 
 # Attention implementations that take a ready 4D additive mask [n, 1, q, L].
