@@ -4,34 +4,16 @@ GRPO gradient written out by hand."""
 import pytest
 import torch
 
-from grpo.config import load_config
 from grpo.core.logprobs import completion_logprobs
-from grpo.data.arithmetic import arithmetic_rows
-from grpo.models import frozen_copy
-from grpo.rollout import make_engine
-from grpo.testing import tiny_model_and_tokenizer
-from grpo.trainer import Phases, Trainer, lr_lambda
+from grpo.trainer import Phases, lr_lambda
+
+import trainer_helpers
+from trainer_helpers import gradients
 
 
 def make_trainer(micro_batch_size: int, loss_type: str = "grpo", beta: float = 0.04, seed: int = 0):
-    cfg = load_config(None, [
-        "trainer.batch_size=8", "sampling.group_size=4", f"trainer.micro_batch_size={micro_batch_size}",
-        "sampling.max_new_tokens=10", f"algorithm.loss_type={loss_type}", f"algorithm.beta={beta}", "data.digits=1",
-        "data.num_eval=10",
-    ])
-    model, tok = tiny_model_and_tokenizer(seed=seed)
-    ref = frozen_copy(model)
-    with torch.no_grad():  # a reference that differs from the policy, so the KL term has a gradient
-        for p in ref.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    train, _ = arithmetic_rows(1, ["+"], 20, 10, "{question}", seed=0)
-    return Trainer(cfg, model, tok, make_engine("hf", model, tok), train, ref_model=ref)
-
-
-def gradients(trainer, batch):
-    trainer.model.zero_grad(set_to_none=True)
-    trainer.accumulate_gradients(batch)
-    return torch.cat([p.grad.flatten() for p in trainer.model.parameters() if p.grad is not None])
+    overrides = [f"algorithm.loss_type={loss_type}", f"algorithm.beta={beta}"]
+    return trainer_helpers.make_trainer(*overrides, micro_batch_size=micro_batch_size, seed=seed)
 
 
 def fixed_batch(trainer):
