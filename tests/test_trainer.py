@@ -64,3 +64,44 @@ def test_lr_schedule_warmup_then_cosine():
     f = lr_lambda(warmup=2, total=10, schedule="cosine")
     assert [round(f(s), 4) for s in (0, 1, 2, 6, 10)] == [0.3333, 0.6667, 1.0, 0.5, 0.0]
     assert lr_lambda(0, 10, "constant")(7) == 1.0
+
+
+def updated_parameters(trainer, batch):
+    trainer.optimize(batch)
+    return torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
+def test_update_does_not_depend_on_micro_batches_of_rows_or_tokens(loss_type):
+    """One optimizer step: micro-batches of 1, 2 and 4 completions, or a token budget (rows of similar
+    length, each cut to its width), give the same new weights as the whole batch at once."""
+    whole = make_trainer(8, loss_type)
+    batch = fixed_batch(whole)
+    expected = updated_parameters(whole, batch)
+    start = torch.cat([p.detach().flatten() for p in make_trainer(8, loss_type).model.parameters()])
+    assert (expected - start).abs().max() > 1e-7
+    lengths = batch.sequences.attention_mask.sum(dim=1)
+    for mb, budget in [(1, None), (2, None), (4, None), (8, int(lengths.max()) * 3)]:
+        split = make_trainer(mb, loss_type)
+        split.cfg.trainer.micro_batch_tokens = budget
+        assert len(split.micro_batches(batch.sequences)) == {1: 8, 2: 4, 4: 2, 8: 3}[mb]
+        torch.testing.assert_close(updated_parameters(split, batch), expected, rtol=0, atol=1e-6)
+
+
+def test_mu_above_one_takes_pi_old_from_the_rollout_when_it_is_the_policy_s():
+    trainer = trainer_helpers.make_trainer("algorithm.mu=2")
+    batch = trainer.make_batch(trainer.sampler.next(2), phases := Phases())
+    assert "old_logprobs" not in phases.seconds  # no forward pass
+    assert batch.old_logprobs is batch.rollout.sampling_logprobs
+    fresh = trainer.fixed_logprobs(trainer.model, batch.sequences)  # what a forward pass gives
+    torch.testing.assert_close(batch.old_logprobs, fresh, rtol=0, atol=1e-5)
+
+    truncated = trainer_helpers.make_trainer("algorithm.mu=2", "sampling.top_k=5")  # another distribution
+    batch = truncated.make_batch(truncated.sampler.next(2), phases := Phases())
+    assert "old_logprobs" in phases.seconds and batch.old_logprobs is not batch.rollout.sampling_logprobs
+
+
+def test_step_reports_how_far_the_sampler_s_logprobs_are_from_the_trainer_s():
+    trainer = trainer_helpers.make_trainer()
+    metrics, _ = trainer.step()
+    assert 0 <= metrics["rollout/logprob_diff"] < 1e-4

@@ -213,7 +213,21 @@ class TrainerConfig(Section):
     batch_size: int = Field(16, ge=2)
     """Completions per step, N = prompts x group_size; must be a multiple of sampling.group_size."""
     micro_batch_size: int = Field(8, ge=1)
-    """Completions per forward/backward; gradients are accumulated. Does not change the result."""
+    """Most completions per forward/backward; gradients are accumulated. Does not change the result
+    (except loss_type=bnpo, which normalizes per micro-batch by definition)."""
+    micro_batch_tokens: int | None = Field(None, ge=1)
+    """Token budget of a micro-batch: completions of similar length are grouped so that rows x (longest
+    prompt + completion) stays within it (and rows <= micro_batch_size); a longer row goes alone.
+    None: micro_batch_size rows each. Bounds the activation memory of the backward pass."""
+    logprob_chunk_tokens: int = Field(512, ge=1)
+    """Completion tokens whose logits exist at once: log-probs and entropy are computed this many tokens
+    at a time and recomputed in the backward pass, so the [tokens x vocab] logits are never held whole."""
+    gradient_checkpointing: bool = False
+    """Recompute each decoder layer's activations in the backward pass instead of keeping them: less
+    memory for the policy's forward/backward, about a third more compute."""
+    autocast: bool = True
+    """On CUDA, run the log-prob forward passes under bfloat16 autocast (weights and optimizer stay in
+    model.dtype). No effect on CPU."""
     lr: float = Field(1e-6, gt=0)
     """AdamW learning rate (DeepSeekMath: 1e-6)."""
     lr_schedule: Literal["constant", "cosine"] = "constant"

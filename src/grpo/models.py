@@ -11,6 +11,7 @@ import importlib.util
 import os
 import shutil
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -127,6 +128,36 @@ def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
     for p in ref.parameters():
         p.requires_grad_(False)
     return ref
+
+
+@contextmanager
+def checkpointed_layers(model: torch.nn.Module, enabled: bool = True):
+    """Within this block the decoder layers recompute their activations in the backward pass (gradient
+    checkpointing) and keep only their inputs. transformers checkpoints a layer only in training mode;
+    the policy stays in eval mode (no dropout), so only the layers' own `training` flags are raised
+    here, not their submodules' (dropout stays off), and lowered again after."""
+    if not enabled:
+        yield
+        return
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if not layers:
+        raise ModelError(f"{type(model).__name__} does not support gradient checkpointing; set "
+                         "trainer.gradient_checkpointing=false")
+    if not any(getattr(m, "gradient_checkpointing", False) for m in layers):
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
+            model.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    flags = [m.training for m in layers]
+    for m in layers:
+        m.training = True
+    try:
+        yield
+    finally:
+        for m, flag in zip(layers, flags):
+            m.training = flag
 
 
 def encode_prompt(tokenizer, messages: list[dict]) -> list[int]:

@@ -199,6 +199,15 @@ def stop_message(trainer: Trainer, config: Config, run_dir: Path) -> str:
     )
 
 
+def load_for_training(config: Config, log=print):
+    """(model, tokenizer, folder, engine, ref_model): the policy on its device, its rollout engine, and the
+    reference policy (None when beta = 0: no second copy)."""
+    model, tokenizer, folder = load_model_and_tokenizer(config.model, log=log)
+    engine = make_engine(config.sampling.engine, model, tokenizer)
+    ref_model = frozen_copy(model) if config.algorithm.beta > 0 else None  # the start weights
+    return model, tokenizer, folder, engine, ref_model
+
+
 def train(config: Config, quiet: bool = False, console_mode: str = "auto", resume: bool = False) -> dict:
     """Run GRPO as configured; returns {"before": eval, "after": eval, "run_dir": ...}. With resume, continue
     the run in output.dir from its newest checkpoint, exactly as if it had not stopped."""
@@ -211,7 +220,7 @@ def train(config: Config, quiet: bool = False, console_mode: str = "auto", resum
     set_threads(config)
     torch.manual_seed(config.trainer.seed)
     with console.phase("loading the model"):
-        model, tokenizer, folder = load_model_and_tokenizer(config.model, log=console.info)
+        model, tokenizer, folder, engine, ref_model = load_for_training(config, log=console.info)
     check_prompt_lengths(config, task, tokenizer, model)
     if ckpt is None:
         create_run_dir(config, run_dir)
@@ -219,8 +228,6 @@ def train(config: Config, quiet: bool = False, console_mode: str = "auto", resum
         reopen_run_dir(run_dir, config, ckpt)
     console.info(f"run folder: {run_dir}")
     console.info(f"model: {folder} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {model.device})")
-    engine = make_engine(config.sampling.engine, model, tokenizer)
-    ref_model = frozen_copy(model) if config.algorithm.beta > 0 else None  # the start weights
     results: dict = {"run_dir": str(run_dir)}
 
     def run_eval(name: str):

@@ -35,10 +35,12 @@ import torch
 
 from grpo.config import Config
 from grpo.core.advantages import outcome_advantages, process_advantages, zero_std_groups
-from grpo.core.logprobs import SequenceBatch, build_sequences, completion_logprobs, slice_batch
+from grpo.core.logprobs import (
+    MicroBatch, SequenceBatch, build_sequences, completion_logprobs, micro_batch, plan_micro_batches,
+)
 from grpo.core.losses import BatchTotals, aggregate, clipped_surrogate, kl_penalty, masked_mean, per_token_loss
 from grpo.data import PromptSampler, chat_messages
-from grpo.models import encode_prompt
+from grpo.models import checkpointed_layers, encode_prompt
 from grpo.rewards import build_rewards, score
 from grpo.rewards.base import RewardResult
 from grpo.rewards.process import step_table
@@ -259,70 +261,92 @@ class Trainer:
         return process_advantages(values, rows, index, t, g, n, a.scale_rewards, a.advantage_eps), int(values.numel())
 
     # -- 4. log-probs that stay fixed during the step ------------------------------------------
+    def micro_batches(self, sequences: SequenceBatch) -> list[MicroBatch]:
+        """The batch's micro-batches: rows of similar length within trainer.micro_batch_size rows and
+        trainer.micro_batch_tokens tokens, each cut to its own width."""
+        t = self.cfg.trainer
+        lengths = sequences.attention_mask.sum(dim=1)  # [N] prompt + completion tokens
+        return [micro_batch(sequences, rows)
+                for rows in plan_micro_batches(lengths, t.micro_batch_size, t.micro_batch_tokens)]
+
+    def logprobs(self, model, mb: MicroBatch, with_entropy: bool = False, entropy_grad: bool = False):
+        """[n, T'] completion log-probs of one micro-batch (and entropy), chunked, under CUDA autocast."""
+        t = self.cfg.trainer
+        with torch.autocast("cuda", torch.bfloat16, enabled=t.autocast and self.device.type == "cuda"):
+            return completion_logprobs(model, mb.sequences, self.params.temperature, with_entropy, entropy_grad,
+                                       t.logprob_chunk_tokens)
+
     @torch.no_grad()
     def fixed_logprobs(self, model, sequences: SequenceBatch) -> torch.Tensor:
-        mb = self.cfg.trainer.micro_batch_size
-        parts = []
-        for start in range(0, sequences.input_ids.shape[0], mb):
-            lp, _ = completion_logprobs(model, slice_batch(sequences, slice(start, start + mb)), self.params.temperature)
-            parts.append(lp)
-        return torch.cat(parts)  # [N, T]
+        """[N, T] log-probs of every completion under `model` (0 at padding)."""
+        out = torch.zeros(sequences.input_ids.shape[0], sequences.completion_len)
+        for mb in self.micro_batches(sequences):
+            lp, _ = self.logprobs(model, mb)
+            out[mb.rows, : mb.sequences.completion_len] = lp.float().cpu()
+        return out
 
     # -- 5. gradient steps ---------------------------------------------------------------------
     def optimize(self, batch: StepBatch) -> tuple[dict[str, float], str | None]:
         """mu optimizer steps on this batch (DeepSeekMath's inner iterations); averaged metrics, and why
         the guard skipped an update (None: none was skipped).
 
-        pi_old is the policy that sampled the batch: with mu > 1 its log-probs were computed once,
-        before the first update (StepBatch.old_logprobs); with mu = 1 they are the detached current ones.
+        pi_old is the policy that sampled the batch: with mu > 1 its log-probs are the rollout's own or
+        were computed once before the first update (StepBatch.old_logprobs); with mu = 1 they are the
+        detached current ones.
         """
         mu = self.cfg.algorithm.mu
         bad = ", ".join(f"reward {k!r} returned NaN/inf for {n} completions" for k, n in batch.reward_nonfinite.items())
         totals: dict[str, float] = {}
         skipped: str | None = None
-        for _ in range(mu):
+        for i in range(mu):
             self.optimizer.zero_grad(set_to_none=True)
-            sums = self.accumulate_gradients(batch)
+            sums = self.accumulate_gradients(batch, compare_rollout=i == 0)
             for k, v in sums.items():
-                totals[k] = totals.get(k, 0.0) + v / mu
+                totals[k] = totals.get(k, 0.0) + (v / mu if k != "rollout_logprob_diff" else v)
             grad_norm, reason = self.clip_and_step(sums["loss"], bad or None)
             skipped = skipped or reason
         totals["grad_norm"] = grad_norm
         return totals, skipped
 
-    def micro_batch_loss(self, batch: StepBatch, rows: slice, totals: BatchTotals):
+    def micro_batch_loss(self, batch: StepBatch, mb: MicroBatch, totals: BatchTotals):
         """This micro-batch's share of the loss, and the per-token pieces the metrics need."""
         a = self.cfg.algorithm
-        m = batch.loss_mask[rows].to(self.device)
-        lp, entropy = completion_logprobs(
-            self.model, slice_batch(batch.sequences, rows), self.params.temperature,
-            with_entropy=True, entropy_grad=a.entropy_coef > 0,
-        )
-        old = lp.detach() if batch.old_logprobs is None else batch.old_logprobs[rows].to(self.device)
-        completion_mask = batch.rollout.completion_mask[rows].to(self.device)
-        adv = batch.advantages[rows].to(self.device)
-        sur = clipped_surrogate(lp, old, adv, a.eps_low, a.eps_high, completion_mask, a.importance_sampling_level, a.delta)
+        take = lambda x: mb.take(x).to(self.device)  # noqa: E731  [n, T'] (or [n]) of this micro-batch
+        m = take(batch.loss_mask)
+        lp, entropy = self.logprobs(self.model, mb, with_entropy=True, entropy_grad=a.entropy_coef > 0)
+        old = lp.detach() if batch.old_logprobs is None else take(batch.old_logprobs)
+        completion_mask = take(batch.rollout.completion_mask)
+        sur = clipped_surrogate(lp, old, take(batch.advantages), a.eps_low, a.eps_high, completion_mask,
+                                a.importance_sampling_level, a.delta)
         ref = batch.ref_logprobs
-        kl = kl_penalty(lp, ref[rows].to(self.device), a.kl_estimator) if ref is not None else None
+        kl = kl_penalty(lp, take(ref), a.kl_estimator) if ref is not None else None
         loss = aggregate(per_token_loss(sur.objective, kl, a.beta, entropy, a.entropy_coef), m, a.loss_type, totals)
-        return loss, m, sur, kl, entropy
+        return loss, m, sur, kl, entropy, lp
 
-    def accumulate_gradients(self, batch: StepBatch) -> dict[str, float]:
+    def accumulate_gradients(self, batch: StepBatch, compare_rollout: bool = False) -> dict[str, float]:
         """Backward of the whole batch's loss, one micro-batch at a time; the sum of the micro-batch
-        gradients equals the gradient of the whole batch (normalizers are the global batch's)."""
-        mb, mask = self.cfg.trainer.micro_batch_size, batch.loss_mask  # [N, T]
-        n = mask.shape[0]
+        gradients equals the gradient of the whole batch (normalizers are the global batch's).
+        compare_rollout (before the first update): also the mean |log pi_theta - sampler's log-prob|."""
+        mask = batch.loss_mask  # [N, T]
         totals = BatchTotals(int(mask.any(dim=1).sum()), int(mask.sum()), self.cfg.sampling.max_new_tokens)
         sums = dict.fromkeys(["loss", "kl", "clip_low", "clip_high", "clip_dual", "entropy", "ratio"], 0.0)
-        for start in range(0, n, mb):
-            loss, m, sur, kl, entropy = self.micro_batch_loss(batch, slice(start, start + mb), totals)
-            loss.backward()
+        sampled = batch.rollout.sampling_logprobs if compare_rollout else None  # [N, T]
+        mismatch, sampled_tokens = 0.0, int(batch.rollout.completion_mask.sum())
+        for mb in self.micro_batches(batch.sequences):
+            with checkpointed_layers(self.model, self.cfg.trainer.gradient_checkpointing):
+                loss, m, sur, kl, entropy, lp = self.micro_batch_loss(batch, mb, totals)
+                loss.backward()
+            if sampled is not None:  # how far the sampler's log-probs are from the policy's (SPEC.md 5)
+                c = mb.take(batch.rollout.completion_mask)
+                mismatch += float(((lp.detach().cpu() - mb.take(sampled)).abs() * c).sum()) / max(sampled_tokens, 1)
             share = int(m.sum()) / max(totals.num_tokens, 1)  # token-weighted metric averages
             sums["loss"] += float(loss.detach())
             for key, x in [("entropy", entropy), ("ratio", sur.ratio), ("clip_low", sur.clipped_low),
                            ("clip_high", sur.clipped_high), ("clip_dual", sur.clipped_dual), ("kl", kl)]:
                 if x is not None:
                     sums[key] += float(masked_mean(x.detach().float(), m)) * share
+        if sampled is not None:
+            sums["rollout_logprob_diff"] = mismatch
         return sums
 
     def clip_and_step(self, loss: float | None = None, bad_reward: str | None = None) -> tuple[float, str | None]:
@@ -383,10 +407,24 @@ class Trainer:
         if cfg.algorithm.beta > 0:
             with phases.time("reference"):
                 batch.ref_logprobs = self.fixed_logprobs(self.ref_model, sequences)
-        if cfg.algorithm.mu > 1:
+        if cfg.algorithm.mu > 1 and self.rollout_logprobs_are_policy(r):
+            batch.old_logprobs = r.sampling_logprobs  # no forward pass: the sampler computed them
+        elif cfg.algorithm.mu > 1:
             with phases.time("old_logprobs"):
                 batch.old_logprobs = self.fixed_logprobs(self.model, sequences)
         return batch
+
+    def rollout_logprobs_are_policy(self, rollout: Rollout) -> bool:
+        """Whether the rollout's log-probs are pi_old's, up to float rounding: the engine sampled with the
+        policy's own weights (not a copy in another dtype) from the plain tempered distribution (no top-p,
+        top-k or min-p truncation), and the trainer's forward passes run in the same precision."""
+        p = self.params
+        return (
+            rollout.sampling_logprobs is not None
+            and getattr(self.engine, "exact_logprobs", False)
+            and p.top_p == 1.0 and p.top_k == 0 and p.min_p == 0.0
+            and not (self.cfg.trainer.autocast and self.device.type == "cuda")
+        )
 
     # -- 7. metrics (SPEC.md section 5) ---------------------------------------------------------
     def metrics(self, batch: StepBatch, opt: dict, phases: Phases) -> dict:
@@ -423,6 +461,8 @@ class Trainer:
         if self.cfg.algorithm.ref_reset_steps is not None:
             m["ref_reset"] = opt["ref_reset"]
         m["ratio/mean"] = opt["ratio"]
+        if "rollout_logprob_diff" in opt:  # sampler vs trainer, same tokens, before any update
+            m["rollout/logprob_diff"] = opt["rollout_logprob_diff"]
         m["entropy/mean"] = opt["entropy"]
         m["grad_norm"], m["lr"] = opt["grad_norm"], self.last_lr
         m["guard/skipped"] = float(self.skip_reason is not None)  # 1: this step's update was skipped (NaN/inf)

@@ -1,6 +1,14 @@
-"""Per-token log-probabilities of completions under a model.
+"""Per-token log-probabilities of completions under a model, and the micro-batches they are computed in.
 
-Only completion positions get logits (`logits_to_keep`), never the prompt's.
+`completion_logprobs` never holds the [n, T, V] logits: the decoder gives hidden states, and the
+output head turns only the real completion tokens into logits, a chunk of tokens at a time; under
+autograd each chunk is recomputed in the backward pass (activation checkpointing), so forward and
+backward hold at most one [chunk, V] block. One pass gives the log-prob of each token and the
+entropy of its distribution. `completion_logprobs_reference` is the plain version (full logits of
+the completion positions) for models whose logits are not just head(hidden) and for the tests.
+
+`plan_micro_batches` groups completions of similar length under a token budget, and each
+micro-batch is cut to its own widest prompt and longest completion, so padding costs little.
 """
 
 from __future__ import annotations
@@ -8,6 +16,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch.utils.checkpoint import checkpoint
+
+# Config fields of models whose logits are more than head(hidden): softcapping (Gemma 2/3),
+# a logit scale (Cohere) or divisor (Granite). Those models take the reference path.
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 
 
 @dataclass
@@ -65,14 +78,15 @@ def logprobs_from_logits(
     return token_logp, entropy
 
 
-def completion_logprobs(
+def completion_logprobs_reference(
     model: torch.nn.Module,
     batch: SequenceBatch,
     temperature: float = 1.0,
     with_entropy: bool = False,
     entropy_grad: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """[n, T] log-probs of the completion tokens (logits divided by the sampling temperature, as TRL)."""
+    """[n, T] log-probs of the completion tokens from the model's full logits of the completion positions
+    (divided by the sampling temperature, as TRL). The plain version of `completion_logprobs`."""
     device = next(model.parameters()).device
     t = batch.completion_len
     out = model(
@@ -87,6 +101,138 @@ def completion_logprobs(
         logits = logits / temperature
     targets = batch.input_ids[:, -t:].to(device)
     return logprobs_from_logits(logits, targets, with_entropy, entropy_grad)
+
+
+def decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module] | None:
+    """(decoder, output head) when the model's logits are exactly head(decoder(...).last_hidden_state);
+    None for models that transform their logits further (they take the reference path). A peft model
+    is looked through: its LoRA layers sit inside the base model's modules."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(base, "config", None)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if any(getattr(c, k, None) not in (None, 1.0) for c in (config, text_config) for k in LOGIT_TRANSFORMS):
+        return None
+    get_decoder, get_head = getattr(base, "get_decoder", None), getattr(base, "get_output_embeddings", None)
+    decoder = get_decoder() if get_decoder else None
+    head = get_head() if get_head else None
+    if decoder is None or decoder is base or not isinstance(head, torch.nn.Linear):
+        return None
+    return decoder, head
+
+
+def _chunk_logprobs(
+    head: torch.nn.Linear,
+    hidden: torch.Tensor,  # [k, H]
+    targets: torch.Tensor,  # [k]
+    temperature: float,
+    with_entropy: bool,
+    entropy_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:  # [k], [k] (entropy zeros when not asked)
+    logits = head(hidden).float()  # [k, V]
+    if temperature != 1.0:
+        logits = logits / temperature
+    token_logp, entropy = logprobs_from_logits(logits, targets, with_entropy, entropy_grad)
+    return token_logp, entropy if entropy is not None else torch.zeros_like(token_logp)
+
+
+def completion_logprobs(
+    model: torch.nn.Module,
+    batch: SequenceBatch,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    entropy_grad: bool = False,
+    chunk_tokens: int = 512,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """[n, T] log-probs of the completion tokens (0 at padding), and their entropy if asked, computed
+    chunk_tokens tokens at a time without the [n, T, V] logits (see the module docstring)."""
+    parts = decoder_and_head(model)
+    if parts is None:
+        return completion_logprobs_reference(model, batch, temperature, with_entropy, entropy_grad)
+    decoder, head = parts
+    device = head.weight.device
+    t = batch.completion_len
+    hidden = decoder(
+        input_ids=batch.input_ids.to(device),
+        attention_mask=batch.attention_mask.to(device),
+        position_ids=batch.position_ids.to(device),
+        use_cache=False,
+    ).last_hidden_state[:, -t - 1 : -1]  # [n, T, H]: position P-1+j predicts completion token j
+    mask = batch.attention_mask[:, -t:].to(device).bool()  # [n, T] real completion tokens
+    hidden, targets = hidden[mask], batch.input_ids[:, -t:].to(device)[mask]  # [K, H], [K]
+    token_logp, entropy = [], []
+    for start in range(0, targets.shape[0], chunk_tokens):
+        args = (head, hidden[start : start + chunk_tokens], targets[start : start + chunk_tokens], temperature,
+                with_entropy, entropy_grad)
+        if torch.is_grad_enabled():  # keep only the chunk's input; its logits are recomputed in backward
+            lp, ent = checkpoint(_chunk_logprobs, *args, use_reentrant=False)
+        else:
+            lp, ent = _chunk_logprobs(*args)
+        token_logp.append(lp)
+        entropy.append(ent)
+    return _scatter(token_logp, mask), _scatter(entropy, mask) if with_entropy else None
+
+
+def _scatter(values: list[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+    """[n, T] float32 holding the concatenated values at the True positions of mask, 0 elsewhere."""
+    out = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+    if values:
+        out = out.masked_scatter(mask, torch.cat(values))
+    return out
+
+
+# --- micro-batches ---------------------------------------------------------------------------
+
+
+@dataclass
+class MicroBatch:
+    """Some rows of a SequenceBatch, cut to their own widest prompt and longest completion."""
+
+    rows: torch.Tensor  # [n] long: row indices into the whole batch
+    sequences: SequenceBatch  # [n, P' + T'], completion_len T' <= T
+
+    def take(self, x: torch.Tensor) -> torch.Tensor:
+        """This micro-batch's part of a per-row [N] or per-token [N, T] tensor of the whole batch."""
+        x = x[self.rows.to(x.device)]
+        return x[:, : self.sequences.completion_len] if x.dim() == 2 else x
+
+
+def plan_micro_batches(
+    lengths: torch.Tensor,  # [N] long: prompt + completion tokens of each row, padding excluded
+    max_rows: int,
+    max_tokens: int | None = None,
+) -> list[list[int]]:
+    """Rows grouped into micro-batches: longest first, so each holds rows of similar length; at most
+    max_rows rows, and (when max_tokens is set) at most max_tokens padded tokens (rows x the longest
+    row) each. A row longer than max_tokens gets a micro-batch of its own."""
+    order = sorted(range(len(lengths)), key=lambda i: (-int(lengths[i]), i))
+    plan: list[list[int]] = []
+    for i in order:
+        current = plan[-1] if plan else None
+        fits = current is not None and len(current) < max_rows
+        if fits and max_tokens is not None:
+            fits = (len(current) + 1) * int(lengths[current[0]]) <= max_tokens
+        if fits:
+            current.append(i)
+        else:
+            plan.append([i])
+    return [sorted(rows) for rows in plan]
+
+
+def micro_batch(batch: SequenceBatch, rows: list[int]) -> MicroBatch:
+    """The rows of batch, without the prompt columns that are padding in all of them and the completion
+    columns past the longest of their completions."""
+    index = torch.tensor(rows, dtype=torch.long)
+    t = batch.completion_len
+    mask = batch.attention_mask[index]  # [n, P + T]
+    prompt_width = mask.shape[1] - t
+    real = mask[:, :prompt_width].any(dim=0).nonzero()
+    first = int(real[0]) if real.numel() else prompt_width
+    width = max(int(mask[:, prompt_width:].sum(dim=1).max()), 1)  # completions are right-padded
+    cols = slice(first, prompt_width + width)
+    sequences = SequenceBatch(
+        batch.input_ids[index, cols], mask[:, cols], batch.position_ids[index, cols], width
+    )
+    return MicroBatch(index, sequences)
 
 
 def slice_batch(batch: SequenceBatch, rows: slice) -> SequenceBatch:

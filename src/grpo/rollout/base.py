@@ -65,6 +65,10 @@ class RolloutEngine(Protocol):
     them in `sync_weights` before the next `generate`.
     """
 
+    # True when `sampling_logprobs` are the policy's own log-probs up to float rounding (the engine
+    # runs the policy's weights in their dtype), so with mu > 1 the trainer uses them as pi_old's.
+    exact_logprobs: bool
+
     def generate(
         self,
         prompt_ids: list[list[int]],

@@ -354,6 +354,11 @@ class FastEngine:
         self.sync_weights(model)
         self._decode_forward = torch.compile(self._forward, dynamic=True) if compile else self._forward
 
+    @property
+    def exact_logprobs(self) -> bool:
+        """Its log-probs are the policy's (it samples with the policy's weights, not a cast copy)."""
+        return self.runner is self.model
+
     def sync_weights(self, model) -> None:
         """Sample from `model` from now on; with a `dtype` copy, refresh the copy's weights now."""
         self.model = model

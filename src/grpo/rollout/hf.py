@@ -27,6 +27,7 @@ class HFGenerateEngine:
     """Samples with `model.generate`; returns the log-prob of each sampled token from the processed scores."""
 
     name = "hf"
+    exact_logprobs = True  # samples with the policy itself
 
     def __init__(self, model, tokenizer):
         self.model = model

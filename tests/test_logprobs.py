@@ -1,0 +1,117 @@
+"""Chunked completion log-probs: equal to the plain full-logits version (values, entropy, gradients),
+never holding more than one chunk of logits, and micro-batches cut to their own width."""
+
+import pytest
+import torch
+
+from grpo.core.logprobs import (
+    build_sequences,
+    completion_logprobs,
+    completion_logprobs_reference,
+    micro_batch,
+    plan_micro_batches,
+)
+from grpo.models import checkpointed_layers
+from grpo.testing import tiny_model
+
+
+def random_batch(vocab: int, seed: int = 0):
+    """3 prompts of unequal lengths (left-padded) x 2 completions of unequal lengths (right-padded)."""
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(4, vocab, (n,), generator=g).tolist() for n in (5, 9, 2)]
+    ids = torch.randint(4, vocab, (6, 7), generator=g)  # [N, T]
+    lengths = torch.tensor([7, 3, 1, 5, 6, 2])
+    mask = torch.arange(7)[None, :] < lengths[:, None]  # [N, T]
+    ids[~mask] = 1
+    return build_sequences(prompts, ids, mask, pad_id=1), mask
+
+
+def parameter_grads(model):
+    return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+
+def loss_and_grads(model, fn, batch, mask, weights):
+    """Values of fn and the gradient of a loss that uses both the log-probs and the entropy."""
+    model.zero_grad(set_to_none=True)
+    lp, ent = fn(model, batch, 0.7, with_entropy=True, entropy_grad=True)
+    ((lp * weights + 0.3 * ent * weights.flip(0)) * mask).sum().backward()
+    return lp.detach() * mask, ent.detach() * mask, parameter_grads(model)
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 10_000])
+def test_chunked_equals_reference_values_entropy_and_gradients(chunk):
+    model = tiny_model(100, seed=1)
+    batch, mask = random_batch(100)
+    weights = torch.randn(mask.shape, generator=torch.Generator().manual_seed(2))
+    ref = loss_and_grads(model, completion_logprobs_reference, batch, mask, weights)
+    chunked = lambda *a, **k: completion_logprobs(*a, **k, chunk_tokens=chunk)  # noqa: E731
+    got = loss_and_grads(model, chunked, batch, mask, weights)
+    assert ref[2].abs().max() > 0
+    for r, c in zip(ref, got):
+        torch.testing.assert_close(c, r, rtol=1e-5, atol=1e-6)
+
+
+def test_chunked_logprobs_are_zero_at_padding_and_entropy_is_optional():
+    model = tiny_model(100)
+    batch, mask = random_batch(100)
+    with torch.no_grad():
+        lp, ent = completion_logprobs(model, batch)
+    assert ent is None
+    assert (lp[~mask] == 0).all() and (lp[mask] < 0).all()
+
+
+def test_no_more_than_one_chunk_of_logits_exists_forward_or_backward():
+    """The output head only ever sees chunk_tokens rows at a time, also when backward recomputes it."""
+    model = tiny_model(100)
+    batch, mask = random_batch(100)
+    seen = []
+    model.lm_head.register_forward_hook(lambda mod, args, out: seen.append(tuple(out.shape)))
+    lp, _ = completion_logprobs(model, batch, with_entropy=True, chunk_tokens=4)
+    forward_calls = len(seen)
+    lp.sum().backward()
+    n_tokens = int(mask.sum())
+    assert forward_calls == -(-n_tokens // 4)  # only real completion tokens, 4 at a time
+    assert len(seen) == 2 * forward_calls  # each chunk recomputed once in backward
+    assert max(rows for rows, _ in seen) <= 4
+
+
+def test_micro_batch_is_cut_to_its_rows_and_gives_the_same_logprobs():
+    model = tiny_model(100)
+    batch, mask = random_batch(100)
+    with torch.no_grad():
+        whole, _ = completion_logprobs(model, batch)
+        for rows, prompt, completion in [([2, 5], 9, 2), ([5], 2, 2), ([1, 4], 5, 6)]:
+            mb = micro_batch(batch, rows)  # prompts of 5, 5, 9, 9, 2, 2 tokens; completions of 7, 3, 1, 5, 6, 2
+            part, _ = completion_logprobs(model, mb.sequences)
+            assert mb.sequences.completion_len == completion
+            assert mb.sequences.input_ids.shape[1] == prompt + completion  # widest prompt + longest completion
+            torch.testing.assert_close(part, mb.take(whole), rtol=1e-5, atol=1e-6)
+            assert mb.take(mask).shape == (len(rows), completion)
+
+
+def test_plan_respects_rows_and_token_budget_and_covers_every_row_once():
+    lengths = torch.tensor([10, 50, 12, 48, 30, 11, 90])
+    plan = plan_micro_batches(lengths, max_rows=3, max_tokens=100)
+    assert sorted(i for rows in plan for i in rows) == list(range(7))
+    for rows in plan:
+        assert len(rows) <= 3
+        assert len(rows) == 1 or len(rows) * max(int(lengths[i]) for i in rows) <= 100
+    assert [6] in plan  # longer than half the budget: alone
+    assert plan_micro_batches(lengths, max_rows=2) == [[1, 6], [3, 4], [2, 5], [0]]  # similar lengths together
+    assert plan_micro_batches(lengths, max_rows=8, max_tokens=5) == [[i] for i in (6, 1, 3, 4, 2, 5, 0)]
+
+
+def test_gradient_checkpointing_gives_the_same_gradients_and_recomputes_layers():
+    model = tiny_model(100, seed=3)
+    batch, mask = random_batch(100)
+    weights = torch.randn(mask.shape, generator=torch.Generator().manual_seed(4))
+    plain = loss_and_grads(model, completion_logprobs, batch, mask, weights)
+    calls = []
+    # a pre-hook: torch stops a recompute as soon as the saved tensors are back, before mlp returns
+    model.model.layers[0].mlp.register_forward_pre_hook(lambda *a: calls.append(1))
+    with checkpointed_layers(model):
+        again = loss_and_grads(model, completion_logprobs, batch, mask, weights)
+    assert len(calls) == 2  # forward, and the recompute in backward
+    assert not model.model.layers[0].training and not model.model.layers[0].mlp.training  # back to eval
+    for a, b in zip(plain, again):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
