@@ -32,6 +32,7 @@ import yaml
 from safetensors import SafetensorError
 
 from grpo.config import Config, dump_config
+from grpo.models import is_lora
 
 CHECKPOINTS = "checkpoints"
 NAME = re.compile(r"^step-(\d{6,})$")
@@ -188,8 +189,8 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_policy(model, tokenizer, folder: Path) -> None:
-    """The policy as a Hugging Face folder. LoRA hook: a peft model's save_pretrained writes only the
-    adapter (adapter_model.safetensors); load_policy then needs to load the adapter instead."""
+    """The policy as a Hugging Face folder; for a LoRA (peft) policy only the adapter
+    (adapter_config.json, adapter_model.safetensors), which load_policy reads back."""
     from transformers.utils import logging as hf_logging
 
     shown = hf_logging.is_progress_bar_enabled()
@@ -207,6 +208,8 @@ def load_policy(model, folder: Path) -> None:
     (e.g. lm_head to the embeddings, which save_pretrained writes once) may be absent."""
     from safetensors.torch import load_file
 
+    if is_lora(model):
+        return load_lora_policy(model, folder)
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise CheckpointError(f"{folder}: no .safetensors weights")
@@ -219,6 +222,24 @@ def load_policy(model, folder: Path) -> None:
     if untied or unexpected:
         raise CheckpointError(
             f"{folder}: weights do not match the model (missing {untied[:3]}, unexpected {unexpected[:3]})"
+        )
+
+
+def load_lora_policy(model, folder: Path) -> None:
+    """Load a saved adapter into a peft policy in place (bitwise); every adapter weight must be there."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    path = folder / "adapter_model.safetensors"
+    if not path.is_file():
+        raise CheckpointError(f"{folder}: no adapter_model.safetensors (was this run trained without LoRA?)")
+    state = load_file(path, device=str(next(model.parameters()).device))
+    result = set_peft_model_state_dict(model, state)
+    missing = [k for k in result.missing_keys if "lora_" in k]
+    if missing or result.unexpected_keys:
+        raise CheckpointError(
+            f"{folder}: the adapter does not match the model (missing {missing[:3]}, "
+            f"unexpected {list(result.unexpected_keys)[:3]})"
         )
 
 

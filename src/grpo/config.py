@@ -42,6 +42,35 @@ class ModelConfig(Section):
         return v
 
 
+class LoRAConfig(Section):
+    """Train low-rank adapters instead of all weights (Hu et al. 2021, arXiv 2106.09685), through peft."""
+
+    enabled: bool = False
+    """Train LoRA adapters; the base weights stay frozen. The reference policy (beta > 0) is the base model
+    with the adapters switched off, so it costs no second copy of the weights."""
+    r: int = Field(16, ge=1)
+    """Rank of each adapter."""
+    alpha: float = Field(32.0, gt=0)
+    """Scale: an adapter adds (alpha / r) * B A to its layer's weight."""
+    dropout: float = Field(0.0, ge=0, lt=1)
+    """Dropout on the adapters' input during the policy's training forward (never while sampling or for
+    log-probs that stay fixed)."""
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    """Layers that get an adapter: names (or name suffixes) such as [q_proj, v_proj], or "all-linear"
+    (every linear layer but the output head)."""
+    save_merged: bool = False
+    """At the end also save the base weights with the adapters merged in, as a plain model in
+    <output.dir>/model-merged (the adapter alone is always saved in <output.dir>/model)."""
+
+    @model_validator(mode="after")
+    def _peft(self):
+        import importlib.util
+
+        if self.enabled and importlib.util.find_spec("peft") is None:
+            raise ValueError("LoRA needs the peft package: pip install peft")
+        return self
+
+
 class DataConfig(Section):
     task: Literal["arithmetic", "countdown", "file", "gsm8k", "math"] = "arithmetic"
     """Prompt source: the built-in seeded tasks "arithmetic" and "countdown" (reach a target with
@@ -302,6 +331,7 @@ class OutputConfig(Section):
 
 class Config(Section):
     model: ModelConfig = ModelConfig()
+    lora: LoRAConfig = LoRAConfig()
     data: DataConfig = DataConfig()
     rewards: list[RewardSpec] = [RewardSpec(name="answer_accuracy")]
     """Reward functions and weights; a completion's reward is the weighted sum of those that apply."""
@@ -321,6 +351,9 @@ class Config(Section):
             )
         if not self.rewards:
             raise ValueError("rewards: at least one reward function is needed")
+        if self.lora.enabled and self.algorithm.ref_reset_steps is not None:
+            raise ValueError("algorithm.ref_reset_steps is not supported with lora.enabled (the reference is the "
+                             "base model without adapters); set algorithm.ref_reset_steps=null")
         labels = [r.metric_name for r in self.rewards]
         twice = sorted({x for x in labels if labels.count(x) > 1})
         if twice:

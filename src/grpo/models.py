@@ -11,6 +11,7 @@ import importlib.util
 import os
 import shutil
 import sys
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -112,12 +113,103 @@ def load_model(folder: Path, dtype: str = "float32", device: str | torch.device 
 
 
 def load_model_and_tokenizer(model_config, log=print):
-    """(model, tokenizer, folder) for a ModelConfig; the model is on its device in eval mode."""
-    folder = resolve_model_folder(model_config.path, log)
+    """(model, tokenizer, folder) for a ModelConfig; the model is on its device in eval mode. A LoRA adapter
+    folder (as a LoRA run saves in <run>/model) loads its base model with the adapter on it."""
     device = pick_device(model_config.device)
+    adapter = adapter_folder(model_config.path)
+    if adapter is not None:
+        folder = resolve_model_folder(adapter_base(adapter), log)
+        model = load_model(folder, model_config.dtype, device)
+        return load_adapter(model, adapter).eval(), load_tokenizer(adapter), adapter
+    folder = resolve_model_folder(model_config.path, log)
     tokenizer = load_tokenizer(folder)
     model = load_model(folder, model_config.dtype, device).eval()
     return model, tokenizer, folder
+
+
+# --- LoRA (peft) -------------------------------------------------------------------------------
+
+
+def is_lora(model) -> bool:
+    """A peft model: LoRA adapters on frozen base weights."""
+    return hasattr(model, "disable_adapter") and hasattr(model, "get_base_model")
+
+
+def apply_lora(model, lora_config):
+    """The model with fresh LoRA adapters (grpo.config.LoRAConfig); only the adapters train."""
+    from peft import LoraConfig, get_peft_model
+
+    peft_config = LoraConfig(
+        r=lora_config.r,
+        lora_alpha=lora_config.alpha,
+        lora_dropout=lora_config.dropout,
+        target_modules=lora_config.target_modules,
+        task_type="CAUSAL_LM",
+    )
+    try:
+        with _quiet_peft():
+            model = get_peft_model(model, peft_config)
+    except ValueError as e:  # peft: "Target modules {...} not found in the base model"
+        raise ModelError(f"lora.target_modules={lora_config.target_modules!r}: {e}") from None
+    return model.eval()
+
+
+def adapter_folder(path: str | None) -> Path | None:
+    """`path` when it is a LoRA adapter folder (adapter_config.json, no config.json), else None."""
+    if path is None:
+        return None
+    p = Path(path).expanduser()
+    return p if (p / "adapter_config.json").is_file() and not (p / "config.json").is_file() else None
+
+
+def adapter_base(folder: Path) -> str:
+    """The base model an adapter folder was trained on (peft's base_model_name_or_path)."""
+    import json
+
+    base = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not base or not Path(base).expanduser().exists():
+        raise ModelError(
+            f"{folder} is a LoRA adapter for the base model {base!r}, which is not on this machine; "
+            "put the base model there, or edit base_model_name_or_path in adapter_config.json"
+        )
+    return base
+
+
+def load_adapter(model, folder: Path):
+    """`model` with the saved LoRA adapter of `folder` on it (frozen, for eval)."""
+    from peft import PeftModel
+
+    with _quiet_peft():
+        return PeftModel.from_pretrained(model, folder)
+
+
+@contextmanager
+def _quiet_peft():
+    """peft reads a property that transformers 5 marks deprecated; the warning is not the user's business."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+        yield
+
+
+@contextmanager
+def lora_dropout(model: torch.nn.Module, enabled: bool = True):
+    """Within this block the LoRA adapters' dropout is active (the policy otherwise stays in eval mode)."""
+    modules = [m for name, m in model.named_modules() if name.split(".")[-2:-1] == ["lora_dropout"]]
+    if not enabled or not modules:
+        yield
+        return
+    for m in modules:
+        m.train()
+    try:
+        yield
+    finally:
+        for m in modules:
+            m.eval()
+
+
+def merge_lora(model):
+    """The plain model with the adapters merged into the base weights (in place: the adapters are gone)."""
+    return model.merge_and_unload()
 
 
 def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:

@@ -20,7 +20,7 @@ from grpo.data import DataError, chat_messages, load_task
 from grpo.evaluate import evaluate, format_table
 from grpo.logging.console import format_duration, make_console
 from grpo.logging.run import RunLog, write_json
-from grpo.models import encode_prompt, frozen_copy, load_model_and_tokenizer
+from grpo.models import apply_lora, encode_prompt, frozen_copy, load_model_and_tokenizer, merge_lora
 from grpo.rewards import get_reward, required_columns
 from grpo.rollout import make_engine
 from grpo.trainer import Trainer
@@ -203,8 +203,11 @@ def load_for_training(config: Config, log=print):
     """(model, tokenizer, folder, engine, ref_model): the policy on its device, its rollout engine, and the
     reference policy (None when beta = 0: no second copy)."""
     model, tokenizer, folder = load_model_and_tokenizer(config.model, log=log)
+    if config.lora.enabled:  # the reference is the base model with the adapters off: no copy
+        model, ref_model = apply_lora(model, config.lora), None
+    else:
+        ref_model = frozen_copy(model) if config.algorithm.beta > 0 else None  # the start weights
     engine = make_engine(config.sampling.engine, model, tokenizer)
-    ref_model = frozen_copy(model) if config.algorithm.beta > 0 else None  # the start weights
     return model, tokenizer, folder, engine, ref_model
 
 
@@ -259,11 +262,14 @@ def train(config: Config, quiet: bool = False, console_mode: str = "auto", resum
         done = config.trainer.steps - (ckpt.step if ckpt else 0)
         console.info(f"trained {done} steps in {format_duration(time.perf_counter() - console.start)}")
         if config.output.save_model:
-            model.save_pretrained(run_dir / "model")
-            tokenizer.save_pretrained(run_dir / "model")
-            console.info(f"saved the model to {run_dir / 'model'}")
+            checkpoint.save_policy(model, tokenizer, run_dir / "model")
+            what = "the LoRA adapter" if config.lora.enabled else "the model"
+            console.info(f"saved {what} to {run_dir / 'model'}")
         if config.eval.after:
             run_eval("after")
+        if config.lora.enabled and config.lora.save_merged:
+            checkpoint.save_policy(merge_lora(model), tokenizer, run_dir / "model-merged")
+            console.info(f"saved the model with the adapter merged in to {run_dir / 'model-merged'}")
     finally:
         report = log.close()  # the report also covers a run that stopped early
     evals = {k: results[k] for k in ("before", "after") if k in results}

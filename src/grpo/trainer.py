@@ -40,7 +40,7 @@ from grpo.core.logprobs import (
 )
 from grpo.core.losses import BatchTotals, aggregate, clipped_surrogate, kl_penalty, masked_mean, per_token_loss
 from grpo.data import PromptSampler, chat_messages
-from grpo.models import checkpointed_layers, encode_prompt
+from grpo.models import checkpointed_layers, encode_prompt, is_lora, lora_dropout
 from grpo.rewards import build_rewards, score
 from grpo.rewards.base import RewardResult
 from grpo.rewards.process import step_table
@@ -146,6 +146,9 @@ class Trainer:
     def __init__(self, config: Config, model, tokenizer, engine, train_rows: list[dict], ref_model=None, console=None):
         self.cfg = config
         self.model, self.tokenizer, self.engine, self.ref_model = model, tokenizer, engine, ref_model
+        if config.algorithm.beta > 0 and ref_model is None and not is_lora(model):
+            raise ValueError("algorithm.beta > 0 needs a reference model (ref_model), or a LoRA policy whose base "
+                             "weights are the reference")
         self.console = console
         self.device = next(model.parameters()).device
         self.pad_id = tokenizer.pad_token_id
@@ -332,8 +335,9 @@ class Trainer:
         sums = dict.fromkeys(["loss", "kl", "clip_low", "clip_high", "clip_dual", "entropy", "ratio"], 0.0)
         sampled = batch.rollout.sampling_logprobs if compare_rollout else None  # [N, T]
         mismatch, sampled_tokens = 0.0, int(batch.rollout.completion_mask.sum())
+        recompute = self.cfg.trainer.gradient_checkpointing
         for mb in self.micro_batches(batch.sequences):
-            with checkpointed_layers(self.model, self.cfg.trainer.gradient_checkpointing):
+            with checkpointed_layers(self.model, recompute), lora_dropout(self.model):  # the policy's training forward
                 loss, m, sur, kl, entropy, lp = self.micro_batch_loss(batch, mb, totals)
                 loss.backward()
             if sampled is not None:  # how far the sampler's log-probs are from the policy's (SPEC.md 5)
@@ -406,13 +410,21 @@ class Trainer:
         )
         if cfg.algorithm.beta > 0:
             with phases.time("reference"):
-                batch.ref_logprobs = self.fixed_logprobs(self.ref_model, sequences)
+                batch.ref_logprobs = self.reference_logprobs(sequences)
         if cfg.algorithm.mu > 1 and self.rollout_logprobs_are_policy(r):
             batch.old_logprobs = r.sampling_logprobs  # no forward pass: the sampler computed them
         elif cfg.algorithm.mu > 1:
             with phases.time("old_logprobs"):
                 batch.old_logprobs = self.fixed_logprobs(self.model, sequences)
         return batch
+
+    def reference_logprobs(self, sequences: SequenceBatch) -> torch.Tensor:
+        """[N, T] log-probs under pi_ref: the reference model, or with LoRA the policy's base weights
+        (adapters switched off), which need no second copy."""
+        if self.ref_model is not None:
+            return self.fixed_logprobs(self.ref_model, sequences)
+        with self.model.disable_adapter():
+            return self.fixed_logprobs(self.model, sequences)
 
     def rollout_logprobs_are_policy(self, rollout: Rollout) -> bool:
         """Whether the rollout's log-probs are pi_old's, up to float rounding: the engine sampled with the

@@ -344,7 +344,8 @@ class FastEngine:
                 f"FastEngine needs an attention implementation that takes a 4D mask ({', '.join(MASKED_ATTENTION)}); "
                 f"this model uses {attn!r}: load it with attn_implementation='sdpa', or use the 'hf' engine"
             )
-        params = inspect.signature(model.forward).parameters
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model  # through a peft wrapper
+        params = inspect.signature(base.forward).parameters
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
         self._logits_to_keep = "logits_to_keep" in params
         self._dtype = _as_dtype(dtype)

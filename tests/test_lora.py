@@ -1,0 +1,135 @@
+"""LoRA through peft: only the adapters train, the reference is the base model with the adapters off (no
+copy), the saved adapter loads back with peft and with `grpo eval`, merged weights on request, exact resume."""
+
+import copy
+
+import pytest
+import torch
+from peft import PeftModel
+
+from grpo.checkpoint import save_policy
+from grpo.config import ConfigError, load_config
+from grpo.core.logprobs import completion_logprobs
+from grpo.data.arithmetic import arithmetic_rows
+from grpo.models import ModelError, apply_lora, is_lora, load_model_and_tokenizer, lora_dropout
+from grpo.rollout import make_engine
+from grpo.testing import tiny_model_and_tokenizer
+from grpo.trainer import Trainer
+
+from test_checkpoint import BASE, metrics, train
+
+
+def lora_trainer(*overrides):
+    cfg = load_config(None, [
+        "lora.enabled=true", "lora.r=4", "lora.alpha=8", "trainer.batch_size=8", "sampling.group_size=4",
+        "trainer.micro_batch_size=3", "sampling.max_new_tokens=10", "data.digits=1", "data.num_eval=10",
+        "trainer.lr=1e-2", "algorithm.beta=0.04", "trainer.seed=0", "rewards=[{name: length, args: {target: 5}}]",
+        *overrides,
+    ])
+    base, tok = tiny_model_and_tokenizer(seed=0)
+    original = copy.deepcopy(base)
+    model = apply_lora(base, cfg.lora)
+    rows, _ = arithmetic_rows(1, ["+"], 40, 10, "{question}", seed=0)
+    return Trainer(cfg, model, tok, make_engine("fast", model, tok), rows, ref_model=None), original
+
+
+def named(model, lora: bool) -> dict:
+    return {k: v.detach().clone() for k, v in model.named_parameters() if ("lora_" in k) == lora}
+
+
+def test_only_adapters_change_and_the_reference_is_the_base_model():
+    trainer, original = lora_trainer()
+    base_before, lora_before = named(trainer.model, False), named(trainer.model, True)
+    assert not any(p.requires_grad for k, p in trainer.model.named_parameters() if 'lora_' not in k)
+    for _ in range(2):
+        metrics_, batch = trainer.step()
+    assert metrics_["kl/mean"] > 0  # the policy moved away from its base
+    base_after, lora_after = named(trainer.model, False), named(trainer.model, True)
+    assert all(torch.equal(base_before[k], base_after[k]) for k in base_before)  # bitwise
+    assert any(not torch.equal(lora_before[k], lora_after[k]) for k in lora_before)
+    with torch.no_grad():
+        expected, _ = completion_logprobs(original, batch.sequences)
+    torch.testing.assert_close(trainer.reference_logprobs(batch.sequences), expected, rtol=0, atol=1e-5)
+    with torch.no_grad():
+        policy, _ = completion_logprobs(trainer.model, batch.sequences)
+    assert (policy - expected).abs().max() > 1e-3  # the adapters are on outside the reference pass
+
+
+def test_the_update_is_the_same_with_gradient_checkpointing():
+    plain, _ = lora_trainer()
+    recompute, _ = lora_trainer("trainer.gradient_checkpointing=true")
+    plain.step()
+    recompute.step()
+    a, b = named(plain.model, True), named(recompute.model, True)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6)
+
+
+def test_saved_adapter_loads_back_with_peft_and_gives_the_same_outputs(tmp_path):
+    trainer, _ = lora_trainer()
+    trainer.step()
+    save_policy(trainer.model, trainer.tokenizer, tmp_path / "adapter")
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    assert not (tmp_path / "adapter" / "model.safetensors").exists()  # the adapter only
+    base, _ = tiny_model_and_tokenizer(seed=0)
+    loaded = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    ids = torch.tensor([[5, 9, 30, 41, 17, 3]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, trainer.model(input_ids=ids).logits, rtol=0, atol=1e-6)
+
+
+def test_lora_dropout_is_on_only_in_the_training_forward():
+    trainer, _ = lora_trainer("lora.dropout=0.5")
+    drop = [m for n, m in trainer.model.named_modules() if n.endswith("lora_dropout.default")]
+    assert drop and not any(m.training for m in drop)
+    with lora_dropout(trainer.model):
+        assert all(m.training for m in drop)
+    assert not any(m.training for m in drop)
+
+
+def test_lora_config_errors_name_the_field(tiny_model_dir):
+    with pytest.raises(ConfigError, match="ref_reset_steps"):
+        load_config(None, ["lora.enabled=true", "algorithm.ref_reset_steps=2"])
+    with pytest.raises(ConfigError, match=r"lora\.r"):
+        load_config(None, ["lora.r=0"])
+    base, _ = tiny_model_and_tokenizer()
+    cfg = load_config(None, ["lora.enabled=true", "lora.target_modules=[no_such_proj]"])
+    with pytest.raises(ModelError, match=r"lora\.target_modules"):
+        apply_lora(base, cfg.lora)
+
+
+def test_lora_run_saves_adapter_and_merged_model_and_eval_loads_the_adapter(tiny_model_dir, tmp_path):
+    run = tmp_path / "run"
+    code, out, err = train(f"model.path={tiny_model_dir}", *BASE, "trainer.steps=2", "lora.enabled=true",
+                           "lora.save_merged=true", f"output.dir={run}")
+    assert code == 0, err
+    assert (run / "model" / "adapter_config.json").is_file() and (run / "model-merged" / "config.json").is_file()
+    cfg = load_config(None, [f"model.path={run / 'model'}", "model.device=cpu"])
+    adapter_model, tok, folder = load_model_and_tokenizer(cfg.model, log=lambda *_: None)
+    assert is_lora(adapter_model) and folder == run / "model"
+    merged_cfg = load_config(None, [f"model.path={run / 'model-merged'}", "model.device=cpu"])
+    merged, _, _ = load_model_and_tokenizer(merged_cfg.model, log=lambda *_: None)
+    ids = torch.tensor([[5, 9, 30, 41, 17, 3]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, adapter_model(input_ids=ids).logits,
+                                   rtol=1e-5, atol=1e-5)
+    from grpo.cli import main
+
+    assert main(["eval", str(run), "--quiet", "eval.num_problems=2"]) == 0
+
+
+def test_lora_resume_is_exact(tiny_model_dir, tmp_path):
+    argv = [f"model.path={tiny_model_dir}", *BASE, "lora.enabled=true", "lora.r=4"]
+    code, _, err = train(*argv, "trainer.steps=4", f"output.dir={tmp_path / 'straight'}")
+    assert code == 0, err
+    code, _, err = train(*argv, "trainer.steps=2", f"output.dir={tmp_path / 'split'}")
+    assert code == 0, err
+    code, out, err = train("--resume", tmp_path / "split", "trainer.steps=4")
+    assert code == 0, err
+    assert "resumed from" in out
+    assert metrics(tmp_path / "straight") == metrics(tmp_path / "split")
+    from safetensors.torch import load_file
+
+    a = load_file(tmp_path / "straight" / "model" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "split" / "model" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
