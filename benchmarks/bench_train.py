@@ -18,7 +18,9 @@ per prompt, 2 prompts per step (16 completions), --max-new-tokens (64) new token
 loss "grpo" (per-sequence mean, then mean over the batch), advantages centered and divided by the group
 std, one gradient step per generated batch (ours algorithm.mu=1, TRL num_iterations=1), gradient clipping
 at norm 1.0, one forward/backward of all 16 completions (ours trainer.micro_batch_size=16, TRL
-per_device_train_batch_size=16, no accumulation), --threads (2) torch threads, no dropout.
+per_device_train_batch_size=16, no accumulation), no gradient checkpointing (ours
+trainer.gradient_checkpointing=false, TRL activation_checkpointing=False), --threads (2) torch threads,
+no dropout.
 
 Prompts: the demo task of configs/default.yaml (one-digit + and -), drawn in our PromptSampler's order
 and rendered with `grpo.data.chat_messages`; the orchestrator writes them once to a JSON file and both
@@ -107,7 +109,8 @@ def overrides_for(args, model_folder: str | None = None) -> list[str]:
         "algorithm.beta": BETA, "algorithm.kl_estimator": "k3", "algorithm.loss_type": "grpo",
         "algorithm.scale_rewards": "group", "algorithm.mu": 1,
         "trainer.steps": args.steps, "trainer.batch_size": GROUP_SIZE * PROMPTS_PER_STEP,
-        "trainer.micro_batch_size": GROUP_SIZE * PROMPTS_PER_STEP, "trainer.lr": LR, "trainer.lr_schedule": "constant",
+        "trainer.micro_batch_size": GROUP_SIZE * PROMPTS_PER_STEP, "trainer.micro_batch_tokens": None,
+        "trainer.gradient_checkpointing": False, "trainer.lr": LR, "trainer.lr_schedule": "constant",
         "trainer.warmup_steps": 0, "trainer.weight_decay": 0.0, "trainer.max_grad_norm": MAX_GRAD_NORM,
         "trainer.seed": args.seed, "eval.before": False, "eval.after": False,
         "output.dir": os.path.join(tempfile.gettempdir(), "bench_train_unused"), "output.tensorboard": False,
