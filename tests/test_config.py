@@ -72,3 +72,9 @@ def test_override_values_are_yaml():
 
 def test_arithmetic_eval_must_fit_the_problem_space():
     assert "num_eval (100) must be smaller than the 100 distinct 1-digit problems" in error(["data.digits=1"])
+
+
+def test_sampling_dtype_needs_the_fast_engine():
+    assert load_config(None, ["sampling.engine=fast", "sampling.dtype=bfloat16"]).sampling.dtype == "bfloat16"
+    with pytest.raises(ConfigError, match="sampling.dtype=bfloat16 needs sampling.engine=fast"):
+        load_config(None, ["sampling.engine=hf", "sampling.dtype=bfloat16"])

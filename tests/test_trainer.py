@@ -105,3 +105,15 @@ def test_step_reports_how_far_the_sampler_s_logprobs_are_from_the_trainer_s():
     trainer = trainer_helpers.make_trainer()
     metrics, _ = trainer.step()
     assert 0 <= metrics["rollout/logprob_diff"] < 1e-4
+
+
+def test_a_cast_sampling_copy_is_not_pi_old():
+    """A bfloat16 sampling copy (sampling.dtype) gives other log-probs: with mu > 1 pi_old is recomputed."""
+    from grpo.rollout import make_engine
+    from grpo.run import engine_options
+
+    trainer = trainer_helpers.make_trainer("algorithm.mu=2", "sampling.engine=fast", "sampling.dtype=bfloat16")
+    trainer.engine = make_engine("fast", trainer.model, trainer.tokenizer, **engine_options(trainer.cfg))
+    assert not trainer.engine.exact_logprobs
+    batch = trainer.make_batch(trainer.sampler.next(2), phases := Phases())
+    assert "old_logprobs" in phases.seconds and batch.old_logprobs is not batch.rollout.sampling_logprobs

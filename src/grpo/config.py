@@ -182,6 +182,18 @@ class SamplingConfig(Section):
     """Stop strings: a completion ends once its text contains one (the string is kept)."""
     engine: Literal["hf", "fast"] = "hf"
     """Rollout engine: "hf" is plain transformers generate; "fast" our batched KV-cache sampler."""
+    dtype: Literal["bfloat16", "float16", "float32"] | None = None
+    """engine=fast: sample with a copy of the weights cast to this dtype, refreshed after every update (None:
+    sample with the policy itself). bfloat16 samples ~1.5x faster on a CPU with AVX512-BF16/AMX and costs a
+    half-size copy; its log-probs differ slightly from the trainer's (metric rollout/logprob_diff), so with
+    mu > 1 pi_old's log-probs are recomputed."""
+
+    @model_validator(mode="after")
+    def _dtype_needs_fast(self):
+        if self.dtype is not None and self.engine != "fast":
+            raise ValueError(f"sampling.dtype={self.dtype} needs sampling.engine=fast (the hf engine samples "
+                             "with the model itself)")
+        return self
 
 
 class AlgorithmConfig(Section):

@@ -199,6 +199,11 @@ def stop_message(trainer: Trainer, config: Config, run_dir: Path) -> str:
     )
 
 
+def engine_options(config: Config) -> dict:
+    """Keyword options of the configured rollout engine."""
+    return {"dtype": config.sampling.dtype} if config.sampling.dtype else {}
+
+
 def load_for_training(config: Config, log=print):
     """(model, tokenizer, folder, engine, ref_model): the policy on its device, its rollout engine, and the
     reference policy (None when beta = 0: no second copy)."""
@@ -207,7 +212,7 @@ def load_for_training(config: Config, log=print):
         model, ref_model = apply_lora(model, config.lora), None
     else:
         ref_model = frozen_copy(model) if config.algorithm.beta > 0 else None  # the start weights
-    engine = make_engine(config.sampling.engine, model, tokenizer)
+    engine = make_engine(config.sampling.engine, model, tokenizer, **engine_options(config))
     return model, tokenizer, folder, engine, ref_model
 
 
@@ -287,7 +292,7 @@ def eval_only(config: Config, model_path: str | None, output: Path | None, quiet
     cfg = config.model_copy(update={"model": config.model.model_copy(update={"path": model_path})}) if model_path else config
     with console.phase("loading the model"):
         model, tokenizer, folder = load_model_and_tokenizer(cfg.model, log=console.info)
-    engine = make_engine(config.sampling.engine, model, tokenizer)
+    engine = make_engine(config.sampling.engine, model, tokenizer, **engine_options(config))
     n = min(config.eval.num_problems or len(task.eval), len(task.eval))
     with console.progress(f"evaluating {folder} on {n} held-out problems", n) as update:
         result = evaluate(model, tokenizer, engine, task.eval, config, progress=update)
