@@ -17,10 +17,12 @@ per prompt, 2 prompts per step (16 completions), --max-new-tokens (64) new token
 (no top-k / top-p), beta = 0.04 (k3 KL against a frozen reference), AdamW lr 1e-6 with a constant schedule,
 loss "grpo" (per-sequence mean, then mean over the batch), advantages centered and divided by the group
 std, one gradient step per generated batch (ours algorithm.mu=1, TRL num_iterations=1), gradient clipping
-at norm 1.0, one forward/backward of all 16 completions (ours trainer.micro_batch_size=16, TRL
-per_device_train_batch_size=16, no accumulation), no gradient checkpointing (ours
-trainer.gradient_checkpointing=false, TRL activation_checkpointing=False), --threads (2) torch threads,
-no dropout.
+at norm 1.0, no gradient checkpointing (ours trainer.gradient_checkpointing=false, TRL
+activation_checkpointing=False), --threads (2) torch threads, no dropout. How the 16 completions are
+split for the forward/backward does not change the math: TRL runs all 16 at once
+(per_device_train_batch_size=16, no accumulation); ours groups them by length under a token budget
+(trainer.micro_batch_tokens=--micro-batch-tokens, default 1024, our default; 0: all 16 at once), each
+micro-batch cut to its own longest row.
 
 Prompts: the demo task of configs/default.yaml (one-digit + and -), drawn in our PromptSampler's order
 and rendered with `grpo.data.chat_messages`; the orchestrator writes them once to a JSON file and both
@@ -109,7 +111,7 @@ def overrides_for(args, model_folder: str | None = None) -> list[str]:
         "algorithm.beta": BETA, "algorithm.kl_estimator": "k3", "algorithm.loss_type": "grpo",
         "algorithm.scale_rewards": "group", "algorithm.mu": 1,
         "trainer.steps": args.steps, "trainer.batch_size": GROUP_SIZE * PROMPTS_PER_STEP,
-        "trainer.micro_batch_size": GROUP_SIZE * PROMPTS_PER_STEP, "trainer.micro_batch_tokens": None,
+        "trainer.micro_batch_size": GROUP_SIZE * PROMPTS_PER_STEP, "trainer.micro_batch_tokens": args.micro_batch_tokens or None,
         "trainer.gradient_checkpointing": False, "trainer.lr": LR, "trainer.lr_schedule": "constant",
         "trainer.warmup_steps": 0, "trainer.weight_decay": 0.0, "trainer.max_grad_norm": MAX_GRAD_NORM,
         "trainer.seed": args.seed, "eval.before": False, "eval.after": False,
@@ -441,7 +443,8 @@ def run_child(python: str, side: str, args, extra: list[str] = ()) -> dict:
     """Run one side in its own process; echo its progress lines; return its JSON line (or an error)."""
     cmd = [python, os.path.abspath(__file__), "--side", side, "--steps", str(args.steps), "--threads",
            str(args.threads), "--max-new-tokens", str(args.max_new_tokens), "--seed", str(args.seed),
-           "--engine", args.engine, "--prompts", args.prompts, *extra]  # fmt: skip
+           "--engine", args.engine, "--micro-batch-tokens", str(args.micro_batch_tokens), "--prompts", args.prompts,
+           *extra]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=child_env(side != "trl", args.threads), cwd=ROOT)  # fmt: skip
     tail: list[str] = []
@@ -541,6 +544,8 @@ def main() -> None:
     parser.add_argument("--trl-python", default=os.path.join(ROOT, ".venv-bench", "bin", "python"))
     parser.add_argument("--ours-python", default=sys.executable, help="python of our venv (default: this one)")
     parser.add_argument("--engine", choices=["fast", "hf"], default="fast", help="our rollout engine")
+    parser.add_argument("--micro-batch-tokens", type=int, default=1024,
+                        help="ours: trainer.micro_batch_tokens, the token budget of a micro-batch (0: none)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--markdown", default=None, help="also write the tables to this markdown file")
     parser.add_argument("--side", choices=["ours", "trl", "prompts"], default=None, help=argparse.SUPPRESS)

@@ -62,7 +62,7 @@ def test_the_update_is_the_same_with_gradient_checkpointing():
     recompute.step()
     a, b = named(plain.model, True), named(recompute.model, True)
     for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6)
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-5)
 
 
 def test_saved_adapter_loads_back_with_peft_and_gives_the_same_outputs(tmp_path):

@@ -256,10 +256,11 @@ class TrainerConfig(Section):
     micro_batch_size: int = Field(8, ge=1)
     """Most completions per forward/backward; gradients are accumulated. Does not change the result
     (except loss_type=bnpo, which normalizes per micro-batch by definition)."""
-    micro_batch_tokens: int | None = Field(None, ge=1)
+    micro_batch_tokens: int | None = Field(1024, ge=1)
     """Token budget of a micro-batch: completions of similar length are grouped so that rows x (longest
-    prompt + completion) stays within it (and rows <= micro_batch_size); a longer row goes alone.
-    None: micro_batch_size rows each. Bounds the activation memory of the backward pass."""
+    prompt + completion) stays within it (and rows <= micro_batch_size); a longer row goes alone. Each
+    micro-batch is cut to its own longest row. None: micro_batch_size rows each. Bounds the activation
+    memory of the backward pass (raise it on a GPU with memory to spare)."""
     logprob_chunk_tokens: int = Field(512, ge=1)
     """Completion tokens whose logits exist at once: log-probs and entropy are computed this many tokens
     at a time and recomputed in the backward pass, so the [tokens x vocab] logits are never held whole."""

@@ -277,7 +277,8 @@ class Trainer:
                 for rows in plan_micro_batches(lengths, t.micro_batch_size, t.micro_batch_tokens)]
 
     def logprobs(self, model, mb: MicroBatch, with_entropy: bool = False, entropy_grad: bool = False):
-        """[n, T'] completion log-probs of one micro-batch (and entropy), chunked, under CUDA autocast."""
+        """[n, T'] completion log-probs of one micro-batch (and entropy): each group's prompt run once,
+        logits a chunk at a time, under CUDA autocast."""
         t = self.cfg.trainer
         with torch.autocast("cuda", torch.bfloat16, enabled=t.autocast and self.device.type == "cuda"):
             return completion_logprobs(model, mb.sequences, self.params.temperature, with_entropy, entropy_grad,

@@ -13,6 +13,7 @@ micro-batch is cut to its own widest prompt and longest completion, so padding c
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -120,6 +121,53 @@ def decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.
     return decoder, head
 
 
+def _shared_prompt_hidden(decoder, batch: SequenceBatch, device) -> torch.Tensor | None:
+    """[n, T, H] hidden states that predict the completion tokens, with each distinct prompt run once:
+    the prompts' keys and values are computed for the distinct prompts, gathered per row (gradients
+    flow back through the gather), and the completions attend to them. The G completions of a group
+    share their prompt, so the forward (and backward) covers u * P + n * T tokens instead of
+    n * (P + T). None when it does not apply (every prompt distinct, or a cache layer other than the
+    plain full-attention one, e.g. a sliding window, or gradient checkpointing on); the caller then runs
+    the plain forward."""
+    from transformers.cache_utils import DynamicLayer
+
+    if torch.is_grad_enabled() and any(getattr(m, "gradient_checkpointing", False) and m.training
+                                       for m in decoder.modules()):
+        return None  # a checkpointed layer drops the cache it is given: the prompt's keys would be lost
+    config = getattr(decoder, "config", None)
+    layer_types = getattr(config, "layer_types", None) or []
+    if any(kind != "full_attention" for kind in layer_types) or (not layer_types and getattr(config, "sliding_window", None)):
+        return None  # a sliding-window cache keeps only the window: the prompt's keys would be cut
+    t = batch.completion_len
+    width = batch.input_ids.shape[1] - t  # P
+    key = torch.cat([batch.input_ids[:, :width], batch.attention_mask[:, :width]], dim=1)  # [n, 2P]
+    distinct, inverse = torch.unique(key, dim=0, return_inverse=True)  # [u, 2P], [n]
+    if distinct.shape[0] == key.shape[0] or width == 0:
+        return None
+    p_ids, p_mask = distinct[:, :width], distinct[:, width:]  # [u, P] left-padded
+    cache_kwarg = "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+    prompt = decoder(
+        input_ids=p_ids.to(device),
+        attention_mask=p_mask.to(device),
+        position_ids=(p_mask.cumsum(dim=1) - 1).clamp(min=0).to(device),
+        use_cache=True,
+    )
+    cache = getattr(prompt, "cache", None) or getattr(prompt, "past_key_values", None)
+    if cache is None or not all(type(layer) is DynamicLayer for layer in getattr(cache, "layers", [None])):
+        return None
+    rows = inverse.to(device)
+    cache.batch_select_indices(rows)  # [u, ...] -> [n, ...] keys and values, one prompt per row
+    completion = decoder(
+        input_ids=batch.input_ids[:, width:].to(device),
+        attention_mask=batch.attention_mask.to(device),  # [n, P + T]: the prompt's padding stays masked
+        position_ids=batch.position_ids[:, width:].to(device),
+        use_cache=True,
+        **{cache_kwarg: cache},
+    ).last_hidden_state  # [n, T, H]
+    last = prompt.last_hidden_state[:, -1][rows]  # [n, H]: predicts completion token 0 (prompts are left-padded)
+    return torch.cat([last[:, None], completion[:, :-1]], dim=1)  # [n, T, H]
+
+
 def _chunk_logprobs(
     head: torch.nn.Linear,
     hidden: torch.Tensor,  # [k, H]
@@ -142,21 +190,25 @@ def completion_logprobs(
     with_entropy: bool = False,
     entropy_grad: bool = False,
     chunk_tokens: int = 512,
+    share_prompts: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """[n, T] log-probs of the completion tokens (0 at padding), and their entropy if asked, computed
-    chunk_tokens tokens at a time without the [n, T, V] logits (see the module docstring)."""
+    chunk_tokens tokens at a time without the [n, T, V] logits (see the module docstring). With
+    share_prompts, rows with the same prompt (a group) run that prompt through the model once."""
     parts = decoder_and_head(model)
     if parts is None:
         return completion_logprobs_reference(model, batch, temperature, with_entropy, entropy_grad)
     decoder, head = parts
     device = head.weight.device
     t = batch.completion_len
-    hidden = decoder(
-        input_ids=batch.input_ids.to(device),
-        attention_mask=batch.attention_mask.to(device),
-        position_ids=batch.position_ids.to(device),
-        use_cache=False,
-    ).last_hidden_state[:, -t - 1 : -1]  # [n, T, H]: position P-1+j predicts completion token j
+    hidden = _shared_prompt_hidden(decoder, batch, device) if share_prompts else None
+    if hidden is None:
+        hidden = decoder(
+            input_ids=batch.input_ids.to(device),
+            attention_mask=batch.attention_mask.to(device),
+            position_ids=batch.position_ids.to(device),
+            use_cache=False,
+        ).last_hidden_state[:, -t - 1 : -1]  # [n, T, H]: position P-1+j predicts completion token j
     mask = batch.attention_mask[:, -t:].to(device).bool()  # [n, T] real completion tokens
     hidden, targets = hidden[mask], batch.input_ids[:, -t:].to(device)[mask]  # [K, H], [K]
     token_logp, entropy = [], []
