@@ -58,7 +58,10 @@ What a timed step holds:
 
 LoRA (the second row): TRL `peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
 target_modules="all-linear", task_type="CAUSAL_LM")`; ours the overrides lora.enabled=true lora.r=16
-lora.alpha=32 lora.dropout=0.0 lora.target_modules=all-linear (the `lora:` config section).
+lora.alpha=32 lora.dropout=0.0 lora.target_modules=all-linear (the `lora:` config section), and
+sampling.dtype=float32 (--lora-sampling-dtype): our engine samples with a float32 copy of the model
+that has the adapters merged in, refreshed before every generation (the policy's numbers up to
+rounding; it costs one more copy of the base weights, which the peak memory column includes).
 """
 
 from __future__ import annotations
@@ -112,6 +115,7 @@ def overrides_for(args, model_folder: str | None = None) -> list[str]:
         "algorithm.scale_rewards": "group", "algorithm.mu": 1,
         "trainer.steps": args.steps, "trainer.batch_size": GROUP_SIZE * PROMPTS_PER_STEP,
         "trainer.micro_batch_size": GROUP_SIZE * PROMPTS_PER_STEP, "trainer.micro_batch_tokens": args.micro_batch_tokens or None,
+        "sampling.dtype": (args.lora_sampling_dtype or None) if getattr(args, "lora", False) else None,
         "trainer.gradient_checkpointing": False, "trainer.lr": LR, "trainer.lr_schedule": "constant",
         "trainer.warmup_steps": 0, "trainer.weight_decay": 0.0, "trainer.max_grad_norm": MAX_GRAD_NORM,
         "trainer.seed": args.seed, "eval.before": False, "eval.after": False,
@@ -443,7 +447,8 @@ def run_child(python: str, side: str, args, extra: list[str] = ()) -> dict:
     """Run one side in its own process; echo its progress lines; return its JSON line (or an error)."""
     cmd = [python, os.path.abspath(__file__), "--side", side, "--steps", str(args.steps), "--threads",
            str(args.threads), "--max-new-tokens", str(args.max_new_tokens), "--seed", str(args.seed),
-           "--engine", args.engine, "--micro-batch-tokens", str(args.micro_batch_tokens), "--prompts", args.prompts,
+           "--engine", args.engine, "--micro-batch-tokens", str(args.micro_batch_tokens), "--lora-sampling-dtype",
+           args.lora_sampling_dtype, "--prompts", args.prompts,
            *extra]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=child_env(side != "trl", args.threads), cwd=ROOT)  # fmt: skip
@@ -544,6 +549,9 @@ def main() -> None:
     parser.add_argument("--trl-python", default=os.path.join(ROOT, ".venv-bench", "bin", "python"))
     parser.add_argument("--ours-python", default=sys.executable, help="python of our venv (default: this one)")
     parser.add_argument("--engine", choices=["fast", "hf"], default="fast", help="our rollout engine")
+    parser.add_argument("--lora-sampling-dtype", default="float32", choices=["float32", "bfloat16", ""],
+                        help="ours with LoRA: sampling.dtype, a sampling copy with the adapters merged in "
+                             "(float32: the policy's own numbers; empty: sample through the adapters)")
     parser.add_argument("--micro-batch-tokens", type=int, default=1024,
                         help="ours: trainer.micro_batch_tokens, the token budget of a micro-batch (0: none)")
     parser.add_argument("--seed", type=int, default=0)

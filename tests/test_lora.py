@@ -133,3 +133,22 @@ def test_lora_resume_is_exact(tiny_model_dir, tmp_path):
     a = load_file(tmp_path / "straight" / "model" / "adapter_model.safetensors")
     b = load_file(tmp_path / "split" / "model" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_merged_sampling_copy_samples_the_lora_policy_after_every_update():
+    """sampling.dtype with LoRA: the engine decodes with a plain copy that has the adapters merged in,
+    refreshed at every generate; greedy tokens and log-probs match sampling with the peft model itself."""
+    from grpo.rollout import SamplingParams
+
+    trainer, _ = lora_trainer()
+    plain = make_engine("fast", trainer.model, trainer.tokenizer)
+    merged = make_engine("fast", trainer.model, trainer.tokenizer, dtype="float32")
+    assert merged.exact_logprobs and merged.runner is not trainer.model
+    prompts = [trainer.tokenizer("12+7=").input_ids, trainer.tokenizer("3-1=").input_ids]
+    greedy = SamplingParams(max_new_tokens=8, temperature=0)
+    for _ in range(2):
+        trainer.step()  # the adapters move; the merged copy must follow
+        a, b = plain.generate(prompts, 2, greedy), merged.generate(prompts, 2, greedy)
+        assert torch.equal(a.completion_ids, b.completion_ids)
+        torch.testing.assert_close(b.sampling_logprobs, a.sampling_logprobs, rtol=0, atol=1e-5)
+    assert not make_engine("fast", trainer.model, trainer.tokenizer, dtype="bfloat16").exact_logprobs

@@ -186,7 +186,9 @@ class SamplingConfig(Section):
     """engine=fast: sample with a copy of the weights cast to this dtype, refreshed after every update (None:
     sample with the policy itself). bfloat16 samples ~1.5x faster on a CPU with AVX512-BF16/AMX and costs a
     half-size copy; its log-probs differ slightly from the trainer's (metric rollout/logprob_diff), so with
-    mu > 1 pi_old's log-probs are recomputed."""
+    mu > 1 pi_old's log-probs are recomputed. With LoRA the copy has the adapters merged in, so decoding
+    skips their extra matmuls (model.dtype here: the policy's log-probs up to rounding, at the memory of
+    one more copy of the base weights)."""
 
     @model_validator(mode="after")
     def _dtype_needs_fast(self):

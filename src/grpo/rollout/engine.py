@@ -265,6 +265,30 @@ def _cast_copy(model, dtype: torch.dtype):
     return copy.deepcopy(model, memo).eval()
 
 
+def _merged_copy(model, dtype: torch.dtype):
+    """A LoRA (peft) policy as a plain model in `dtype` with the adapters merged into its weights, and the
+    (merged Linear, LoRA layer) pairs whose weights `_refresh_merged` recomputes after each update."""
+    import copy
+
+    from peft.tuners.lora import LoraLayer
+
+    plain = copy.deepcopy(model).merge_and_unload().to(dtype).eval()
+    for p in plain.parameters():
+        p.requires_grad_(False)
+    prefix = "base_model.model."
+    pairs = [(plain.get_submodule(name.removeprefix(prefix)), layer)
+             for name, layer in model.named_modules() if isinstance(layer, LoraLayer)]
+    return plain, pairs
+
+
+@torch.no_grad()
+def _refresh_merged(pairs) -> None:
+    """W = W_base + (alpha / r) B A for every adapted Linear (the rest of a LoRA policy never trains)."""
+    for merged, layer in pairs:
+        delta = sum(layer.get_delta_weight(name) for name in layer.active_adapters)
+        merged.weight.copy_(layer.base_layer.weight + delta)
+
+
 def _same_layout(copy, model) -> bool:
     """Whether `copy` can take `model`'s weights in place: the same parameter shapes, on the same device."""
     pa, pb = list(copy.parameters()), list(model.parameters())
@@ -316,6 +340,9 @@ class FastEngine:
         (default): sample with the model itself, in its dtype. On a CPU with AVX512-BF16, bfloat16
         matmuls run ~3x faster than float32; the sampling log-probs are then those of the bfloat16
         copy (the trainer recomputes the policy's own), and the copy costs half the fp32 weights' memory.
+        For a LoRA (peft) policy the copy is the plain model with the adapters merged into its weights
+        (only the adapted layers are recomputed at a refresh): decoding skips the adapters' extra matmuls.
+        In the policy's own dtype that copy's log-probs are the policy's up to rounding.
       onednn: run the Linear layers through oneDNN's linear kernel, on the model's own weights; None
         (default): on for float32 and bfloat16 on CPU. For float32, PyTorch's default (MKL) kernel is
         ~1.7x slower at decode batch sizes (a few to a few dozen rows); for bfloat16, PyTorch copies
@@ -352,18 +379,27 @@ class FastEngine:
         self._onednn = onednn
         self.model = model  # the policy: its weights are the ones sampled from
         self.runner = model  # what runs: the policy itself, or a copy of it in `dtype`
+        self._merged: list | None = None  # LoRA: (merged Linear, LoRA layer) pairs of a merged copy
         self.sync_weights(model)
         self._decode_forward = torch.compile(self._forward, dynamic=True) if compile else self._forward
 
     @property
     def exact_logprobs(self) -> bool:
-        """Its log-probs are the policy's (it samples with the policy's weights, not a cast copy)."""
-        return self.runner is self.model
+        """Its log-probs are the policy's up to rounding: it samples with the policy itself, or with a
+        merged LoRA copy in the policy's dtype (not with a copy cast to another dtype)."""
+        same_dtype = next(self.runner.parameters()).dtype == next(self.model.parameters()).dtype
+        return self.runner is self.model or (self._merged is not None and same_dtype)
 
     def sync_weights(self, model) -> None:
         """Sample from `model` from now on; with a `dtype` copy, refresh the copy's weights now."""
         self.model = model
         model_dtype = next(model.parameters()).dtype
+        if self._dtype is not None and hasattr(model, "merge_and_unload"):  # LoRA: a merged copy
+            if self._merged is None or self.runner is model:
+                self.runner, self._merged = _merged_copy(model, self._dtype)
+            _refresh_merged(self._merged)
+            return
+        self._merged = None
         if self._dtype is None or self._dtype == model_dtype:
             self.runner = model
             return
