@@ -18,7 +18,8 @@ per prompt, 2 prompts per step (16 completions), --max-new-tokens (64) new token
 loss "grpo" (per-sequence mean, then mean over the batch), advantages centered and divided by the group
 std, one gradient step per generated batch (ours algorithm.mu=1, TRL num_iterations=1), gradient clipping
 at norm 1.0, no gradient checkpointing (ours trainer.gradient_checkpointing=false, TRL
-activation_checkpointing=False), --threads (2) torch threads, no dropout. How the 16 completions are
+activation_checkpointing=False; --checkpointing turns it on for both: TRL's default), --threads (2)
+torch threads, no dropout. How the 16 completions are
 split for the forward/backward does not change the math: TRL runs all 16 at once
 (per_device_train_batch_size=16, no accumulation); ours groups them by length under a token budget
 (trainer.micro_batch_tokens=--micro-batch-tokens, default 1024, our default; 0: all 16 at once), each
@@ -49,7 +50,7 @@ What a timed step holds:
   with the adapter disabled (LoRA; ours does the same with lora.enabled). TRL samples with
   `model.generate` on 16 rows (each prompt repeated 8 times, so every prompt is prefilled 8 times;
   our fast engine prefills it once). TRL's own defaults that differ from ours and are set to ours
-  here: gradient_checkpointing (TRL default True; an extra forward in the backward), a linear-decay
+  here: gradient_checkpointing (TRL default True; --checkpointing keeps it, and turns ours on), a linear-decay
   lr schedule, adam_beta2 0.999, use_bias_correction_kl (the KL term times the ratio), dataset shuffling.
   TRL phases come from wrapping `GRPOTrainer._generate` (tokenize + generate + decode),
   `_calculate_rewards` and `_get_per_token_logps_and_entropies` under no_grad (the reference); its
@@ -116,7 +117,7 @@ def overrides_for(args, model_folder: str | None = None) -> list[str]:
         "trainer.steps": args.steps, "trainer.batch_size": GROUP_SIZE * PROMPTS_PER_STEP,
         "trainer.micro_batch_size": GROUP_SIZE * PROMPTS_PER_STEP, "trainer.micro_batch_tokens": args.micro_batch_tokens or None,
         "sampling.dtype": (args.lora_sampling_dtype or None) if getattr(args, "lora", False) else None,
-        "trainer.gradient_checkpointing": False, "trainer.lr": LR, "trainer.lr_schedule": "constant",
+        "trainer.gradient_checkpointing": bool(getattr(args, "checkpointing", False)), "trainer.lr": LR, "trainer.lr_schedule": "constant",
         "trainer.warmup_steps": 0, "trainer.weight_decay": 0.0, "trainer.max_grad_norm": MAX_GRAD_NORM,
         "trainer.seed": args.seed, "eval.before": False, "eval.after": False,
         "output.dir": os.path.join(tempfile.gettempdir(), "bench_train_unused"), "output.tensorboard": False,
@@ -322,8 +323,10 @@ def trl_config(args, output_dir: str):
         mask_truncated_completions=False, disable_tqdm=True, dataloader_pin_memory=False,
         model_init_kwargs={"dtype": "float32"},
     )  # fmt: skip
+    if args.checkpointing:  # TRL's own default: activation checkpointing on
+        del matching["gradient_checkpointing"]
     fields = {f.name for f in dataclasses.fields(trl.GRPOConfig)}
-    if "activation_checkpointing" in fields:  # transformers 5.x renamed gradient_checkpointing
+    if "activation_checkpointing" in fields and "gradient_checkpointing" in matching:  # transformers 5.x renamed it
         matching["activation_checkpointing"] = matching.pop("gradient_checkpointing")
     missing = [k for k in core if k not in fields]
     if missing:
@@ -415,11 +418,12 @@ def side_trl(args) -> None:
             train_dataset=datasets.Dataset.from_list(rows), callbacks=[StepTimer()], peft_config=peft_config,
         )  # fmt: skip
         trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
-        base = trainer.accelerator.unwrap_model(trainer.model)
-        checkpointing = bool(getattr(base, "is_activation_checkpointing", None) or getattr(base, "is_gradient_checkpointing", False))
         log(f"TRL {trl.__version__}{' LoRA' if args.lora else ''}: {trainable / 1e6:.2f}M trainable parameters, "
             f"reference: {'separate model' if trainer.ref_model is not None else 'adapter disabled'}")  # fmt: skip
         trainer.train()
+        base = trainer.accelerator.unwrap_model(trainer.model)  # the Trainer enables checkpointing in train()
+        layers = [m for m in base.modules() if hasattr(m, "gradient_checkpointing") and m is not base]
+        checkpointing = any(getattr(m, "gradient_checkpointing", False) for m in layers)
     print(json.dumps({
         "side": "trl", "lora": args.lora, "steps": steps, "phases": phases, "completion_tokens": tokens,
         "completions_per_step": GROUP_SIZE * PROMPTS_PER_STEP, "peak_rss_kib": peak_rss_kib(),
@@ -448,7 +452,7 @@ def run_child(python: str, side: str, args, extra: list[str] = ()) -> dict:
     cmd = [python, os.path.abspath(__file__), "--side", side, "--steps", str(args.steps), "--threads",
            str(args.threads), "--max-new-tokens", str(args.max_new_tokens), "--seed", str(args.seed),
            "--engine", args.engine, "--micro-batch-tokens", str(args.micro_batch_tokens), "--lora-sampling-dtype",
-           args.lora_sampling_dtype, "--prompts", args.prompts,
+           args.lora_sampling_dtype, "--prompts", args.prompts, *(["--checkpointing"] if args.checkpointing else []),
            *extra]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=child_env(side != "trl", args.threads), cwd=ROOT)  # fmt: skip
@@ -497,19 +501,24 @@ def fmt(x, spec: str) -> str:
 
 def tables(results: dict, args) -> str:
     lines = [
-        "| run | TRL s/step | ours s/step | ours/TRL | TRL peak RSS GiB | ours peak RSS GiB | ours/TRL |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| run | TRL s/step | ours s/step | ours/TRL | per completion token | TRL peak RSS GiB | ours peak RSS GiB "
+        "| ours/TRL |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for run, sides in results.items():
         t, o = summarize(sides.get("trl")), summarize(sides.get("ours"))
         ts, os_ = (t or {}).get("s_per_step"), (o or {}).get("s_per_step")
         tm, om = (t or {}).get("rss_gib"), (o or {}).get("rss_gib")
-        lines.append(f"| {run} | {fmt(ts, '.2f')} | {fmt(os_, '.2f')} | {ratio(os_, ts)} | {fmt(tm, '.2f')} "
-                     f"| {fmt(om, '.2f')} | {ratio(om, tm)} |")  # fmt: skip
+        per_token = ratio(os_ / o["tokens_per_completion"], ts / t["tokens_per_completion"]) if t and o else "-"
+        lines.append(f"| {run} | {fmt(ts, '.2f')} | {fmt(os_, '.2f')} | {ratio(os_, ts)} | {per_token} "
+                     f"| {fmt(tm, '.2f')} | {fmt(om, '.2f')} | {ratio(om, tm)} |")  # fmt: skip
     lines += [
         "",
         "ours/TRL below 1.00x: ours takes less time / memory. Peak RSS is each process's ru_maxrss (model, reference, "
-        "optimizer state, activations, and the libraries each side loads).",
+        "optimizer state, activations, and the libraries each side loads). The sides sample with different random "
+        "streams, so their completions differ in length (last column of the phase table); 'per completion token' "
+        "divides each side's s/step by its mean completion length first (pessimistic for ours: TRL pads every row "
+        "to the longest completion, so its time hardly depends on the mean length, ours does).",
         "",
         "Phase seconds (median of the timed steps) and mean completion length:",
         "",
@@ -552,6 +561,9 @@ def main() -> None:
     parser.add_argument("--lora-sampling-dtype", default="float32", choices=["float32", "bfloat16", ""],
                         help="ours with LoRA: sampling.dtype, a sampling copy with the adapters merged in "
                              "(float32: the policy's own numbers; empty: sample through the adapters)")
+    parser.add_argument("--checkpointing", action="store_true",
+                        help="gradient (activation) checkpointing on both sides: TRL's default, ours "
+                             "trainer.gradient_checkpointing=true")
     parser.add_argument("--micro-batch-tokens", type=int, default=1024,
                         help="ours: trainer.micro_batch_tokens, the token budget of a micro-batch (0: none)")
     parser.add_argument("--seed", type=int, default=0)
@@ -595,6 +607,8 @@ def main() -> None:
         + (f"median of steps 2-{args.steps} (step 1: warm-up)" if args.steps > 2 else
            "step 2 (step 1: warm-up)" if args.steps == 2 else "step 1 (no warm-up)")
         + (f"; TRL {versions['trl']}, transformers {versions['transformers']}, torch {versions['torch']}" if versions else "")
+        + ("; gradient checkpointing on both sides" if args.checkpointing else
+           "; no gradient checkpointing on either side")
     )  # fmt: skip
     text = header + "\n\n" + tables(results, args)
     print(f"load average after: {os.getloadavg()[0]:.2f}\n")

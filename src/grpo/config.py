@@ -263,12 +263,13 @@ class TrainerConfig(Section):
     prompt + completion) stays within it (and rows <= micro_batch_size); a longer row goes alone. Each
     micro-batch is cut to its own longest row. None: micro_batch_size rows each. Bounds the activation
     memory of the backward pass (raise it on a GPU with memory to spare)."""
-    logprob_chunk_tokens: int = Field(512, ge=1)
+    logprob_chunk_tokens: int = Field(256, ge=1)
     """Completion tokens whose logits exist at once: log-probs and entropy are computed this many tokens
     at a time and recomputed in the backward pass, so the [tokens x vocab] logits are never held whole."""
     gradient_checkpointing: bool = False
     """Recompute each decoder layer's activations in the backward pass instead of keeping them: less
-    memory for the policy's forward/backward, about a third more compute."""
+    memory for the policy's forward/backward, more compute (the training forward then also runs each
+    group's prompt once per row, since checkpointed layers drop the shared prompt's cache)."""
     autocast: bool = True
     """On CUDA, run the log-prob forward passes under bfloat16 autocast (weights and optimizer stay in
     model.dtype). No effect on CPU."""

@@ -5,8 +5,10 @@ One step:
   2. score every completion with the reward functions            (rewards)
      dynamic sampling (DAPO): repeat 1-2, keeping groups whose rewards differ, until B groups
   3. group-relative advantages, outcome [N] or process [N, T]    (core.advantages)
-  4. reference log-probs if beta > 0, old log-probs if mu > 1    (core.logprobs)
-  5. mu optimizer steps, micro-batched, loss normalized over the whole batch (core.losses);
+  4. reference log-probs if beta > 0 (LoRA: the adapters off), old log-probs if mu > 1 (the
+     rollout's own when they are the policy's: no forward pass)   (core.logprobs)
+  5. mu optimizer steps, micro-batched by length under a token budget, loss normalized over the
+     whole batch (core.losses);
      the guard skips an update whose loss, gradient norm or rewards are not finite
   6. every ref_reset_steps steps, pi_ref := pi_theta             (DeepSeekMath iterative RL)
   7. metrics to metrics.jsonl and the console, samples to samples.jsonl

@@ -189,7 +189,7 @@ def completion_logprobs(
     temperature: float = 1.0,
     with_entropy: bool = False,
     entropy_grad: bool = False,
-    chunk_tokens: int = 512,
+    chunk_tokens: int = 256,
     share_prompts: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """[n, T] log-probs of the completion tokens (0 at padding), and their entropy if asked, computed
