@@ -1,5 +1,5 @@
 # Two commands on a fresh machine (see README):
-#   make train   sets up .venv and runs the default GRPO demo on SmolLM2-135M-Instruct (CPU, ~15 min)
+#   make train   sets up .venv and runs the default GRPO demo on SmolLM2-135M-Instruct (CPU, ~6 min)
 #   make test    sets up .venv and runs the test suite
 #
 # On a CPU-only machine torch is pinned to the CPU build that installs from local disk;

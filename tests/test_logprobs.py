@@ -112,14 +112,10 @@ def test_gradient_checkpointing_gives_the_same_gradients_and_recomputes_layers()
     model.model.layers[0].mlp.register_forward_pre_hook(lambda *a: calls.append(1))
     with checkpointed_layers(model):
         again = loss_and_grads(model, completion_logprobs, batch, mask, weights)
-    assert len(calls) == 3  # the prompts (not checkpointed), the completions, and their recompute in backward
+    assert len(calls) == 2  # forward, and the recompute in backward
     assert not model.model.layers[0].training and not model.model.layers[0].mlp.training  # back to eval
-    for a, b in zip(plain, again):
-        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
-    calls.clear()
-    with checkpointed_layers(model):
-        loss_and_grads(model, lambda *a, **k: completion_logprobs(*a, **k, share_prompts=False), batch, mask, weights)
-    assert len(calls) == 2  # the whole rows, and their recompute
+    for a, b in zip(plain, again):  # plain: each prompt once; checkpointed: the plain forward
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
 
 
 def embedded_shapes(model, batch, **kwargs):

@@ -268,7 +268,8 @@ class TrainerConfig(Section):
     at a time and recomputed in the backward pass, so the [tokens x vocab] logits are never held whole."""
     gradient_checkpointing: bool = False
     """Recompute each decoder layer's activations in the backward pass instead of keeping them: less
-    memory for the policy's forward/backward, about one more forward pass of compute."""
+    memory for the policy's forward/backward, more compute (the training forward then also runs each
+    group's prompt once per row, since checkpointed layers drop the shared prompt's cache)."""
     autocast: bool = True
     """On CUDA, run the log-prob forward passes under bfloat16 autocast (weights and optimizer stay in
     model.dtype). No effect on CPU."""

@@ -13,9 +13,7 @@ micro-batch is cut to its own widest prompt and longest completion, so padding c
 
 from __future__ import annotations
 
-import functools
 import inspect
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -129,13 +127,13 @@ def _shared_prompt_hidden(decoder, batch: SequenceBatch, device) -> torch.Tensor
     flow back through the gather), and the completions attend to them. The G completions of a group
     share their prompt, so the forward (and backward) covers u * P + n * T tokens instead of
     n * (P + T). None when it does not apply (every prompt distinct, or a cache layer other than the
-    plain full-attention one, e.g. a sliding window); the caller then runs the plain forward.
-
-    With gradient checkpointing the prompt pass runs unchecked (u * P tokens: few activations), and
-    the completion pass reads the prompts' cache without writing to it, so a checkpointed layer may
-    keep it: its replay in the backward pass sees the very same keys and values."""
+    plain full-attention one, e.g. a sliding window, or gradient checkpointing on); the caller then runs
+    the plain forward."""
     from transformers.cache_utils import DynamicLayer
 
+    if torch.is_grad_enabled() and any(getattr(m, "gradient_checkpointing", False) and m.training
+                                       for m in decoder.modules()):
+        return None  # a checkpointed layer drops the cache it is given: the prompt's keys would be lost
     config = getattr(decoder, "config", None)
     layer_types = getattr(config, "layer_types", None) or []
     if any(kind != "full_attention" for kind in layer_types) or (not layer_types and getattr(config, "sliding_window", None)):
@@ -148,62 +146,26 @@ def _shared_prompt_hidden(decoder, batch: SequenceBatch, device) -> torch.Tensor
         return None
     p_ids, p_mask = distinct[:, :width], distinct[:, width:]  # [u, P] left-padded
     cache_kwarg = "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
-    checkpointed = [m for m in decoder.modules() if getattr(m, "gradient_checkpointing", False) and m.training]
-    with _set_attributes(checkpointed, training=False):
-        prompt = decoder(
-            input_ids=p_ids.to(device),
-            attention_mask=p_mask.to(device),
-            position_ids=(p_mask.cumsum(dim=1) - 1).clamp(min=0).to(device),
-            use_cache=True,
-        )
+    prompt = decoder(
+        input_ids=p_ids.to(device),
+        attention_mask=p_mask.to(device),
+        position_ids=(p_mask.cumsum(dim=1) - 1).clamp(min=0).to(device),
+        use_cache=True,
+    )
     cache = getattr(prompt, "cache", None) or getattr(prompt, "past_key_values", None)
     if cache is None or not all(type(layer) is DynamicLayer for layer in getattr(cache, "layers", [None])):
         return None
     rows = inverse.to(device)
     cache.batch_select_indices(rows)  # [u, ...] -> [n, ...] keys and values, one prompt per row
-    for layer in cache.layers:
-        layer.__class__ = _prefix_layer_class()  # read-only from here on
-    with _set_attributes(checkpointed, _can_checkpoint_with_cache=True):
-        completion = decoder(
-            input_ids=batch.input_ids[:, width:].to(device),
-            attention_mask=batch.attention_mask.to(device),  # [n, P + T]: the prompt's padding stays masked
-            position_ids=batch.position_ids[:, width:].to(device),
-            use_cache=True,
-            **{cache_kwarg: cache},
-        ).last_hidden_state  # [n, T, H]
+    completion = decoder(
+        input_ids=batch.input_ids[:, width:].to(device),
+        attention_mask=batch.attention_mask.to(device),  # [n, P + T]: the prompt's padding stays masked
+        position_ids=batch.position_ids[:, width:].to(device),
+        use_cache=True,
+        **{cache_kwarg: cache},
+    ).last_hidden_state  # [n, T, H]
     last = prompt.last_hidden_state[:, -1][rows]  # [n, H]: predicts completion token 0 (prompts are left-padded)
     return torch.cat([last[:, None], completion[:, :-1]], dim=1)  # [n, T, H]
-
-
-@functools.cache
-def _prefix_layer_class():
-    """A DynamicLayer that returns its keys and values followed by the new ones without storing them."""
-    from transformers.cache_utils import DynamicLayer
-
-    class PrefixLayer(DynamicLayer):
-        def update(self, key_states, value_states, *args, **kwargs):
-            return torch.cat([self.keys, key_states], dim=-2), torch.cat([self.values, value_states], dim=-2)
-
-    return PrefixLayer
-
-
-@contextmanager
-def _set_attributes(modules: list, **values):
-    """Within the block each module has these attribute values (instance attributes, removed after when
-    they were the class's)."""
-    saved = [{k: m.__dict__[k] for k in values if k in m.__dict__} for m in modules]
-    for m in modules:
-        for k, v in values.items():
-            setattr(m, k, v)
-    try:
-        yield
-    finally:
-        for m, old in zip(modules, saved):
-            for k in values:
-                if k in old:
-                    setattr(m, k, old[k])
-                else:
-                    delattr(m, k)
 
 
 def _chunk_logprobs(
