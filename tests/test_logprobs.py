@@ -141,3 +141,23 @@ def test_sliding_window_models_take_the_plain_forward():
     batch, mask = random_batch(100)
     model.config.layer_types = ["sliding_attention", "full_attention"]
     assert embedded_shapes(model, batch) == [(6, 16)]
+
+
+@pytest.mark.slow
+def test_default_model_chunked_shared_logprobs_equal_the_plain_ones():
+    """On the real SmolLM2-135M (tied 49k-token head, its chat template): the lean path equals the plain one."""
+    from grpo.config import load_config
+    from grpo.models import encode_prompt, load_model_and_tokenizer
+
+    cfg = load_config(None, ["model.device=cpu", "model.threads=2"])
+    model, tok, _ = load_model_and_tokenizer(cfg.model, log=lambda *_: None)
+    prompts = [encode_prompt(tok, [{"role": "user", "content": q}]) for q in ("What is 2 + 3?", "Name a colour.")]
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(100, 40_000, (4, 9), generator=g)
+    mask = torch.arange(9)[None, :] < torch.tensor([9, 4, 6, 2])[:, None]
+    batch = build_sequences(prompts, ids, mask, pad_id=tok.pad_token_id)
+    with torch.no_grad():
+        plain, plain_entropy = completion_logprobs_reference(model, batch, 0.7, with_entropy=True)
+        lean, lean_entropy = completion_logprobs(model, batch, 0.7, with_entropy=True, chunk_tokens=7)
+    torch.testing.assert_close(lean, plain * mask, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(lean_entropy, plain_entropy * mask, rtol=1e-4, atol=1e-4)

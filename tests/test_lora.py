@@ -152,3 +152,19 @@ def test_a_merged_sampling_copy_samples_the_lora_policy_after_every_update():
         assert torch.equal(a.completion_ids, b.completion_ids)
         torch.testing.assert_close(b.sampling_logprobs, a.sampling_logprobs, rtol=0, atol=1e-5)
     assert not make_engine("fast", trainer.model, trainer.tokenizer, dtype="bfloat16").exact_logprobs
+
+
+@pytest.mark.slow
+def test_lora_on_the_default_model_through_the_cli(tmp_path):
+    """One LoRA step on the real SmolLM2-135M: the adapter is saved and loads back for eval."""
+    run = tmp_path / "run"
+    code, _, err = train("trainer.steps=1", "trainer.batch_size=4", "sampling.group_size=2",
+                         "sampling.max_new_tokens=8", "data.digits=1", "data.num_eval=4", "eval.before=false",
+                         "eval.after=false", "output.tensorboard=false", "output.report_every=0", "model.threads=2",
+                         "lora.enabled=true", "sampling.engine=fast", "sampling.dtype=float32", f"output.dir={run}")
+    assert code == 0, err
+    rows = metrics(run)
+    assert rows[0]["kl/mean"] >= 0 and rows[0]["rollout/logprob_diff"] < 1e-3
+    cfg = load_config(None, [f"model.path={run / 'model'}", "model.device=cpu"])
+    model, _, _ = load_model_and_tokenizer(cfg.model, log=lambda *_: None)
+    assert is_lora(model)
