@@ -161,3 +161,14 @@ def test_default_model_chunked_shared_logprobs_equal_the_plain_ones():
         lean, lean_entropy = completion_logprobs(model, batch, 0.7, with_entropy=True, chunk_tokens=7)
     torch.testing.assert_close(lean, plain * mask, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(lean_entropy, plain_entropy * mask, rtol=1e-4, atol=1e-4)
+
+
+def test_models_with_transformed_logits_take_the_plain_path_zeroed_at_padding():
+    model = tiny_model(100)
+    batch, mask = random_batch(100)
+    model.config.final_logit_softcapping = 30.0  # what Gemma 2 sets: logits are more than head(hidden)
+    with torch.no_grad():
+        lp, ent = completion_logprobs(model, batch, with_entropy=True)
+        plain, plain_ent = completion_logprobs_reference(model, batch, with_entropy=True)
+    assert (lp[~mask] == 0).all() and (ent[~mask] == 0).all()
+    torch.testing.assert_close(lp, plain * mask, rtol=0, atol=0)

@@ -7,6 +7,9 @@ backward hold at most one [chunk, V] block. One pass gives the log-prob of each 
 entropy of its distribution. `completion_logprobs_reference` is the plain version (full logits of
 the completion positions) for models whose logits are not just head(hidden) and for the tests.
 
+The G completions of a group share their prompt: the prompt runs once and the completions attend
+to its keys and values (`_shared_prompt_hidden`).
+
 `plan_micro_batches` groups completions of similar length under a token budget, and each
 micro-batch is cut to its own widest prompt and longest completion, so padding costs little.
 """
@@ -196,8 +199,11 @@ def completion_logprobs(
     chunk_tokens tokens at a time without the [n, T, V] logits (see the module docstring). With
     share_prompts, rows with the same prompt (a group) run that prompt through the model once."""
     parts = decoder_and_head(model)
-    if parts is None:
-        return completion_logprobs_reference(model, batch, temperature, with_entropy, entropy_grad)
+    if parts is None:  # logits that are more than head(hidden): the plain path, zeroed at padding too
+        real = batch.attention_mask[:, -batch.completion_len :].bool()
+        lp, ent = completion_logprobs_reference(model, batch, temperature, with_entropy, entropy_grad)
+        real = real.to(lp.device)
+        return lp.float() * real, ent.float() * real if ent is not None else None
     decoder, head = parts
     device = head.weight.device
     t = batch.completion_len
