@@ -380,6 +380,7 @@ class FastEngine:
         self.model = model  # the policy: its weights are the ones sampled from
         self.runner = model  # what runs: the policy itself, or a copy of it in `dtype`
         self._merged: list | None = None  # LoRA: (merged Linear, LoRA layer) pairs of a merged copy
+        self._merged_from = None  # the peft model that copy was made from
         self.sync_weights(model)
         self._decode_forward = torch.compile(self._forward, dynamic=True) if compile else self._forward
 
@@ -395,11 +396,12 @@ class FastEngine:
         self.model = model
         model_dtype = next(model.parameters()).dtype
         if self._dtype is not None and hasattr(model, "merge_and_unload"):  # LoRA: a merged copy
-            if self._merged is None or self.runner is model:
+            if self._merged is None or self._merged_from is not model:
                 self.runner, self._merged = _merged_copy(model, self._dtype)
+                self._merged_from = model
             _refresh_merged(self._merged)
             return
-        self._merged = None
+        self._merged = self._merged_from = None
         if self._dtype is None or self._dtype == model_dtype:
             self.runner = model
             return
