@@ -36,6 +36,11 @@ class SequenceBatch:
     position_ids: torch.Tensor  # [N, P + T] long, counted from each row's first real token
     completion_len: int  # T
 
+    def model_inputs(self, device) -> dict[str, torch.Tensor]:
+        """The whole rows as keyword arguments of a model's forward, on `device`."""
+        return {"input_ids": self.input_ids.to(device), "attention_mask": self.attention_mask.to(device),
+                "position_ids": self.position_ids.to(device)}
+
 
 def left_pad(prompt_ids: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """[B, P] ids and attention mask (long), prompts aligned to the right."""
@@ -93,13 +98,7 @@ def completion_logprobs_reference(
     (divided by the sampling temperature, as TRL). The plain version of `completion_logprobs`."""
     device = next(model.parameters()).device
     t = batch.completion_len
-    out = model(
-        input_ids=batch.input_ids.to(device),
-        attention_mask=batch.attention_mask.to(device),
-        position_ids=batch.position_ids.to(device),
-        logits_to_keep=t + 1,
-        use_cache=False,
-    )
+    out = model(**batch.model_inputs(device), logits_to_keep=t + 1, use_cache=False)
     logits = out.logits[:, :-1, :]  # [n, T, V]: position P-1+j predicts completion token j
     if temperature != 1.0:
         logits = logits / temperature
@@ -209,12 +208,8 @@ def completion_logprobs(
     t = batch.completion_len
     hidden = _shared_prompt_hidden(decoder, batch, device) if share_prompts else None
     if hidden is None:
-        hidden = decoder(
-            input_ids=batch.input_ids.to(device),
-            attention_mask=batch.attention_mask.to(device),
-            position_ids=batch.position_ids.to(device),
-            use_cache=False,
-        ).last_hidden_state[:, -t - 1 : -1]  # [n, T, H]: position P-1+j predicts completion token j
+        hidden = decoder(**batch.model_inputs(device), use_cache=False).last_hidden_state[:, -t - 1 : -1]
+        # [n, T, H]: position P-1+j predicts completion token j
     mask = batch.attention_mask[:, -t:].to(device).bool()  # [n, T] real completion tokens
     hidden, targets = hidden[mask], batch.input_ids[:, -t:].to(device)[mask]  # [K, H], [K]
     token_logp, entropy = [], []
