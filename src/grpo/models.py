@@ -207,9 +207,28 @@ def lora_dropout(model: torch.nn.Module, enabled: bool = True):
             m.eval()
 
 
-def merge_lora(model):
-    """The plain model with the adapters merged into the base weights (in place: the adapters are gone)."""
-    return model.merge_and_unload()
+def merged_copy(model, dtype: torch.dtype):
+    """A LoRA (peft) policy as a plain model in `dtype` with the adapters merged into its weights, and the
+    (merged Linear, LoRA layer) pairs whose weights `refresh_merged` recomputes after each update."""
+    import copy
+
+    from peft.tuners.lora import LoraLayer
+
+    plain = copy.deepcopy(model).merge_and_unload().to(dtype).eval()
+    for p in plain.parameters():
+        p.requires_grad_(False)
+    prefix = "base_model.model."
+    pairs = [(plain.get_submodule(name.removeprefix(prefix)), layer)
+             for name, layer in model.named_modules() if isinstance(layer, LoraLayer)]
+    return plain, pairs
+
+
+@torch.no_grad()
+def refresh_merged(pairs) -> None:
+    """W = W_base + (alpha / r) B A for every adapted Linear (the rest of a LoRA policy never trains)."""
+    for merged, layer in pairs:
+        delta = sum(layer.get_delta_weight(name) for name in layer.active_adapters)
+        merged.weight.copy_(layer.base_layer.weight + delta)
 
 
 def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:

@@ -20,7 +20,7 @@ from grpo.data import DataError, chat_messages, load_task
 from grpo.evaluate import evaluate, format_table
 from grpo.logging.console import format_duration, make_console
 from grpo.logging.run import RunLog, write_json
-from grpo.models import apply_lora, encode_prompt, frozen_copy, load_model_and_tokenizer, merge_lora
+from grpo.models import apply_lora, encode_prompt, frozen_copy, load_model_and_tokenizer
 from grpo.rewards import get_reward, required_columns
 from grpo.rollout import make_engine
 from grpo.trainer import Trainer
@@ -273,7 +273,7 @@ def train(config: Config, quiet: bool = False, console_mode: str = "auto", resum
         if config.eval.after:
             run_eval("after")
         if config.lora.enabled and config.lora.save_merged:
-            checkpoint.save_policy(merge_lora(model), tokenizer, run_dir / "model-merged")
+            checkpoint.save_policy(model.merge_and_unload(), tokenizer, run_dir / "model-merged")
             console.info(f"saved the model with the adapter merged in to {run_dir / 'model-merged'}")
     finally:
         report = log.close()  # the report also covers a run that stopped early

@@ -29,6 +29,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from grpo.core.logprobs import left_pad
+from grpo.models import is_lora, merged_copy, refresh_merged
 from grpo.rollout.base import Rollout, SamplingParams, stop_string_end
 from grpo.rollout.hf import eos_token_ids
 
@@ -265,30 +266,6 @@ def _cast_copy(model, dtype: torch.dtype):
     return copy.deepcopy(model, memo).eval()
 
 
-def _merged_copy(model, dtype: torch.dtype):
-    """A LoRA (peft) policy as a plain model in `dtype` with the adapters merged into its weights, and the
-    (merged Linear, LoRA layer) pairs whose weights `_refresh_merged` recomputes after each update."""
-    import copy
-
-    from peft.tuners.lora import LoraLayer
-
-    plain = copy.deepcopy(model).merge_and_unload().to(dtype).eval()
-    for p in plain.parameters():
-        p.requires_grad_(False)
-    prefix = "base_model.model."
-    pairs = [(plain.get_submodule(name.removeprefix(prefix)), layer)
-             for name, layer in model.named_modules() if isinstance(layer, LoraLayer)]
-    return plain, pairs
-
-
-@torch.no_grad()
-def _refresh_merged(pairs) -> None:
-    """W = W_base + (alpha / r) B A for every adapted Linear (the rest of a LoRA policy never trains)."""
-    for merged, layer in pairs:
-        delta = sum(layer.get_delta_weight(name) for name in layer.active_adapters)
-        merged.weight.copy_(layer.base_layer.weight + delta)
-
-
 def _same_layout(copy, model) -> bool:
     """Whether `copy` can take `model`'s weights in place: the same parameter shapes, on the same device."""
     pa, pb = list(copy.parameters()), list(model.parameters())
@@ -395,11 +372,11 @@ class FastEngine:
         """Sample from `model` from now on; with a `dtype` copy, refresh the copy's weights now."""
         self.model = model
         model_dtype = next(model.parameters()).dtype
-        if self._dtype is not None and hasattr(model, "merge_and_unload"):  # LoRA: a merged copy
+        if self._dtype is not None and is_lora(model):  # LoRA: a merged copy
             if self._merged is None or self._merged_from is not model:
-                self.runner, self._merged = _merged_copy(model, self._dtype)
+                self.runner, self._merged = merged_copy(model, self._dtype)
                 self._merged_from = model
-            _refresh_merged(self._merged)
+            refresh_merged(self._merged)
             return
         self._merged = self._merged_from = None
         if self._dtype is None or self._dtype == model_dtype:
