@@ -163,8 +163,8 @@ def test_lora_on_the_default_model_through_the_cli(tmp_path):
                          "eval.after=false", "output.tensorboard=false", "output.report_every=0", "model.threads=2",
                          "lora.enabled=true", "sampling.engine=fast", "sampling.dtype=float32", f"output.dir={run}")
     assert code == 0, err
-    rows = metrics(run)
-    assert rows[0]["kl/mean"] >= 0 and rows[0]["rollout/logprob_diff"] < 1e-3
+    assert metrics(run)[0]["rollout/logprob_diff"] < 1e-3  # the merged sampling copy is the peft policy
+    assert (run / "model" / "adapter_model.safetensors").is_file()
     cfg = load_config(None, [f"model.path={run / 'model'}", "model.device=cpu"])
     model, _, _ = load_model_and_tokenizer(cfg.model, log=lambda *_: None)
     assert is_lora(model)
