@@ -20,7 +20,8 @@ import inspect
 from dataclasses import dataclass
 
 import torch
-from torch.utils.checkpoint import checkpoint
+
+from grpo import onednn
 
 # Config fields of models whose logits are more than head(hidden): softcapping (Gemma 2/3),
 # a logit scale (Cohere) or divisor (Granite). Those models take the reference path.
@@ -170,19 +171,82 @@ def _shared_prompt_hidden(decoder, batch: SequenceBatch, device) -> torch.Tensor
     return torch.cat([last[:, None], completion[:, :-1]], dim=1)  # [n, T, H]
 
 
-def _chunk_logprobs(
-    head: torch.nn.Linear,
-    hidden: torch.Tensor,  # [k, H]
-    targets: torch.Tensor,  # [k]
-    temperature: float,
-    with_entropy: bool,
-    entropy_grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:  # [k], [k] (entropy zeros when not asked)
-    logits = head(hidden).float()  # [k, V]
-    if temperature != 1.0:
-        logits = logits / temperature
-    token_logp, entropy = logprobs_from_logits(logits, targets, with_entropy, entropy_grad)
-    return token_logp, entropy if entropy is not None else torch.zeros_like(token_logp)
+class _HeadLogprobs(torch.autograd.Function):
+    """log p(target) and the entropy of softmax(head(hidden) / temperature), chunk_tokens rows at a time.
+
+    Forward keeps no logits; backward recomputes each chunk's logits once and turns them straight into
+    the logits' gradient, p * (-g) plus g at the target (and the entropy's -p * (log p + H) where its
+    gradient is asked), so per chunk it holds one or two [chunk, V] blocks. The head weight's gradient
+    of all chunks accumulates into one [V, H] buffer (an in-place matmul) instead of a fresh [V, H]
+    tensor per chunk. The matmuls run through `head` itself (its patched forward when `grpo.onednn`
+    is active) and `onednn.matmul_for`.
+    """
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, hidden, weight, bias, head, targets, temperature, chunk, with_entropy, entropy_grad):
+        # hidden [K, H], weight [V, H], targets [K] -> log-probs [K], entropy [K] (zeros unless asked)
+        k = hidden.shape[0]
+        token_logp = torch.zeros(k, dtype=torch.float32, device=hidden.device)
+        entropy, lse = torch.zeros_like(token_logp), torch.zeros_like(token_logp)
+        for start in range(0, k, chunk):
+            part = slice(start, start + chunk)
+            z = _chunk_logits(head, hidden[part], temperature)  # [k, V] float32
+            lse[part] = torch.logsumexp(z, dim=-1)
+            token_logp[part] = z.gather(1, targets[part, None]).squeeze(1) - lse[part]
+            if with_entropy:
+                logp = z.sub_(lse[part, None])  # in place: [k, V] log-probs
+                entropy[part] = -(logp.exp().mul_(logp)).sum(dim=-1)
+        ctx.head, ctx.temperature, ctx.chunk, ctx.entropy_grad = head, temperature, chunk, with_entropy and entropy_grad
+        ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
+        if not ctx.entropy_grad:
+            ctx.mark_non_differentiable(entropy)
+        return token_logp, entropy
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_logp, grad_entropy):  # [K], [K]
+        hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_h = torch.zeros_like(hidden) if need_h else None  # [K, H]
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None  # [V, H]
+        grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
+        matmul = onednn.matmul_for(weight)
+        g_lp = grad_logp.float()
+        g_ent = grad_entropy.float() if ctx.entropy_grad and grad_entropy is not None else None
+        rows = torch.arange(min(ctx.chunk, hidden.shape[0]), device=hidden.device)
+        for start in range(0, hidden.shape[0], ctx.chunk):
+            part = slice(start, start + ctx.chunk)
+            h = hidden[part]  # [k, H]
+            logp = _chunk_logits(ctx.head, h, ctx.temperature).sub_(lse[part, None])  # [k, V]
+            p = logp.exp()
+            g = g_lp[part, None]  # [k, 1]
+            if g_ent is not None:  # dH/dz = -p (log p + H)
+                grad_z = logp.add_(entropy[part, None]).mul_(-g_ent[part, None]).sub_(g).mul_(p)
+            else:
+                grad_z = p.mul_(-g)
+            k = h.shape[0]
+            grad_z[rows[:k], targets[part]] += g_lp[part]  # d log p(t) / dz = onehot(t) - p
+            if ctx.temperature != 1.0:
+                grad_z.div_(ctx.temperature)
+            grad_z = grad_z.to(h.dtype)
+            if need_h:
+                grad_h[part] = matmul(grad_z, weight.t(), None)  # [k, V] x [V, H]
+            if need_w:
+                with torch.autocast(grad_w.device.type, enabled=False):
+                    grad_w.addmm_(grad_z.t().to(grad_w.dtype), h.to(grad_w.dtype))  # in place: no [V, H] per chunk
+            if need_b:
+                grad_b += grad_z.sum(dim=0)
+        grad_w = grad_w.to(weight.dtype) if need_w else None
+        grad_b = grad_b.to(bias.dtype) if need_b else None
+        return grad_h, grad_w, grad_b, None, None, None, None, None, None
+
+
+def _chunk_logits(head: torch.nn.Linear, hidden: torch.Tensor, temperature: float) -> torch.Tensor:
+    """[k, V] float32 logits of a chunk, divided by the sampling temperature."""
+    logits = head(hidden).float()
+    return logits.div_(temperature) if temperature != 1.0 else logits
 
 
 def completion_logprobs(
@@ -212,25 +276,14 @@ def completion_logprobs(
         # [n, T, H]: position P-1+j predicts completion token j
     mask = batch.attention_mask[:, -t:].to(device).bool()  # [n, T] real completion tokens
     hidden, targets = hidden[mask], batch.input_ids[:, -t:].to(device)[mask]  # [K, H], [K]
-    token_logp, entropy = [], []
-    for start in range(0, targets.shape[0], chunk_tokens):
-        args = (head, hidden[start : start + chunk_tokens], targets[start : start + chunk_tokens], temperature,
-                with_entropy, entropy_grad)
-        if torch.is_grad_enabled():  # keep only the chunk's input; its logits are recomputed in backward
-            lp, ent = checkpoint(_chunk_logprobs, *args, use_reentrant=False)
-        else:
-            lp, ent = _chunk_logprobs(*args)
-        token_logp.append(lp)
-        entropy.append(ent)
+    token_logp, entropy = _HeadLogprobs.apply(hidden, head.weight, head.bias, head, targets, temperature,
+                                              max(1, chunk_tokens), with_entropy, entropy_grad)  # [K], [K]
     return _scatter(token_logp, mask), _scatter(entropy, mask) if with_entropy else None
 
 
-def _scatter(values: list[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
-    """[n, T] float32 holding the concatenated values at the True positions of mask, 0 elsewhere."""
-    out = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
-    if values:
-        out = out.masked_scatter(mask, torch.cat(values))
-    return out
+def _scatter(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[n, T] float32 holding values [K] at the K True positions of mask, 0 elsewhere."""
+    return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_scatter(mask, values)
 
 
 # --- micro-batches ---------------------------------------------------------------------------

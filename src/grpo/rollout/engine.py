@@ -22,13 +22,12 @@ from __future__ import annotations
 
 import inspect
 import time
-import types
-from contextlib import contextmanager
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from grpo.core.logprobs import left_pad
+from grpo import onednn
 from grpo.models import is_lora, merged_copy, refresh_merged
 from grpo.rollout.base import Rollout, SamplingParams, stop_string_end
 from grpo.rollout.hf import eos_token_ids
@@ -272,33 +271,6 @@ def _same_layout(copy, model) -> bool:
     return len(pa) == len(pb) and all(x.shape == y.shape and x.device == y.device for x, y in zip(pa, pb))
 
 
-def _onednn_available() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-
-
-def _onednn_linear_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
-
-
-@contextmanager
-def _onednn_linears(model, enabled: bool):
-    """While active, the model's nn.Linear layers compute with oneDNN's kernel, on their own weights.
-
-    PyTorch sends float32 F.linear to MKL's sgemm, which is slow for the skinny matmuls of a decode
-    step (16 x 576 x 1536: ~60 GFLOP/s here, oneDNN ~100), and a strided 3D input makes it copy the
-    weight once per batch row. Each layer gets an instance `forward`, removed on exit; nothing is copied.
-    """
-    layers = [m for m in model.modules() if type(m) is torch.nn.Linear and "forward" not in m.__dict__]
-    layers = layers if enabled else []
-    for m in layers:
-        m.forward = types.MethodType(_onednn_linear_forward, m)
-    try:
-        yield
-    finally:
-        for m in layers:
-            del m.forward
-
-
 def _device_generator(generator: torch.Generator | None, device: torch.device) -> torch.Generator:
     """A generator on the model's device, seeded from `generator` (or from torch's global RNG)."""
     on = generator.device if generator is not None else "cpu"
@@ -403,7 +375,7 @@ class FastEngine:
         was_training = self.runner.training
         self.runner.eval()
         try:
-            with torch.inference_mode(), _onednn_linears(self.runner, self._use_onednn(device)):
+            with torch.inference_mode(), onednn.use_in(self.runner, enabled=self._use_onednn(device)):
                 ids, logprobs, ends, stopped, stats = self._sample(prompt_ids, group_size, params, gen, device)
         finally:
             self.runner.train(was_training)
@@ -423,9 +395,9 @@ class FastEngine:
         )
 
     def _use_onednn(self, device: torch.device) -> bool:
-        dtype = next(self.runner.parameters()).dtype
-        possible = device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and _onednn_available()
+        possible = onednn.usable(self.runner)
         if self._onednn and not possible:
+            dtype = next(self.runner.parameters()).dtype
             raise ValueError(
                 f"onednn=True needs float32 or bfloat16 weights on a CPU with oneDNN; got {dtype} on {device}"
             )

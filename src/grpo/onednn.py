@@ -1,0 +1,104 @@
+"""oneDNN's Linear kernel on CPU, forward and backward, swapped in for a model's nn.Linear layers.
+
+PyTorch sends float32 `F.linear` and the matmuls of its backward to MKL's sgemm, which on this
+project's AMD CPUs runs the model's matmuls at less than half of what oneDNN's kernel reaches:
+
+    rows x in -> out          forward   grad input   grad weight   (GFLOP/s, 2 threads, fp32)
+    600 x 576 -> 1536  MKL       198        197          196
+                       oneDNN    443        436          454
+    16 x 576 -> 1536   MKL       ~60 (decode step)   oneDNN ~100
+
+(`benchmarks/bench_train.py` shows what it gives a whole step.) For bfloat16, PyTorch copies the
+whole weight when the input is a strided slice; oneDNN reads strides. Results agree with PyTorch's
+to float rounding (a different summation order), not bit for bit.
+
+`use_in(model)` gives each nn.Linear of the model an instance `forward` for as long as it
+is active (nothing is copied, the weights are the layers' own); under autograd the forward is a
+`torch.autograd.Function` whose backward runs its two matmuls through the same kernel.
+"""
+
+from __future__ import annotations
+
+import types
+from contextlib import contextmanager
+
+import torch
+
+
+def available() -> bool:
+    """Whether this torch build has oneDNN's linear op."""
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def _serves(weight: torch.Tensor) -> bool:
+    return weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16) and available()
+
+
+def usable(model) -> bool:
+    """Whether `model`'s Linear layers can run through oneDNN: float32 or bfloat16 weights on a CPU."""
+    p = next(model.parameters(), None)
+    return p is not None and _serves(p)
+
+
+def _matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ weight.T + bias: [..., in] x [out, in] -> [..., out]; strided operands are read as they are."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+def matmul_for(weight: torch.Tensor):
+    """`f(x, weight, bias)` = x @ weight.T + bias (no autograd) with the fastest kernel for `weight`:
+    oneDNN's for float32 / bfloat16 on a CPU, `F.linear` elsewhere."""
+    return _matmul if _serves(weight) else torch.nn.functional.linear
+
+
+class _Linear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return _matmul(x, weight, bias)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):  # grad: [..., out]
+        x, weight = ctx.saved_tensors  # [..., in], [out, in]
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _matmul(grad, weight.t(), None)  # [..., in]
+        flat = grad.reshape(-1, grad.shape[-1])  # [M, out]
+        if ctx.needs_input_grad[1]:
+            grad_w = _matmul(flat.t(), x.reshape(-1, x.shape[-1]).t(), None)  # [out, M] x [M, in] -> [out, in]
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = flat.sum(dim=0)  # [out]
+        return grad_x, grad_w, grad_b
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear` through oneDNN; differentiable in x, weight and bias."""
+    needs_grad = torch.is_grad_enabled() and (
+        x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    )
+    return _Linear.apply(x, weight, bias) if needs_grad else _matmul(x, weight, bias)
+
+
+def _forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return linear(x, self.weight, self.bias)
+
+
+@contextmanager
+def use_in(*models, enabled: bool = True):
+    """While active, the nn.Linear layers of `models` compute with oneDNN; models it cannot serve
+    (not `usable`) and None entries are skipped, and `enabled=False` changes nothing.
+
+    Layers that already have an instance `forward` (an enclosing `use_in`, or the user's own)
+    are left alone, so nested uses compose; exiting restores exactly the layers it changed.
+    """
+    layers = [m for model in models if model is not None and enabled and usable(model) for m in model.modules()
+              if type(m) is torch.nn.Linear and "forward" not in m.__dict__]
+    for m in layers:
+        m.forward = types.MethodType(_forward, m)
+    try:
+        yield
+    finally:
+        for m in layers:
+            del m.forward
