@@ -172,3 +172,34 @@ def test_models_with_transformed_logits_take_the_plain_path_zeroed_at_padding():
         plain, plain_ent = completion_logprobs_reference(model, batch, with_entropy=True)
     assert (lp[~mask] == 0).all() and (ent[~mask] == 0).all()
     torch.testing.assert_close(lp, plain * mask, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 64])
+def test_fused_head_equals_log_softmax_with_a_bias_temperature_and_entropy_gradient(chunk):
+    """The head function on its own: values and the gradients of hidden, weight and bias, against
+    log_softmax over the full logits."""
+    from grpo.core.logprobs import _HeadLogprobs
+
+    g = torch.Generator().manual_seed(4)
+    head = torch.nn.Linear(16, 50)
+    hidden = torch.randn(11, 16, generator=g, requires_grad=True)  # [K, H]
+    targets = torch.randint(0, 50, (11,), generator=g)
+    w_lp, w_ent = torch.randn(11, generator=g), torch.randn(11, generator=g)
+    params = [hidden, head.weight, head.bias]
+
+    lp, ent = _HeadLogprobs.apply(hidden, head.weight, head.bias, head, targets, 0.7, chunk, True, True)
+    ours = torch.autograd.grad((lp * w_lp + ent * w_ent).sum(), params)
+    logp = torch.log_softmax(head(hidden) / 0.7, dim=-1)  # [K, V]
+    plain_lp, plain_ent = logp.gather(1, targets[:, None]).squeeze(1), -(logp.exp() * logp).sum(-1)
+    plain = torch.autograd.grad((plain_lp * w_lp + plain_ent * w_ent).sum(), params, retain_graph=True)
+    torch.testing.assert_close(lp, plain_lp)
+    torch.testing.assert_close(ent, plain_ent)
+    for a, e in zip(ours, plain):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
+
+    lp, ent = _HeadLogprobs.apply(hidden, head.weight, head.bias, head, targets, 0.7, chunk, True, False)
+    assert not ent.requires_grad  # the entropy as a metric: no gradient through it
+    ours = torch.autograd.grad((lp * w_lp).sum(), params)
+    plain = torch.autograd.grad((plain_lp * w_lp).sum(), params)
+    for a, e in zip(ours, plain):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)

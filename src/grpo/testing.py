@@ -42,8 +42,9 @@ def tiny_tokenizer():
     return tok
 
 
-def tiny_model(vocab_size: int, seed: int = 0, layers: int = 2, hidden: int = 64):
-    """A randomly initialised Llama with `layers` layers: a few hundred thousand parameters."""
+def tiny_model(vocab_size: int, seed: int = 0, layers: int = 2, hidden: int = 64, tied: bool = True):
+    """A randomly initialised Llama with `layers` layers: a few hundred thousand parameters; its output
+    head shares the input embedding's weight unless `tied` is False."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
@@ -54,7 +55,7 @@ def tiny_model(vocab_size: int, seed: int = 0, layers: int = 2, hidden: int = 64
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=512,
-        tie_word_embeddings=True,
+        tie_word_embeddings=tied,
         bos_token_id=2,
         eos_token_id=3,
         pad_token_id=1,
