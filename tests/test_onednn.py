@@ -78,3 +78,19 @@ def test_a_model_s_loss_and_gradients_are_the_same_through_onednn():
 def test_matmul_for_picks_onednn_only_where_it_serves():
     assert onednn.matmul_for(torch.zeros(2, 2)) is not torch.nn.functional.linear
     assert onednn.matmul_for(torch.zeros(2, 2, dtype=torch.float16)) is torch.nn.functional.linear
+
+
+def test_packed_weights_serve_no_grad_forwards_only_and_are_dropped_after():
+    model = tiny_model(60, seed=4)
+    ids = torch.randint(4, 60, (2, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        plain = model(input_ids=ids).logits
+    with onednn.use_in(model), onednn.packed(model, rows=2):
+        assert all(m.__dict__["_onednn_packed"].is_mkldnn for m in model.modules() if type(m) is torch.nn.Linear)
+        with torch.inference_mode():
+            torch.testing.assert_close(model(input_ids=ids).logits, plain, rtol=1e-5, atol=1e-5)
+        model(input_ids=ids, labels=ids).loss.backward()  # a training forward reads the weights themselves
+    assert model.lm_head.weight.grad is not None
+    assert not any("_onednn_packed" in m.__dict__ or "forward" in m.__dict__ for m in model.modules())
+    with onednn.packed(model.to(torch.float16), rows=2):  # not served: nothing reordered
+        assert not any("_onednn_packed" in m.__dict__ for m in model.modules())

@@ -313,13 +313,15 @@ def test_a_bfloat16_copy_follows_the_policy_weights(tok, prompts):
         FastEngine(model, tok, dtype="fp8")
 
 
-def test_onednn_linears_equal_the_default_kernel_and_are_removed_after(model, tok, prompts):
+def test_onednn_linears_packed_or_not_equal_the_default_kernel_and_are_removed_after(model, tok, prompts):
     params = SamplingParams(max_new_tokens=12, temperature=0.9)
     fast = FastEngine(model, tok, onednn=True).generate(prompts, 2, params, torch.Generator().manual_seed(2))
     plain = FastEngine(model, tok, onednn=False).generate(prompts, 2, params, torch.Generator().manual_seed(2))
-    assert torch.equal(fast.completion_ids, plain.completion_ids)
-    torch.testing.assert_close(fast.sampling_logprobs, plain.sampling_logprobs, rtol=0, atol=1e-5)
-    assert not any("forward" in m.__dict__ for m in model.modules())  # the model is left as it was
+    unpacked = FastEngine(model, tok, onednn=True, prepack=False).generate(prompts, 2, params, torch.Generator().manual_seed(2))
+    for other in (plain, unpacked):
+        assert torch.equal(fast.completion_ids, other.completion_ids)
+        torch.testing.assert_close(fast.sampling_logprobs, other.sampling_logprobs, rtol=0, atol=1e-5)
+    assert not any("forward" in m.__dict__ or "_onednn_packed" in m.__dict__ for m in model.modules())  # as it was
     with pytest.raises(ValueError, match="onednn=True needs float32 or bfloat16"):
         FastEngine(peaky_model(len(tok)).to(torch.float16), tok, onednn=True).generate(prompts, 1, params)
 

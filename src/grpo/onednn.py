@@ -82,6 +82,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 def _forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    packed = self.__dict__.get("_onednn_packed")  # set by `packed`, for no-grad forwards only
+    if packed is not None and not torch.is_grad_enabled():
+        return _matmul(x, packed, self.bias)
     return linear(x, self.weight, self.bias)
 
 
@@ -102,3 +105,24 @@ def use_in(*models, enabled: bool = True):
     finally:
         for m in layers:
             del m.forward
+
+
+@contextmanager
+def packed(model, rows: int, enabled: bool = True):
+    """While active, the oneDNN forwards (`use_in`) of `model`'s Linear layers read a copy of their
+    weights reordered into oneDNN's blocked layout for inputs of about `rows` rows.
+
+    For a decode step (16-64 rows, SmolLM2-135M, 2 cores) the matmuls run ~1.4x faster and a whole
+    generation 15-20% faster, for ~0.1 s of reordering and one more copy of the Linear weights while
+    active. Only for no-grad forwards over weights that do not change meanwhile: a generation.
+    """
+    reorder = getattr(torch.ops.mkldnn, "_reorder_linear_weight", None) if available() else None
+    layers = [m for m in model.modules() if type(m) is torch.nn.Linear]
+    layers = layers if enabled and reorder is not None and usable(model) else []
+    for m in layers:
+        m._onednn_packed = reorder(m.weight.detach(), max(1, rows))
+    try:
+        yield
+    finally:
+        for m in layers:
+            del m._onednn_packed

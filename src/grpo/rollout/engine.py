@@ -26,8 +26,8 @@ import time
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from grpo.core.logprobs import left_pad
 from grpo import onednn
+from grpo.core.logprobs import left_pad
 from grpo.models import is_lora, merged_copy, refresh_merged
 from grpo.rollout.base import Rollout, SamplingParams, stop_string_end
 from grpo.rollout.hf import eos_token_ids
@@ -297,6 +297,9 @@ class FastEngine:
         ~1.7x slower at decode batch sizes (a few to a few dozen rows); for bfloat16, PyTorch copies
         the whole lm_head weight when its input is a strided slice (the last prompt position at
         prefill): 260 ms against 4 ms. Results agree to rounding.
+      prepack: with oneDNN, reorder the Linear weights into oneDNN's blocked layout at the start of each
+        `generate` (`grpo.onednn.packed`): 15-20% faster sampling on CPU for ~0.1 s of reordering, and
+        one more copy of the Linear weights while sampling (released after).
       compile: wrap the model forward of the decode steps in `torch.compile` (dynamic shapes). Off by
         default: measured on CPU, no gain (bf16, 2x8x64: 1.49 s vs 1.25 s a run) after minutes of compiling.
     """
@@ -309,6 +312,7 @@ class FastEngine:
         tokenizer,
         dtype: str | torch.dtype | None = None,
         onednn: bool | None = None,
+        prepack: bool = True,
         compile: bool = False,
     ):
         self.tokenizer = tokenizer
@@ -326,6 +330,7 @@ class FastEngine:
         self._logits_to_keep = "logits_to_keep" in params
         self._dtype = _as_dtype(dtype)
         self._onednn = onednn
+        self._prepack = prepack
         self.model = model  # the policy: its weights are the ones sampled from
         self.runner = model  # what runs: the policy itself, or a copy of it in `dtype`
         self._merged: list | None = None  # LoRA: (merged Linear, LoRA layer) pairs of a merged copy
@@ -375,7 +380,10 @@ class FastEngine:
         was_training = self.runner.training
         self.runner.eval()
         try:
-            with torch.inference_mode(), onednn.use_in(self.runner, enabled=self._use_onednn(device)):
+            use_onednn = self._use_onednn(device)
+            rows = len(prompt_ids) * group_size
+            with torch.inference_mode(), onednn.use_in(self.runner, enabled=use_onednn), \
+                    onednn.packed(self.runner, rows, enabled=use_onednn and self._prepack):
                 ids, logprobs, ends, stopped, stats = self._sample(prompt_ids, group_size, params, gen, device)
         finally:
             self.runner.train(was_training)
