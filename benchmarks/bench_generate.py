@@ -6,8 +6,9 @@
 
 A config BxGxT is B prompts x G samples x T max new tokens. `generate` is `model.generate` on each prompt
 repeated G times (left padded, do_sample, temperature 1, no top-k/top-p), the way a GRPO trainer calls it;
-`fast` is FastEngine with the same settings (`fast-mkl`: with PyTorch's default float32 matmul kernel
-instead of oneDNN's); `fast-bf16` is FastEngine sampling from a bfloat16 copy of the
+`fast` is FastEngine with the same settings (`fast-unpacked`: without reordering the weights for oneDNN
+at each call, `prepack=False`; `fast-mkl`: with PyTorch's default float32 matmul kernel instead of
+oneDNN's); `fast-bf16` is FastEngine sampling from a bfloat16 copy of the
 weights, and `generate-bf16` is generate on a bfloat16 model, for a like-for-like bf16 ratio.
 Tokens/s counts real completion tokens (up to and including EOS) over wall time; engines run in turn, after
 a warm-up, with a different seed each repeat. Peak memory comes from one child process per engine.
@@ -95,6 +96,7 @@ def make_runners(model, tokenizer, names: list[str]) -> dict:
     makers = {
         "generate": lambda: generate_on(model),
         "fast": lambda: fast_with(),
+        "fast-unpacked": lambda: fast_with(prepack=False),
         "fast-mkl": lambda: fast_with(onednn=False),
         "generate-bf16": lambda: generate_on(copy.deepcopy(model).to(torch.bfloat16)),
         "fast-bf16": lambda: fast_with(dtype="bfloat16"),
@@ -213,20 +215,28 @@ def model_costs(model) -> dict:
 
 def decode_matmul_floor(model, n: int, dtype: torch.dtype) -> float:
     """Seconds for all weight matmuls of one decode step at batch n: the model's own Linear layers only,
-    through the kernel FastEngine uses (oneDNN for float32, PyTorch's default for bfloat16)."""
+    through the fastest kernel FastEngine has (oneDNN, on weights reordered for the batch as `prepack`
+    does, or as they are; PyTorch's default kernel where oneDNN is missing)."""
     weights = [m.weight.detach().to(dtype) for m in model.modules() if isinstance(m, torch.nn.Linear)]
     inputs = {w.shape[1]: torch.randn(n, w.shape[1], dtype=dtype) for w in weights}
-    if dtype == torch.float32:
-        def step():
-            for w in weights:
-                torch.ops.mkldnn._linear_pointwise(inputs[w.shape[1]], w, None, "none", [], "")
-    else:
-        def step():
-            for w in weights:
-                torch.nn.functional.linear(inputs[w.shape[1]], w)
 
+    def steps_over(ws, matmul):
+        def step():
+            for w, plain in zip(ws, weights):
+                matmul(inputs[plain.shape[1]], w)
+        return step
+
+    candidates = [steps_over(weights, torch.nn.functional.linear)]
+    from grpo import onednn
+
+    if onednn.available():
+        linear = lambda x, w: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")  # noqa: E731
+        candidates.append(steps_over(weights, linear))
+        if hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
+            packed = [torch.ops.mkldnn._reorder_linear_weight(w, n) for w in weights]
+            candidates.append(steps_over(packed, linear))
     with torch.inference_mode():
-        return best_time(step, 3)
+        return min(best_time(step, 3) for step in candidates)
 
 
 def roofline_tokens_per_s(costs: dict, rates: dict, n: int, context: float, dtype: torch.dtype) -> float:
@@ -256,7 +266,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="HF folder or .gguf; default: the bundled SmolLM2-135M-Instruct")
     parser.add_argument("--configs", default="2x8x64,8x8x128", help="comma-separated BxGxT")
-    parser.add_argument("--engines", default="generate,fast,fast-mkl,generate-bf16,fast-bf16")
+    parser.add_argument("--engines", default="generate,fast,fast-unpacked,fast-mkl,generate-bf16,fast-bf16")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes")

@@ -78,3 +78,11 @@ def test_sampling_dtype_needs_the_fast_engine():
     assert load_config(None, ["sampling.engine=fast", "sampling.dtype=bfloat16"]).sampling.dtype == "bfloat16"
     with pytest.raises(ConfigError, match="sampling.dtype=bfloat16 needs sampling.engine=fast"):
         load_config(None, ["sampling.engine=hf", "sampling.dtype=bfloat16"])
+
+
+def test_sampling_prepack_reaches_the_fast_engine_only():
+    from grpo.run import engine_options
+
+    assert engine_options(load_config(None, ["sampling.engine=fast"])) == {"prepack": True}
+    assert engine_options(load_config(None, ["sampling.engine=fast", "sampling.prepack=false"])) == {"prepack": False}
+    assert engine_options(load_config(None, ["sampling.engine=hf"])) == {}  # generate has no such option

@@ -201,7 +201,11 @@ def stop_message(trainer: Trainer, config: Config, run_dir: Path) -> str:
 
 def engine_options(config: Config) -> dict:
     """Keyword options of the configured rollout engine."""
-    return {"dtype": config.sampling.dtype} if config.sampling.dtype else {}
+    s = config.sampling
+    options = {"dtype": s.dtype} if s.dtype else {}
+    if s.engine == "fast":
+        options["prepack"] = s.prepack
+    return options
 
 
 def load_for_training(config: Config, log=print):
