@@ -117,3 +117,13 @@ def test_a_cast_sampling_copy_is_not_pi_old():
     assert not trainer.engine.exact_logprobs
     batch = trainer.make_batch(trainer.sampler.next(2), phases := Phases())
     assert "old_logprobs" in phases.seconds and batch.old_logprobs is not batch.rollout.sampling_logprobs
+
+
+def test_a_step_updates_the_weights_and_frees_the_gradients():
+    """The gradients are not held through the next step's sampling (they would add a weights-sized
+    block to its memory)."""
+    trainer = trainer_helpers.make_trainer()
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    trainer.step()
+    assert any(not torch.equal(b, p) for b, p in zip(before, trainer.model.parameters()))
+    assert all(p.grad is None for p in trainer.model.parameters())

@@ -323,6 +323,7 @@ class Trainer:
                 totals[k] = totals.get(k, 0.0) + (v / mu if k != "rollout_logprob_diff" else v)
             grad_norm, reason = self.clip_and_step(sums["loss"], bad or None)
             skipped = skipped or reason
+        self.optimizer.zero_grad(set_to_none=True)  # not held through the next step's sampling
         totals["grad_norm"] = grad_norm
         return totals, skipped
 
