@@ -211,7 +211,7 @@ def lora_dropout(model: torch.nn.Module, enabled: bool = True):
 def sparse_embedding_grad(model: torch.nn.Module):
     """Within this block (forward and backward) the input embedding's gradient is sparse: the rows of the
     tokens the batch holds, added into the weight's .grad on exit, instead of a dense [V, D] tensor per
-    forward (a zero-filled 113 MB for SmolLM2, more than a second a step on a 2-core CPU).
+    forward (a zero-filled 113 MB for SmolLM2, then added: ~0.85 s of a 4.5 s backward on a 2-core CPU).
 
     The lookup reads the weight through a second leaf on the same storage (no copy): with a tied
     output head, autograd would otherwise sum the head's dense gradient and the sparse one out of place,

@@ -353,8 +353,8 @@ class Trainer:
         mismatch, sampled_tokens = 0.0, int(batch.rollout.completion_mask.sum())
         recompute = self.cfg.trainer.gradient_checkpointing
         for mb in self.micro_batches(batch.sequences):
-            # the policy's training forward
-            with checkpointed_layers(self.model, recompute), lora_dropout(self.model), sparse_embedding_grad(self.model):
+            policy = self.model  # its training forward
+            with checkpointed_layers(policy, recompute), lora_dropout(policy), sparse_embedding_grad(policy):
                 loss, m, sur, kl, entropy, lp = self.micro_batch_loss(batch, mb, totals)
                 loss.backward()
             if sampled is not None:  # how far the sampler's log-probs are from the policy's (SPEC.md 5)
