@@ -6,7 +6,7 @@ project's AMD CPUs runs the model's matmuls at less than half of what oneDNN's k
     rows x in -> out          forward   grad input   grad weight   (GFLOP/s, 2 threads, fp32)
     600 x 576 -> 1536  MKL       198        197          196
                        oneDNN    443        436          454
-    16 x 576 -> 1536   MKL       ~60 (decode step)   oneDNN ~100
+    16 x 576 -> 1536   MKL       ~60      oneDNN ~100  (in a decode step, weights streamed from memory)
 
 (`benchmarks/bench_train.py` shows what it gives a whole step.) For bfloat16, PyTorch copies the
 whole weight when the input is a strided slice; oneDNN reads strides. Results agree with PyTorch's
