@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import inspect
 import time
+from contextlib import nullcontext
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
@@ -280,6 +281,17 @@ def _device_generator(generator: torch.Generator | None, device: torch.device) -
     return local
 
 
+def _decode_attention(device: torch.device, dtype: torch.dtype):
+    """The SDPA kernel for decode steps (one query per row): in float32 on CPU the plain math one, ~5-7%
+    faster per generation than the flash kernel at 16-64 rows (~200 us a call there for a single query);
+    elsewhere (other dtypes not measured) SDPA's own choice."""
+    if device.type != "cpu" or dtype != torch.float32:
+        return nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(SDPBackend.MATH)
+
+
 class FastEngine:
     """Batched KV-cache sampler; each prompt is prefilled once and its cache shared by its G samples.
 
@@ -447,7 +459,8 @@ class FastEngine:
         t0 = time.perf_counter()
         cache, bias, logits, next_pos = self._prefill(prompt_ids, group_size, params.max_new_tokens, device)
         t_prefill = time.perf_counter() - t0
-        out = self._decode(cache, bias, logits, next_pos, params, gen)
+        with _decode_attention(device, next(self.runner.parameters()).dtype):
+            out = self._decode(cache, bias, logits, next_pos, params, gen)
         ids, logprobs, ends, stopped, row_steps = out
         stats = {
             "prefill_s": t_prefill,
