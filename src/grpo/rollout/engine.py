@@ -310,7 +310,7 @@ class FastEngine:
         the whole lm_head weight when its input is a strided slice (the last prompt position at
         prefill): 260 ms against 4 ms. Results agree to rounding.
       prepack: with oneDNN, reorder the Linear weights into oneDNN's blocked layout at the start of each
-        `generate` (`grpo.onednn.packed`): 15-20% faster sampling on CPU for ~0.1 s of reordering, and
+        `generate` (`grpo.onednn.packed`): 15-25% faster sampling on CPU for ~0.1 s of reordering, and
         one more copy of the Linear weights while sampling (released after).
       compile: wrap the model forward of the decode steps in `torch.compile` (dynamic shapes). Off by
         default: measured on CPU, no gain (bf16, 2x8x64: 1.49 s vs 1.25 s a run) after minutes of compiling.
