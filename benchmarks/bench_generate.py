@@ -343,7 +343,8 @@ def print_speed(rows, rates, costs) -> None:
         f"{costs['weight_bytes'] / 1e6:.0f} MB of fp32 weights read per decode step. Roofline: "
         "N / max(N x FLOPs / matmul rate, (weights + KV cache) bytes / read rate) at batch N = B x G and the run's "
         "mean context, in the engine's dtype. Matmul floor: N / the measured time of the model's own Linear layers "
-        "at batch N (oneDNN for fp32), i.e. a decode step with no attention, sampling or Python; an engine whose "
+        "at batch N through the fastest kernel the engine has (oneDNN on weights reordered for the batch, or "
+        "as they are, or PyTorch's), i.e. a decode step with no attention, sampling or Python; an engine whose "
         "rows finish early decodes at smaller batches and can sit above or below it."
     )
 

@@ -92,5 +92,7 @@ def test_packed_weights_serve_no_grad_forwards_only_and_are_dropped_after():
         model(input_ids=ids, labels=ids).loss.backward()  # a training forward reads the weights themselves
     assert model.lm_head.weight.grad is not None
     assert not any("_onednn_packed" in m.__dict__ or "forward" in m.__dict__ for m in model.modules())
+    with onednn.packed(model, rows=2):  # no enclosing use_in: no layer would read a reordered copy
+        assert not any("_onednn_packed" in m.__dict__ for m in model.modules())
     with onednn.packed(model.to(torch.float16), rows=2):  # not served: nothing reordered
         assert not any("_onednn_packed" in m.__dict__ for m in model.modules())
