@@ -80,9 +80,11 @@ def test_sampling_dtype_needs_the_fast_engine():
         load_config(None, ["sampling.engine=hf", "sampling.dtype=bfloat16"])
 
 
-def test_sampling_prepack_reaches_the_fast_engine_only():
+def test_sampling_prepack_and_fused_reach_the_fast_engine_only():
     from grpo.run import engine_options
 
-    assert engine_options(load_config(None, ["sampling.engine=fast"])) == {"prepack": True}
-    assert engine_options(load_config(None, ["sampling.engine=fast", "sampling.prepack=false"])) == {"prepack": False}
+    assert load_config(None, []).sampling.engine == "fast"  # our engine is the default
+    assert engine_options(load_config(None, [])) == {"prepack": True, "fused": None}
+    off = engine_options(load_config(None, ["sampling.prepack=false", "sampling.fused=false"]))
+    assert off == {"prepack": False, "fused": False}
     assert engine_options(load_config(None, ["sampling.engine=hf"])) == {}  # generate has no such option

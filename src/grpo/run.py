@@ -205,6 +205,7 @@ def engine_options(config: Config) -> dict:
     options = {"dtype": s.dtype} if s.dtype else {}
     if s.engine == "fast":
         options["prepack"] = s.prepack
+        options["fused"] = None if s.fused else False  # None: where supported
     return options
 
 

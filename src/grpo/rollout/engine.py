@@ -31,6 +31,7 @@ from grpo import onednn
 from grpo.core.logprobs import left_pad
 from grpo.models import is_lora, merged_copy, refresh_merged
 from grpo.rollout.base import Rollout, SamplingParams, stop_string_end
+from grpo.rollout.decoder import FusedDecoder, unsupported
 from grpo.rollout.hf import eos_token_ids
 
 # Attention implementations that take a ready 4D additive mask [n, 1, q, L].
@@ -312,8 +313,13 @@ class FastEngine:
       prepack: with oneDNN, reorder the Linear weights into oneDNN's blocked layout at the start of each
         `generate` (`grpo.onednn.packed`): 15-25% faster sampling on CPU for ~0.1 s of reordering, and
         one more copy of the Linear weights while sampling (released after).
-      compile: wrap the model forward of the decode steps in `torch.compile` (dynamic shapes). Off by
-        default: measured on CPU, no gain (bf16, 2x8x64: 1.49 s vs 1.25 s a run) after minutes of compiling.
+      fused: decode through `grpo.rollout.decoder.FusedDecoder` (Llama, Mistral, Qwen2: a few ops per layer
+        on concatenated q|k|v and gate|up weights, built at each `generate`) instead of the model's forward;
+        prefill always runs the model's forward. None (default): on CPU when the model is supported and
+        `compile` is off; True: required (an error when the model is not supported); False: never. The fused weights are one
+        more copy of the Linear weights while sampling (with `prepack` they replace its copy).
+      compile: decode through the model's forward wrapped in `torch.compile` (dynamic shapes), not the
+        fused decoder. Off by default: measured on CPU, no gain (bf16, 2x8x64: 1.49 s vs 1.25 s a run) after minutes of compiling.
     """
 
     name = "fast"
@@ -325,6 +331,7 @@ class FastEngine:
         dtype: str | torch.dtype | None = None,
         onednn: bool | None = None,
         prepack: bool = True,
+        fused: bool | None = None,
         compile: bool = False,
     ):
         self.tokenizer = tokenizer
@@ -343,12 +350,19 @@ class FastEngine:
         self._dtype = _as_dtype(dtype)
         self._onednn = onednn
         self._prepack = prepack
+        self._fused = fused
+        if fused and compile:
+            raise ValueError("fused=True and compile=True exclude each other: compile wraps the model's forward")
+        if fused:
+            reason = unsupported(model)
+            if reason is not None:
+                raise ValueError(f"fused=True: {reason}; use fused=None to decode such models through their forward")
         self.model = model  # the policy: its weights are the ones sampled from
         self.runner = model  # what runs: the policy itself, or a copy of it in `dtype`
         self._merged: list | None = None  # LoRA: (merged Linear, LoRA layer) pairs of a merged copy
         self._merged_from = None  # the peft model that copy was made from
         self.sync_weights(model)
-        self._decode_forward = torch.compile(self._forward, dynamic=True) if compile else self._forward
+        self._model_step = torch.compile(self._forward, dynamic=True) if compile else self._forward
 
     @property
     def exact_logprobs(self) -> bool:
@@ -394,9 +408,12 @@ class FastEngine:
         try:
             use_onednn = self._use_onednn(device)
             rows = len(prompt_ids) * group_size
+            fused = self._use_fused(device)
             with torch.inference_mode(), onednn.use_in(self.runner, enabled=use_onednn), \
-                    onednn.packed(self.runner, rows, enabled=use_onednn and self._prepack):
-                ids, logprobs, ends, stopped, stats = self._sample(prompt_ids, group_size, params, gen, device)
+                    onednn.packed(self.runner, rows, enabled=use_onednn and self._prepack and not fused):
+                step = FusedDecoder(self.runner, rows, use_onednn, self._prepack) if fused else self._model_step
+                ids, logprobs, ends, stopped, stats = self._sample(prompt_ids, group_size, params, gen, device, step)
+                del step  # the fused weights
         finally:
             self.runner.train(was_training)
         # leave inference mode: the trainer feeds these tensors to autograd
@@ -422,6 +439,11 @@ class FastEngine:
                 f"onednn=True needs float32 or bfloat16 weights on a CPU with oneDNN; got {dtype} on {device}"
             )
         return possible if self._onednn is None else bool(self._onednn)
+
+    def _use_fused(self, device: torch.device) -> bool:
+        if self._fused is None:
+            return device.type == "cpu" and self._model_step == self._forward and unsupported(self.runner) is None
+        return self._fused
 
     def _check(self, prompt_ids, group_size, params) -> None:
         if group_size < 1 or params.max_new_tokens < 1 or not prompt_ids:
@@ -454,13 +476,13 @@ class FastEngine:
         out = self.runner(input_ids=ids, position_ids=positions, attention_mask=mask, use_cache=True, **kwargs)
         return out.logits[:, -1]
 
-    def _sample(self, prompt_ids, group_size, params, gen, device):
-        """Prefill, then decode. Returns raw ids [N, T], log-probs [N, T], ends [N], stopped [N], stats."""
+    def _sample(self, prompt_ids, group_size, params, gen, device, step):
+        """Prefill, then decode with `step` (the decode forward). Returns raw ids [N, T], log-probs [N, T], ends [N], stopped [N], stats."""
         t0 = time.perf_counter()
         cache, bias, logits, next_pos = self._prefill(prompt_ids, group_size, params.max_new_tokens, device)
         t_prefill = time.perf_counter() - t0
         with _decode_attention(device, next(self.runner.parameters()).dtype):
-            out = self._decode(cache, bias, logits, next_pos, params, gen)
+            out = self._decode(cache, bias, logits, next_pos, params, gen, step)
         ids, logprobs, ends, stopped, row_steps = out
         stats = {
             "prefill_s": t_prefill,
@@ -502,7 +524,7 @@ class FastEngine:
         next_pos = attn.sum(1).repeat_interleave(G)  # [N] the prompt lengths
         return cache, bias, torch.cat(logits).repeat_interleave(G, dim=0), next_pos
 
-    def _decode(self, cache, bias, logits, next_pos, params, gen):
+    def _decode(self, cache, bias, logits, next_pos, params, gen, step):
         """Sample up to T tokens per row; a row leaves the batch (and the cache) once it ends."""
         N, T, device = bias.shape[0], params.max_new_tokens, bias.device
         out_ids = torch.full((N, T), self.pad_id, dtype=torch.long, device=device)  # [N, T]
@@ -540,7 +562,7 @@ class FastEngine:
             cache.reserve(L + 1)
             bias[:n, L] = 0.0  # the token fed now is attended from now on
             mask = bias[:n, None, None, : L + 1]  # [n, 1, 1, L+1]
-            logits = self._decode_forward(tokens[:, None], next_pos[:, None], mask, cache)  # [n, V]
+            logits = step(tokens[:, None], next_pos[:, None], mask, cache)  # [n, V]
             cache.advance(1)
             next_pos = next_pos + 1
         ends, stopped = stops.exact_ends(ends, stopped)

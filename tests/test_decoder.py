@@ -1,0 +1,138 @@
+"""FusedDecoder: the engine's decode step on fused weights equals the model's own forward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from grpo.rollout import FastEngine, SamplingParams
+from grpo.rollout.decoder import FusedDecoder, unsupported
+from grpo.testing import tiny_tokenizer
+
+TEXTS = ["hello there", "2+2=", "What is the answer to this one?"]  # unequal lengths: left padding
+
+
+def tiny(kind: str, vocab_size: int, tied: bool = True, seed: int = 0):
+    """A two-layer model of the given family with large random weights (and biases where it has them), so
+    that greedy outputs vary and log-probs are far from uniform."""
+    import transformers
+
+    config_class, model_class = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),  # q, k, v biases
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+        "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),  # q_norm / k_norm: not supported
+    }[kind]
+    config = config_class(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=tied, bos_token_id=2,
+        eos_token_id=3, pad_token_id=1,
+    )
+    torch.manual_seed(seed)
+    model = model_class(config).float().eval()
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2 or name.endswith("proj.bias"):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.25)
+    return model
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def prompts(tok):
+    return [tok(t, add_special_tokens=False).input_ids for t in TEXTS]
+
+
+def naive_greedy(model, prompt: list[int], max_new_tokens: int, eos: set[int]) -> list[int]:
+    """Argmax decoding that recomputes the whole sequence at every step: no cache, no padding."""
+    ids, out = list(prompt), []
+    for _ in range(max_new_tokens):
+        with torch.no_grad():
+            token = int(model(torch.tensor([ids])).logits[0, -1].argmax())
+        out.append(token)
+        ids.append(token)
+        if token in eos:
+            break
+    return out
+
+
+def rows_as_lists(rollout) -> list[list[int]]:
+    return [row[mask].tolist() for row, mask in zip(rollout.completion_ids, rollout.completion_mask)]
+
+
+def forward_logprobs(model, prompt: list[int], completion: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + completion])).logits[0].float()  # [P+T, V]
+    logits = logits[len(prompt) - 1 : len(prompt) + len(completion) - 1]
+    return logits.log_softmax(-1).gather(1, torch.tensor(completion).unsqueeze(1)).squeeze(1)
+
+
+@pytest.mark.parametrize("kind,tied", [("llama", True), ("llama", False), ("qwen2", False), ("mistral", True)])
+@pytest.mark.parametrize("onednn", [True, False])
+def test_fused_greedy_equals_naive_decode_and_logprobs_equal_a_forward(tok, prompts, kind, tied, onednn):
+    model = tiny(kind, len(tok), tied)
+    engine = FastEngine(model, tok, onednn=onednn, fused=True)
+    rollout = engine.generate(prompts, 2, SamplingParams(max_new_tokens=12, temperature=0.0))
+    rows = rows_as_lists(rollout)
+    for i, p in enumerate(prompts):
+        expected = naive_greedy(model, p, 12, engine.eos_ids)
+        assert rows[2 * i] == expected and rows[2 * i + 1] == expected
+    sampled = engine.generate(prompts, 3, SamplingParams(max_new_tokens=10), torch.Generator().manual_seed(1))
+    for row, (ids, logprobs) in enumerate(zip(rows_as_lists(sampled), sampled.sampling_logprobs)):
+        expected = forward_logprobs(model, prompts[row // 3], ids)
+        torch.testing.assert_close(logprobs[: len(ids)], expected, rtol=0, atol=1e-4)
+
+
+def test_fused_and_model_forward_sample_the_same_completions(tok, prompts):
+    model = tiny("llama", len(tok))
+    params = SamplingParams(max_new_tokens=16, top_p=0.9)
+    fused = FastEngine(model, tok, fused=True).generate(prompts, 4, params, torch.Generator().manual_seed(3))
+    plain = FastEngine(model, tok, fused=False).generate(prompts, 4, params, torch.Generator().manual_seed(3))
+    assert torch.equal(fused.completion_ids, plain.completion_ids)
+    torch.testing.assert_close(fused.sampling_logprobs, plain.sampling_logprobs, rtol=0, atol=1e-5)
+
+
+def test_fused_bfloat16_logprobs_are_close_to_the_bfloat16_forward(tok, prompts):
+    model = tiny("qwen2", len(tok)).to(torch.bfloat16)
+    rollout = FastEngine(model, tok, fused=True).generate(
+        prompts, 2, SamplingParams(max_new_tokens=8), torch.Generator().manual_seed(0)
+    )
+    for row, (ids, logprobs) in enumerate(zip(rows_as_lists(rollout), rollout.sampling_logprobs)):
+        expected = forward_logprobs(model, prompts[row // 2], ids)
+        torch.testing.assert_close(logprobs[: len(ids)], expected, rtol=0, atol=0.1)  # bf16 rounding
+
+
+def test_lora_adapters_are_merged_into_the_fused_weights(tok, prompts):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny("llama", len(tok)), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj",
+                                                                                                  "down_proj"]))
+    with torch.no_grad():  # peft starts B at zero (no change); give the adapters a real effect
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape) * 0.5)
+    model.eval()
+    engine = FastEngine(model, tok, fused=True)
+    rows = rows_as_lists(engine.generate(prompts, 1, SamplingParams(max_new_tokens=10, temperature=0.0)))
+    assert rows == [naive_greedy(model, p, 10, engine.eos_ids) for p in prompts]
+    with model.disable_adapter():  # the base model alone: the fused weights leave the adapters out
+        base_rows = rows_as_lists(engine.generate(prompts, 1, SamplingParams(max_new_tokens=10, temperature=0.0)))
+        assert base_rows == [naive_greedy(model, p, 10, engine.eos_ids) for p in prompts]
+    assert base_rows != rows
+
+
+def test_unsupported_models_are_named_and_decode_through_their_forward(tok, prompts):
+    model = tiny("qwen3", len(tok))
+    assert "qwen3" in unsupported(model)
+    with pytest.raises(ValueError, match="model_type 'qwen3' is not one of"):
+        FastEngine(model, tok, fused=True)
+    with pytest.raises(ValueError, match="FusedDecoder cannot run this model"):
+        FusedDecoder(model, rows=2)
+    rollout = FastEngine(model, tok).generate(prompts, 1, SamplingParams(max_new_tokens=6, temperature=0.0))
+    assert rows_as_lists(rollout) == [naive_greedy(model, p, 6, {3}) for p in prompts]
+    assert unsupported(tiny("llama", len(tok))) is None
