@@ -1,14 +1,15 @@
 """FastEngine against plain `transformers` generate: tokens/s side by side, peak memory, and this machine's bound.
 
-    python benchmarks/bench_generate.py                       # default model, CPU, 2 threads (~5 min)
+    python benchmarks/bench_generate.py                       # default model, CPU, 2 threads (~12 min)
     python benchmarks/bench_generate.py --configs 2x8x64 --repeats 1 --no-memory   # ~1 min
     python benchmarks/bench_generate.py --memory-only                        # peak memory only
 
 A config BxGxT is B prompts x G samples x T max new tokens. `generate` is `model.generate` on each prompt
 repeated G times (left padded, do_sample, temperature 1, no top-k/top-p), the way a GRPO trainer calls it;
-`fast` is FastEngine with the same settings (`fast-unpacked`: without reordering the weights for oneDNN
-at each call, `prepack=False`; `fast-mkl`: with PyTorch's default float32 matmul kernel instead of
-oneDNN's); `fast-bf16` is FastEngine sampling from a bfloat16 copy of the
+`fast` is FastEngine with the same settings (`fast-unfused`: decoding through the model's own forward
+instead of FusedDecoder, `fused=False`; `fast-unpacked`: without reordering the weights for oneDNN at each
+call, `prepack=False`; `fast-mkl`: with PyTorch's default float32 matmul kernel instead of oneDNN's);
+`fast-bf16` is FastEngine sampling from a bfloat16 copy of the
 weights, and `generate-bf16` is generate on a bfloat16 model, for a like-for-like bf16 ratio.
 Tokens/s counts real completion tokens (up to and including EOS) over wall time; engines run in turn, after
 a warm-up, with a different seed each repeat. Peak memory comes from one child process per engine.
@@ -96,6 +97,7 @@ def make_runners(model, tokenizer, names: list[str]) -> dict:
     makers = {
         "generate": lambda: generate_on(model),
         "fast": lambda: fast_with(),
+        "fast-unfused": lambda: fast_with(fused=False),
         "fast-unpacked": lambda: fast_with(prepack=False),
         "fast-mkl": lambda: fast_with(onednn=False),
         "generate-bf16": lambda: generate_on(copy.deepcopy(model).to(torch.bfloat16)),
@@ -213,10 +215,33 @@ def model_costs(model) -> dict:
     }
 
 
+def fused_matmuls_step(model, n: int, dtype: torch.dtype):
+    """A function running the weight matmuls of one fused decode step at batch n (FusedDecoder's: q|k|v, o,
+    gate|up, down per layer and the head, oneDNN on weights reordered for n rows), or None for a model
+    FusedDecoder does not run."""
+    from grpo.rollout.decoder import FusedDecoder, unsupported
+    from grpo.rollout.engine import _cast_copy
+
+    if unsupported(model) is not None:
+        return None
+    cfg = model.config
+    with torch.inference_mode():
+        decoder = FusedDecoder(_cast_copy(model, dtype) if dtype != model.dtype else model, n)
+    attn_width = model.model.layers[0].self_attn.o_proj.in_features
+    x, a, f = (torch.randn(n, w, dtype=dtype) for w in (cfg.hidden_size, attn_width, cfg.intermediate_size))
+
+    def step():
+        for layer in decoder.layers:
+            layer.qkv(x), layer.o(a, residual=x), layer.gate_up(x), layer.down(f, residual=x)
+        decoder.head(x)
+
+    return step
+
+
 def decode_matmul_floor(model, n: int, dtype: torch.dtype) -> float:
-    """Seconds for all weight matmuls of one decode step at batch n: the model's own Linear layers only,
-    through the fastest kernel FastEngine has (oneDNN, on weights reordered for the batch as `prepack`
-    does, or as they are; PyTorch's default kernel where oneDNN is missing)."""
+    """Seconds for all weight matmuls of one decode step at batch n, nothing else, through the fastest
+    kernel FastEngine has: oneDNN on the fused weights of `FusedDecoder` or on the model's own Linear
+    weights, reordered for the batch or as they are; PyTorch's default kernel where oneDNN is missing."""
     weights = [m.weight.detach().to(dtype) for m in model.modules() if isinstance(m, torch.nn.Linear)]
     inputs = {w.shape[1]: torch.randn(n, w.shape[1], dtype=dtype) for w in weights}
 
@@ -235,6 +260,9 @@ def decode_matmul_floor(model, n: int, dtype: torch.dtype) -> float:
         if hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
             packed = [torch.ops.mkldnn._reorder_linear_weight(w, n) for w in weights]
             candidates.append(steps_over(packed, linear))
+        fused = fused_matmuls_step(model, n, dtype)
+        if fused is not None:
+            candidates.append(fused)
     with torch.inference_mode():
         return min(best_time(step, 3) for step in candidates)
 
@@ -266,7 +294,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="HF folder or .gguf; default: the bundled SmolLM2-135M-Instruct")
     parser.add_argument("--configs", default="2x8x64,8x8x128", help="comma-separated BxGxT")
-    parser.add_argument("--engines", default="generate,fast,fast-unpacked,fast-mkl,generate-bf16,fast-bf16")
+    parser.add_argument(
+        "--engines", default="generate,fast,fast-unfused,fast-unpacked,fast-mkl,generate-bf16,fast-bf16"
+    )
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes")
@@ -343,8 +373,8 @@ def print_speed(rows, rates, costs) -> None:
         f"{costs['weight_bytes'] / 1e6:.0f} MB of fp32 weights read per decode step. Roofline: "
         "N / max(N x FLOPs / matmul rate, (weights + KV cache) bytes / read rate) at batch N = B x G and the run's "
         "mean context, in the engine's dtype. Matmul floor: N / the measured time of the model's own Linear layers "
-        "at batch N through the fastest kernel the engine has (oneDNN on weights reordered for the batch, or "
-        "as they are, or PyTorch's), i.e. a decode step with no attention, sampling or Python; an engine whose "
+        "at batch N through the fastest kernel the engine has (oneDNN on FusedDecoder's fused weights or on the "
+        "model's own, reordered for the batch or as they are, or PyTorch's), i.e. a decode step with no attention, sampling or Python; an engine whose "
         "rows finish early decodes at smaller batches and can sit above or below it."
     )
 
