@@ -190,16 +190,17 @@ class SamplingConfig(Section):
     half-size copy; its log-probs differ slightly from the trainer's (metric rollout/logprob_diff), so with
     mu > 1 pi_old's log-probs are recomputed. With LoRA the copy has the adapters merged in, so decoding
     skips their extra matmuls (model.dtype here: the policy's log-probs up to rounding, at the memory of
-    one more copy of the base weights)."""
+    one more copy of the base weights; not needed where sampling.fused applies, which merges them itself)."""
     prepack: bool = True
     """engine=fast on CPU: reorder the Linear weights into oneDNN's blocked layout at each generation, 15-25%
     faster sampling for ~0.1 s and one more copy of those weights while sampling (released after; in
     training the peak memory is the backward pass's, not this)."""
     fused: bool = True
     """engine=fast: decode Llama-family models (Llama, Mistral, Qwen2; SmolLM2 is a Llama) on CPU with
-    grpo.rollout.decoder.FusedDecoder, a few tensor ops per layer on q|k|v and gate|up weights fused at
-    each generation, instead of the model's forward (~1.15x faster sampling in float32, ~1.25x in
-    bfloat16; LoRA adapters are merged into the fused weights). Other models always use their forward."""
+    grpo.rollout.decoder.FusedDecoder instead of the model's forward: a few tensor ops per layer on q|k|v
+    and gate|up weights fused at each generation (LoRA adapters merged in), each prompt's KV cache read
+    once per group instead of copied to its G rows. 1.17-1.23x faster sampling in float32 on SmolLM2-135M
+    (benchmarks/RESULTS_generate.md), 1.2x more with 400-token prompts. Other models use their forward."""
 
     @model_validator(mode="after")
     def _dtype_needs_fast(self):

@@ -1,16 +1,18 @@
 """Our rollout engine: batched KV-cache sampling, each prompt prefilled once and shared by its G samples.
 
 What `model.generate` does for GRPO, and what this engine does instead:
-- each prompt is repeated G times and prefilled G times   -> B prompts prefilled once; their cache rows are
-                                                             copied to the G samples of each group
+- each prompt is repeated G times and prefilled G times   -> B prompts prefilled once; each prompt's cache is
+                                                             read once per group by its G samples (FusedDecoder),
+                                                             or copied to them (through the model's forward)
 - the DynamicCache grows by concatenation at every step    -> a cache written in place, grown by blocks of
                                                              positions, and holding only the live rows
 - finished rows keep decoding until the last row ends       -> finished rows leave the batch (it is compacted)
 - logits are computed for every prompt position at prefill  -> only for the last one
 - a chain of logits processors over the whole vocabulary    -> a few small tensor functions, only those enabled
 
-It drives any `transformers` causal LM through its own forward (embeddings, rotary, attention kernels
-and lm_head stay the model's), handing it a cache object and a 4D additive attention mask. By default
+It prefills through the model's own forward, handing it a cache object and a 4D additive attention mask,
+and decodes Llama-family models with `grpo.rollout.decoder.FusedDecoder` (a few ops per layer on fused
+weights), any other `transformers` causal LM through its forward again. By default
 it samples with the model itself, so weight updates are seen at once; with `dtype=` it samples with a
 cast copy that it refreshes at every call (see FastEngine).
 
@@ -411,9 +413,9 @@ class FastEngine:
             fused = self._use_fused(device)
             with torch.inference_mode(), onednn.use_in(self.runner, enabled=use_onednn), \
                     onednn.packed(self.runner, rows, enabled=use_onednn and self._prepack and not fused):
-                step = FusedDecoder(self.runner, rows, use_onednn, self._prepack) if fused else self._model_step
-                ids, logprobs, ends, stopped, stats = self._sample(prompt_ids, group_size, params, gen, device, step)
-                del step  # the fused weights
+                decoder = FusedDecoder(self.runner, rows, use_onednn, self._prepack) if fused else None
+                ids, logprobs, ends, stopped, stats = self._sample(prompt_ids, group_size, params, gen, device, decoder)
+                del decoder  # the fused weights
         finally:
             self.runner.train(was_training)
         # leave inference mode: the trainer feeds these tensors to autograd
@@ -476,13 +478,18 @@ class FastEngine:
         out = self.runner(input_ids=ids, position_ids=positions, attention_mask=mask, use_cache=True, **kwargs)
         return out.logits[:, -1]
 
-    def _sample(self, prompt_ids, group_size, params, gen, device, step):
-        """Prefill, then decode with `step` (the decode forward). Returns raw ids [N, T], log-probs [N, T], ends [N], stopped [N], stats."""
+    def _sample(self, prompt_ids, group_size, params, gen, device, decoder):
+        """Prefill, then decode: with the FusedDecoder `decoder` (the prompt's cache read once per group) or,
+        when None, through the model's forward (the prompt's cache copied to each of its G rows).
+        Returns raw ids [N, T], log-probs [N, T], ends [N], stopped [N], stats."""
         t0 = time.perf_counter()
-        cache, bias, logits, next_pos = self._prefill(prompt_ids, group_size, params.max_new_tokens, device)
+        G, T = group_size, params.max_new_tokens
+        cache, prompt_bias, logits, next_pos = self._prefill(prompt_ids, G, T, device, shared=decoder is not None)
+        decode = decoder.start(cache, prompt_bias, G, T) if decoder is not None else \
+            _ForwardDecode(self._model_step, cache, prompt_bias, G, T)
         t_prefill = time.perf_counter() - t0
         with _decode_attention(device, next(self.runner.parameters()).dtype):
-            out = self._decode(cache, bias, logits, next_pos, params, gen, step)
+            out = self._decode(decode, logits, next_pos, params, gen)
         ids, logprobs, ends, stopped, row_steps = out
         stats = {
             "prefill_s": t_prefill,
@@ -492,12 +499,13 @@ class FastEngine:
         }
         return ids, logprobs, ends, stopped, stats
 
-    def _prefill(self, prompt_ids, group_size, max_new_tokens, device):
-        """Run the B prompts once, in chunks; copy each prompt's cache rows to its G samples.
+    def _prefill(self, prompt_ids, group_size, max_new_tokens, device, shared: bool):
+        """Run the B prompts once, in chunks (no G-fold prefill).
 
-        Returns the cache, the additive attention bias per key slot [N, P+T] (0 where a row may attend,
-        the dtype's minimum at padding and unwritten slots), the next-token logits [N, V], and the
-        position id of each row's next token [N].
+        Returns the cache holding the prompts in rows [0, B) (with room for all N = B*G rows and the
+        completions unless `shared`: then exactly B rows and P positions), the additive attention bias of
+        the prompt positions [B, P] (0 where a row may attend, the dtype's minimum at padding), the
+        next-token logits [N, V], and the position id of each row's next token [N].
         """
         dtype = next(self.runner.parameters()).dtype
         neg = torch.finfo(dtype).min
@@ -505,9 +513,9 @@ class FastEngine:
         ids, attn = left_pad(prompt_ids, self.pad_id)  # [B, P]
         ids, attn = ids.to(device), attn.to(device).bool()
         P = ids.shape[1]
-        cache = KVCache(_text_config(self.model).num_hidden_layers, max_rows=B * G, max_len=P + T - 1)
-        bias = torch.full((B * G, P + T), neg, dtype=dtype, device=device)  # [N, P+T]
-        bias[:B, :P].masked_fill_(attn, 0.0)
+        rows, length = (B, P) if shared else (B * G, P + T - 1)
+        cache = KVCache(_text_config(self.model).num_hidden_layers, max_rows=rows, max_len=length)
+        bias = torch.full((B, P), neg, dtype=dtype, device=device).masked_fill_(attn, 0.0)  # [B, P]
         causal = torch.full((P, P), neg, dtype=dtype, device=device).triu(1)  # [P, P]
         positions = (attn.long().cumsum(1) - 1).clamp(min=0)  # [B, P] left padding shifts positions
         chunk = max(1, min(B, PREFILL_TOKENS // P, PREFILL_MASK_ELEMENTS // (P * P)))  # prompts per forward
@@ -515,18 +523,19 @@ class FastEngine:
         logits = []
         for i in range(0, B, chunk):
             cache.row_start = i
-            mask = (bias[i : i + chunk, None, None, :P] + causal).clamp(min=neg)  # [b, 1, P, P]
+            mask = (bias[i : i + chunk, None, None, :] + causal).clamp(min=neg)  # [b, 1, P, P]
             logits.append(self._forward(ids[i : i + chunk], positions[i : i + chunk], mask, cache))  # [b, V]
         cache.row_start = 0
         cache.advance(P)
-        cache.repeat_rows(B, G)  # no G-fold prefill: each prompt's keys and values are copied G times
-        bias[:, :P] = bias[:B, :P].repeat_interleave(G, dim=0)
         next_pos = attn.sum(1).repeat_interleave(G)  # [N] the prompt lengths
         return cache, bias, torch.cat(logits).repeat_interleave(G, dim=0), next_pos
 
-    def _decode(self, cache, bias, logits, next_pos, params, gen, step):
-        """Sample up to T tokens per row; a row leaves the batch (and the cache) once it ends."""
-        N, T, device = bias.shape[0], params.max_new_tokens, bias.device
+    def _decode(self, decode, logits, next_pos, params, gen):
+        """Sample up to T tokens per row; a row leaves the batch (and the cache) once it ends.
+
+        decode: the decode steps, `decode(tokens [n], positions [n]) -> logits [n, V]` for the live rows,
+        and `decode.keep_rows(index)` when rows end."""
+        N, T, device = logits.shape[0], params.max_new_tokens, logits.device
         out_ids = torch.full((N, T), self.pad_id, dtype=torch.long, device=device)  # [N, T]
         out_logprobs = torch.zeros((N, T), dtype=torch.float32, device=device)  # [N, T]
         ends = torch.full((N,), T, dtype=torch.long, device=device)  # [N] number of real tokens
@@ -555,18 +564,40 @@ class FastEngine:
                 keep = (~done).nonzero().squeeze(1)  # [m]
                 if keep.numel() == 0:
                     break
-                cache.keep_rows(keep)
-                bias[: keep.numel()] = bias[keep]
+                decode.keep_rows(keep)
                 rows, tokens, next_pos = rows[keep], tokens[keep], next_pos[keep]
-            n, L = rows.numel(), cache.length
-            cache.reserve(L + 1)
-            bias[:n, L] = 0.0  # the token fed now is attended from now on
-            mask = bias[:n, None, None, : L + 1]  # [n, 1, 1, L+1]
-            logits = step(tokens[:, None], next_pos[:, None], mask, cache)  # [n, V]
-            cache.advance(1)
+            logits = decode(tokens, next_pos)  # [n, V]
             next_pos = next_pos + 1
         ends, stopped = stops.exact_ends(ends, stopped)
         return out_ids, out_logprobs, ends, stopped, row_steps
+
+
+class _ForwardDecode:
+    """Decode steps through the model's own forward: each prompt's cache rows are copied to its G samples,
+    and the model gets a 4D additive mask over the cache."""
+
+    def __init__(self, forward, cache: KVCache, prompt_bias: torch.Tensor, group_size: int, max_new_tokens: int):
+        B, P = prompt_bias.shape  # [B, P]
+        N, T = B * group_size, max_new_tokens
+        self.forward, self.cache = forward, cache
+        cache.repeat_rows(B, group_size)  # each prompt's keys and values, copied G times
+        # [N, P+T] per key slot: the prompt's padding mask, then the dtype's minimum until a position is written
+        self.bias = prompt_bias.new_full((N, P + T), torch.finfo(prompt_bias.dtype).min)
+        self.bias[:, :P] = prompt_bias.repeat_interleave(group_size, dim=0)
+
+    def keep_rows(self, index: torch.Tensor) -> None:
+        self.cache.keep_rows(index)
+        self.bias[: index.numel()] = self.bias[index]
+
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """[n] tokens and positions -> [n, V] next-token logits."""
+        n, L = tokens.shape[0], self.cache.length
+        self.cache.reserve(L + 1)
+        self.bias[:n, L] = 0.0  # the token fed now is attended from now on
+        mask = self.bias[:n, None, None, : L + 1]  # [n, 1, 1, L+1]
+        logits = self.forward(tokens[:, None], positions[:, None], mask, self.cache)
+        self.cache.advance(1)
+        return logits
 
 
 class _StopStrings:
