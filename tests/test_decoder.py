@@ -162,3 +162,21 @@ def test_shared_prompt_attention_equals_attention_over_each_rows_own_copy():
             q[:, :, None], all_keys, all_values, attn_mask=mask, scale=0.3
         )  # [n, H, 1, hd]
         torch.testing.assert_close(out, expected.reshape(n, H * hd), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("lora", [dict(target_modules=["embed_tokens", "q_proj"]), dict(target_modules=["q_proj"],
+                                                                                        use_dora=True)])
+def test_adapters_the_fused_weights_cannot_hold_are_decoded_through_the_forward(tok, prompts, lora):
+    """A LoRA adapter on the input embedding, or DoRA (a magnitude vector on top of B A): FusedDecoder says
+    so, and the engine decodes through the peft model's forward."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny("llama", len(tok)), LoraConfig(r=4, lora_alpha=8, **lora)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name or "lora_embedding_B" in name:
+                p.copy_(torch.randn(p.shape) * 0.5)
+    assert unsupported(model) in ("a LoRA adapter on the input embedding", "DoRA adapters")
+    engine = FastEngine(model, tok)
+    rows = rows_as_lists(engine.generate(prompts, 1, SamplingParams(max_new_tokens=8, temperature=0.0)))
+    assert rows == [naive_greedy(model, p, 8, engine.eos_ids) for p in prompts]

@@ -64,6 +64,10 @@ def unsupported(model) -> str | None:
             return "a decoder layer does not have the Llama attention / MLP layout"
         if hasattr(attn, "q_norm") or hasattr(attn, "k_norm"):
             return "the attention normalises q and k (q_norm / k_norm)"
+    if hasattr(decoder.embed_tokens, "base_layer"):
+        return "a LoRA adapter on the input embedding"
+    if any(any(getattr(m, "use_dora", {}).values()) for m in base.modules()):
+        return "DoRA adapters"
     return None
 
 
