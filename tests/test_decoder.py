@@ -154,7 +154,7 @@ def test_shared_prompt_attention_equals_attention_over_each_rows_own_copy():
         q, keys, values = torch.randn(n, H, hd), torch.randn(n, K, t, hd), torch.randn(n, K, t, hd)
         groups = slots // G
         bias = pad[groups][:, None, None, :]  # [n, 1, 1, P]
-        out = attend(q, prompt_keys, prompt_values, keys, values, bias, slots, G, scaling=0.3)
+        out = attend(q * 0.3, prompt_keys, prompt_values, keys, values, bias, (slots // G, slots % G), G)
         all_keys = torch.cat([prompt_keys[groups], keys], dim=2).repeat_interleave(g, dim=1)  # [n, H, P+t, hd]
         all_values = torch.cat([prompt_values[groups], values], dim=2).repeat_interleave(g, dim=1)
         mask = torch.cat([pad[groups], torch.zeros(n, t)], dim=1)[:, None, None, :]  # [n, 1, 1, P+t]

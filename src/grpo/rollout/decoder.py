@@ -84,10 +84,14 @@ def effective_weight(module) -> tuple[torch.Tensor, torch.Tensor | None]:
     return module.weight.detach(), None if module.bias is None else module.bias.detach()
 
 
-def _fuse(modules) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _fuse(modules, scale_first: float = 1.0) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The weights of `modules` stacked along the output dim: [sum out, in], and their biases (zeros where
-    a module has none) or None when none has one."""
+    a module has none) or None when none has one. The first module's rows (and bias) are multiplied by
+    `scale_first`: for q, attention's 1/sqrt(head_dim), so no step scales the scores (RoPE is linear)."""
     pairs = [effective_weight(m) for m in modules]
+    if scale_first != 1.0:
+        w, b = pairs[0]
+        pairs[0] = (w * scale_first, None if b is None else b * scale_first)
     weight = torch.cat([w for w, _ in pairs]) if len(pairs) > 1 else pairs[0][0]
     if all(b is None for _, b in pairs):
         return weight, None
@@ -117,13 +121,12 @@ class _Matmul:
 class _Layer:
     def __init__(self, layer, matmul):
         attn, mlp = layer.self_attn, layer.mlp
-        self.qkv = matmul(*_fuse([attn.q_proj, attn.k_proj, attn.v_proj]))
+        self.qkv = matmul(*_fuse([attn.q_proj, attn.k_proj, attn.v_proj], scale_first=attn.scaling))
         self.o = matmul(*effective_weight(attn.o_proj))
         self.gate_up = matmul(*_fuse([mlp.gate_proj, mlp.up_proj]))
         self.down = matmul(*effective_weight(mlp.down_proj))
         self.norm1 = (layer.input_layernorm.weight.detach(), layer.input_layernorm.variance_epsilon)
         self.norm2 = (layer.post_attention_layernorm.weight.detach(), layer.post_attention_layernorm.variance_epsilon)
-        self.scaling = attn.scaling
 
 
 def rms_norm(x: torch.Tensor, norm: tuple[torch.Tensor, float]) -> torch.Tensor:
@@ -146,22 +149,23 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torc
     return torch.addcmul(x * cos, swapped, sin_signed)
 
 
-def to_groups(x: torch.Tensor, slots: torch.Tensor, groups: int, group_size: int) -> torch.Tensor:
-    """[n, K, g, d] per live row -> [B, K, G*g, d]: each row in its group's block (row slot b*G + i goes to
-    block b, rows i*g ... (i+1)*g - 1), zeros for the rows that ended. slots: [n] long, ascending."""
+def to_groups(x: torch.Tensor, slots: tuple[torch.Tensor, torch.Tensor], groups: int, group_size: int) -> torch.Tensor:
+    """[n, K, g, d] per live row -> [B, K, G*g, d]: each row in its group's block (sample i of prompt b goes
+    to block b, rows i*g ... (i+1)*g - 1), zeros for the rows that ended. slots: ([n], [n]) long, each
+    live row's prompt b and sample i."""
     n, K, g, d = x.shape
     B, G = groups, group_size
-    if n != B * G:
-        x = x.new_zeros(B * G, K, g, d).index_copy_(0, slots, x)
-    return x.reshape(B, G, K, g, d).transpose(1, 2).reshape(B, K, G * g, d)
+    if n == B * G:  # every row still running
+        return x.view(B, G, K, g, d).transpose(1, 2).reshape(B, K, G * g, d)
+    grouped = x.new_zeros(B, K, G, g, d)
+    grouped[slots[0], :, slots[1]] = x
+    return grouped.view(B, K, G * g, d)
 
 
-def to_rows(y: torch.Tensor, slots: torch.Tensor, group_size: int) -> torch.Tensor:
+def to_rows(y: torch.Tensor, slots: tuple[torch.Tensor, torch.Tensor], group_size: int) -> torch.Tensor:
     """[B, K, G*g, d] -> [n, K, g, d] for the live rows `slots` (the inverse of `to_groups`)."""
     B, K, Gg, d = y.shape
-    G = group_size
-    rows = y.view(B, K, G, Gg // G, d).transpose(1, 2).reshape(B * G, K, Gg // G, d)
-    return rows if slots.numel() == B * G else rows[slots]
+    return y.view(B, K, group_size, Gg // group_size, d)[slots[0], :, slots[1]]
 
 
 def attend(
@@ -171,21 +175,21 @@ def attend(
     keys: torch.Tensor,  # [n, K, t, hd] each row's own completion so far, this step's key included
     values: torch.Tensor,  # [n, K, t, hd]
     prompt_bias: torch.Tensor,  # [n, 1, 1, P] additive mask over each row's prompt (0, or a large negative at padding)
-    slots: torch.Tensor,  # [n] long, ascending: row b*G + i is sample i of prompt b
+    slots: tuple[torch.Tensor, torch.Tensor],  # ([n], [n]) long: each live row's prompt b and sample i
     group_size: int,
-    scaling: float,
 ) -> torch.Tensor:
     """Grouped-query attention of one query per row over its prompt and its own completion: [n, H * hd].
 
-    Query head h reads key/value head h // g. The prompt's keys and values are read once per group, in
-    one matmul for the G rows of the group (not once per row from G copies); one softmax spans both parts.
+    The queries come scaled (by 1/sqrt(hd), or the model's scaling). Query head h reads key/value head
+    h // g. The prompt's keys and values are read once per group, in one matmul for the G rows of the
+    group (not once per row from G copies); one softmax spans both parts.
     """
     n, H, hd = q.shape
     B, K, P, _ = prompt_keys.shape
     q = q.reshape(n, K, H // K, hd)  # [n, K, g, hd]
     grouped = torch.matmul(to_groups(q, slots, B, group_size), prompt_keys.transpose(-1, -2))  # [B, K, G*g, P]
     scores = torch.cat([to_rows(grouped, slots, group_size), torch.matmul(q, keys.transpose(-1, -2))], dim=-1)
-    scores.mul_(scaling)[..., :P].add_(prompt_bias)  # [n, K, g, P+t]
+    scores[..., :P].add_(prompt_bias)  # [n, K, g, P+t]
     if scores.dtype == torch.float32:
         probs = scores.softmax(dim=-1)
     else:  # as eager attention: softmax in float32
@@ -236,7 +240,7 @@ class FusedDecoder:
         self.prompt_bias, self.group_size = prompt_bias, group_size
         # each row's own keys and values; the last sampled token is never fed, hence T - 1 positions
         self.cache = KVCache(len(self.layers), max_rows=B * group_size, max_len=max(max_new_tokens - 1, 1))
-        self.slots = torch.arange(B * group_size, device=prompt_bias.device)  # [n] the live rows' slots
+        self.slots = torch.arange(B * group_size, device=prompt_bias.device)  # [n] row b*G + i: sample i of prompt b
         return self
 
     def keep_rows(self, index: torch.Tensor) -> None:
@@ -253,14 +257,14 @@ class FusedDecoder:
         cos, sin = self.rotary(h, positions[:, None])  # [n, 1, hd] each
         half = hd // 2
         sin_signed = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)  # [n, 1, hd]
-        prompt_bias = self.prompt_bias[self.slots // G][:, None, None, :]  # [n, 1, 1, P]
+        slots = (self.slots // G, self.slots % G)  # each live row's prompt and sample
+        prompt_bias = self.prompt_bias[slots[0]][:, None, None, :]  # [n, 1, 1, P]
         for layer, kv, (prompt_keys, prompt_values) in zip(self.layers, cache.layers, self.prompt):
             x = rms_norm(h, layer.norm1)
             qkv = layer.qkv(x).view(n, H + 2 * K, hd)  # [n, H+2K, hd]
             qk = rotate(qkv[:, : H + K], cos, sin_signed)  # [n, H+K, hd]
             keys, values = kv.update(qk[:, H:, None], qkv[:, H + K :, None])  # [n, K, t+1, hd] each
-            out = attend(qk[:, :H], prompt_keys, prompt_values, keys, values, prompt_bias, self.slots, G,
-                         layer.scaling)  # [n, H * hd]
+            out = attend(qk[:, :H], prompt_keys, prompt_values, keys, values, prompt_bias, slots, G)  # [n, H * hd]
             h = layer.o(out, residual=h)  # [n, D]
             x = rms_norm(h, layer.norm2)
             gate_up = layer.gate_up(x)  # [n, 2F]
