@@ -232,7 +232,9 @@ def fused_matmuls_step(model, n: int, dtype: torch.dtype):
 
     def step():
         for layer in decoder.layers:
-            layer.qkv(x), layer.o(a, residual=x), layer.gate_up(x), layer.down(f, residual=x)
+            for m in (*layer.qkv, *layer.gate_up):
+                m(x)
+            layer.o(a, residual=x), layer.down(f, residual=x)
         decoder.head(x)
 
     return step

@@ -73,10 +73,10 @@ def forward_logprobs(model, prompt: list[int], completion: list[int]) -> torch.T
 
 
 @pytest.mark.parametrize("kind,tied", [("llama", True), ("llama", False), ("qwen2", False), ("mistral", True)])
-@pytest.mark.parametrize("onednn", [True, False])
-def test_fused_greedy_equals_naive_decode_and_logprobs_equal_a_forward(tok, prompts, kind, tied, onednn):
+@pytest.mark.parametrize("onednn,prepack", [(True, True), (True, False), (False, True)])
+def test_fused_greedy_equals_naive_decode_and_logprobs_equal_a_forward(tok, prompts, kind, tied, onednn, prepack):
     model = tiny(kind, len(tok), tied)
-    engine = FastEngine(model, tok, onednn=onednn, fused=True)
+    engine = FastEngine(model, tok, onednn=onednn, prepack=prepack, fused=True)
     rollout = engine.generate(prompts, 2, SamplingParams(max_new_tokens=12, temperature=0.0))
     rows = rows_as_lists(rollout)
     for i, p in enumerate(prompts):
@@ -86,6 +86,18 @@ def test_fused_greedy_equals_naive_decode_and_logprobs_equal_a_forward(tok, prom
     for row, (ids, logprobs) in enumerate(zip(rows_as_lists(sampled), sampled.sampling_logprobs)):
         expected = forward_logprobs(model, prompts[row // 3], ids)
         torch.testing.assert_close(logprobs[: len(ids)], expected, rtol=0, atol=1e-4)
+
+
+def test_unpacked_decoder_runs_on_the_models_own_weights(tok):
+    """packed=False copies no weight: every matmul reads the model's own tensor (memory stays flat)."""
+    model = tiny("qwen2", len(tok))
+    decoder = FusedDecoder(model, rows=4, packed=False)
+    own = {p.data_ptr() for p in model.parameters()}
+    layers = [m for layer in decoder.layers for m in (*layer.qkv, *layer.gate_up, layer.o, layer.down)]
+    assert all(m.weight.data_ptr() in own for m in [*layers, decoder.head])
+    assert all(m.bias is None or m.bias.data_ptr() in own for m in layers)
+    fused = FusedDecoder(model, rows=4, use_onednn=False, packed=True)  # q|k|v concatenated: a copy
+    assert len(fused.layers[0].qkv) == 1 and fused.layers[0].qkv[0].weight.data_ptr() not in own
 
 
 def test_fused_and_model_forward_sample_the_same_completions(tok, prompts):

@@ -313,9 +313,11 @@ class FastEngine:
         ~1.7x slower at decode batch sizes (a few to a few dozen rows); for bfloat16, PyTorch copies
         the whole lm_head weight when its input is a strided slice (the last prompt position at
         prefill): 260 ms against 4 ms. Results agree to rounding.
-      prepack: with oneDNN, reorder the Linear weights into oneDNN's blocked layout at the start of each
-        `generate` (`grpo.onednn.packed`): 15-25% faster sampling on CPU for ~0.1 s of reordering, and
-        one more copy of the Linear weights while sampling (released after).
+      prepack: make one copy of the Linear weights at the start of each `generate`, shaped for the
+        batch: with the fused decoder, q|k|v and gate|up concatenated and (with oneDNN) every weight
+        reordered into oneDNN's blocked layout; through the model's forward, the reordering only
+        (`grpo.onednn.packed`). ~1.2x faster sampling on CPU for ~0.1 s of copying; the copy is
+        released after the call. False: no copy of the weights.
       fused: decode through `grpo.rollout.decoder.FusedDecoder` (Llama, Mistral, Qwen2: a few ops per layer
         on concatenated q|k|v and gate|up weights, built at each `generate`) instead of the model's forward;
         prefill always runs the model's forward. None (default): on CPU when the model is supported and
