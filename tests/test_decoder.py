@@ -176,8 +176,9 @@ def test_shared_prompt_attention_equals_attention_over_each_rows_own_copy():
         torch.testing.assert_close(out, expected.reshape(n, H * hd), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("lora", [dict(target_modules=["embed_tokens", "q_proj"]), dict(target_modules=["q_proj"],
-                                                                                        use_dora=True)])
+@pytest.mark.parametrize(
+    "lora", [{"target_modules": ["embed_tokens", "q_proj"]}, {"target_modules": ["q_proj"], "use_dora": True}]
+)
 def test_adapters_the_fused_weights_cannot_hold_are_decoded_through_the_forward(tok, prompts, lora):
     """A LoRA adapter on the input embedding, or DoRA (a magnitude vector on top of B A): FusedDecoder says
     so, and the engine decodes through the peft model's forward."""

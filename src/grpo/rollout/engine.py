@@ -318,13 +318,14 @@ class FastEngine:
         reordered into oneDNN's blocked layout; through the model's forward, the reordering only
         (`grpo.onednn.packed`). ~1.2x faster sampling on CPU for ~0.1 s of copying; the copy is
         released after the call. False: no copy of the weights.
-      fused: decode through `grpo.rollout.decoder.FusedDecoder` (Llama, Mistral, Qwen2: a few ops per layer
-        on concatenated q|k|v and gate|up weights, built at each `generate`) instead of the model's forward;
-        prefill always runs the model's forward. None (default): on CPU when the model is supported and
-        `compile` is off; True: required (an error when the model is not supported); False: never. The fused weights are one
-        more copy of the Linear weights while sampling (with `prepack` they replace its copy).
+      fused: decode through `grpo.rollout.decoder.FusedDecoder` (Llama, Mistral, Qwen2: a few ops per layer,
+        each prompt's cache shared by its G rows) instead of the model's forward; prefill always runs the
+        model's forward. None (default): on CPU when the model is supported and `compile` is off; True:
+        required (an error when the model is not supported); False: never. With `prepack` the decoder's
+        fused, reordered weights are the one copy; without it the decoder reads the model's own weights.
       compile: decode through the model's forward wrapped in `torch.compile` (dynamic shapes), not the
-        fused decoder. Off by default: measured on CPU, no gain (bf16, 2x8x64: 1.49 s vs 1.25 s a run) after minutes of compiling.
+        fused decoder. Off by default: measured on CPU, no gain (bf16, 2x8x64: 1.49 s vs 1.25 s a run)
+        after minutes of compiling.
     """
 
     name = "fast"
@@ -355,7 +356,7 @@ class FastEngine:
         self._dtype = _as_dtype(dtype)
         self._onednn = onednn
         self._prepack = prepack
-        self._fused = fused
+        self._fused, self._compile = fused, compile
         if fused and compile:
             raise ValueError("fused=True and compile=True exclude each other: compile wraps the model's forward")
         if fused:
@@ -447,7 +448,7 @@ class FastEngine:
 
     def _use_fused(self, device: torch.device) -> bool:
         if self._fused is None:
-            return device.type == "cpu" and self._model_step == self._forward and unsupported(self.runner) is None
+            return device.type == "cpu" and not self._compile and unsupported(self.runner) is None
         return self._fused
 
     def _check(self, prompt_ids, group_size, params) -> None:
