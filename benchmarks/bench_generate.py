@@ -7,8 +7,8 @@
 A config BxGxT is B prompts x G samples x T max new tokens. `generate` is `model.generate` on each prompt
 repeated G times (left padded, do_sample, temperature 1, no top-k/top-p), the way a GRPO trainer calls it;
 `fast` is FastEngine with the same settings (`fast-unfused`: decoding through the model's own forward
-instead of FusedDecoder, `fused=False`; `fast-unpacked`: without reordering the weights for oneDNN at each
-call, `prepack=False`; `fast-mkl`: with PyTorch's default float32 matmul kernel instead of oneDNN's);
+instead of FusedDecoder, `fused=False`; `fast-unpacked`: with no copy of the weights made for the batch,
+`prepack=False`; `fast-mkl`: with PyTorch's default float32 matmul kernel instead of oneDNN's);
 `fast-bf16` is FastEngine sampling from a bfloat16 copy of the
 weights, and `generate-bf16` is generate on a bfloat16 model, for a like-for-like bf16 ratio.
 Tokens/s counts real completion tokens (up to and including EOS) over wall time; engines run in turn, after
@@ -376,8 +376,9 @@ def print_speed(rows, rates, costs) -> None:
         "N / max(N x FLOPs / matmul rate, (weights + KV cache) bytes / read rate) at batch N = B x G and the run's "
         "mean context, in the engine's dtype. Matmul floor: N / the measured time of the model's own Linear layers "
         "at batch N through the fastest kernel the engine has (oneDNN on FusedDecoder's fused weights or on the "
-        "model's own, reordered for the batch or as they are, or PyTorch's), i.e. a decode step with no attention, sampling or Python; an engine whose "
-        "rows finish early decodes at smaller batches and can sit above or below it."
+        "model's own, reordered for the batch or as they are, or PyTorch's), i.e. a decode step with no "
+        "attention, sampling or Python; an engine whose rows finish early decodes at smaller batches and can sit "
+        "above or below it."
     )
 
 

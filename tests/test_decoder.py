@@ -9,7 +9,7 @@ from grpo.rollout import FastEngine, SamplingParams
 from grpo.rollout.decoder import FusedDecoder, unsupported
 from grpo.testing import tiny_tokenizer
 
-TEXTS = ["hello there", "2+2=", "What is the answer to this one?"]  # unequal lengths: left padding
+from rollout_helpers import TEXTS, naive_greedy, reference_logprobs, rows_as_lists
 
 
 def tiny(kind: str, vocab_size: int, tied: bool = True, seed: int = 0):
@@ -48,30 +48,6 @@ def prompts(tok):
     return [tok(t, add_special_tokens=False).input_ids for t in TEXTS]
 
 
-def naive_greedy(model, prompt: list[int], max_new_tokens: int, eos: set[int]) -> list[int]:
-    """Argmax decoding that recomputes the whole sequence at every step: no cache, no padding."""
-    ids, out = list(prompt), []
-    for _ in range(max_new_tokens):
-        with torch.no_grad():
-            token = int(model(torch.tensor([ids])).logits[0, -1].argmax())
-        out.append(token)
-        ids.append(token)
-        if token in eos:
-            break
-    return out
-
-
-def rows_as_lists(rollout) -> list[list[int]]:
-    return [row[mask].tolist() for row, mask in zip(rollout.completion_ids, rollout.completion_mask)]
-
-
-def forward_logprobs(model, prompt: list[int], completion: list[int]) -> torch.Tensor:
-    with torch.no_grad():
-        logits = model(torch.tensor([prompt + completion])).logits[0].float()  # [P+T, V]
-    logits = logits[len(prompt) - 1 : len(prompt) + len(completion) - 1]
-    return logits.log_softmax(-1).gather(1, torch.tensor(completion).unsqueeze(1)).squeeze(1)
-
-
 @pytest.mark.parametrize("kind,tied", [("llama", True), ("llama", False), ("qwen2", False), ("mistral", True)])
 @pytest.mark.parametrize("onednn,prepack", [(True, True), (True, False), (False, True)])
 def test_fused_greedy_equals_naive_decode_and_logprobs_equal_a_forward(tok, prompts, kind, tied, onednn, prepack):
@@ -84,7 +60,7 @@ def test_fused_greedy_equals_naive_decode_and_logprobs_equal_a_forward(tok, prom
         assert rows[2 * i] == expected and rows[2 * i + 1] == expected
     sampled = engine.generate(prompts, 3, SamplingParams(max_new_tokens=10), torch.Generator().manual_seed(1))
     for row, (ids, logprobs) in enumerate(zip(rows_as_lists(sampled), sampled.sampling_logprobs)):
-        expected = forward_logprobs(model, prompts[row // 3], ids)
+        expected = reference_logprobs(model, prompts[row // 3], ids)
         torch.testing.assert_close(logprobs[: len(ids)], expected, rtol=0, atol=1e-4)
 
 
@@ -115,7 +91,7 @@ def test_fused_bfloat16_logprobs_are_close_to_the_bfloat16_forward(tok, prompts)
         prompts, 2, SamplingParams(max_new_tokens=8), torch.Generator().manual_seed(0)
     )
     for row, (ids, logprobs) in enumerate(zip(rows_as_lists(rollout), rollout.sampling_logprobs)):
-        expected = forward_logprobs(model, prompts[row // 2], ids)
+        expected = reference_logprobs(model, prompts[row // 2], ids)
         torch.testing.assert_close(logprobs[: len(ids)], expected, rtol=0, atol=0.1)  # bf16 rounding
 
 

@@ -12,7 +12,7 @@ from grpo.rollout.base import stop_string_end
 from grpo.rollout.engine import KVCache, filter_logits, sample_from_logits
 from grpo.testing import tiny_model, tiny_tokenizer
 
-TEXTS = ["hello there", "2+2=", "What is the answer to this one?"]  # unequal lengths: left padding
+from rollout_helpers import TEXTS, naive_greedy, reference_logprobs, rows_as_lists
 
 
 def peaky_model(vocab_size: int, seed: int = 0):
@@ -39,33 +39,6 @@ def model(tok):
 @pytest.fixture(scope="module")
 def prompts(tok):
     return [tok(t, add_special_tokens=False).input_ids for t in TEXTS]
-
-
-def naive_greedy(model, prompt: list[int], max_new_tokens: int, eos: set[int]) -> list[int]:
-    """Argmax decoding that recomputes the whole sequence at every step: no cache, no padding."""
-    ids = list(prompt)
-    out: list[int] = []
-    for _ in range(max_new_tokens):
-        with torch.no_grad():
-            logits = model(torch.tensor([ids])).logits[0, -1]
-        token = int(logits.argmax())
-        out.append(token)
-        ids.append(token)
-        if token in eos:
-            break
-    return out
-
-
-def reference_logprobs(model, prompt: list[int], completion: list[int], temperature: float) -> torch.Tensor:
-    """log softmax(logits / temperature) of each completion token, from one forward over prompt + completion."""
-    with torch.no_grad():
-        logits = model(torch.tensor([prompt + completion])).logits[0].float()  # [P+T, V]
-    logits = logits[len(prompt) - 1 : len(prompt) + len(completion) - 1] / temperature  # [T, V]
-    return logits.log_softmax(-1).gather(1, torch.tensor(completion).unsqueeze(1)).squeeze(1)
-
-
-def rows_as_lists(rollout) -> list[list[int]]:
-    return [row[mask].tolist() for row, mask in zip(rollout.completion_ids, rollout.completion_mask)]
 
 
 # -- the fast engine against the naive decode -------------------------------------------------------

@@ -193,14 +193,14 @@ class SamplingConfig(Section):
     one more copy of the base weights; not needed where sampling.fused applies, which merges them itself)."""
     prepack: bool = True
     """engine=fast: at each generation, copy the Linear weights into the shape the batch runs fastest on
-    (q|k|v and gate|up concatenated; on CPU, oneDNN's blocked layout): ~1.2x faster sampling for ~0.1 s,
+    (q|k|v and gate|up concatenated; on CPU, oneDNN's blocked layout): ~1.3x faster sampling for ~0.1 s,
     and one more copy of those weights while sampling, released after. In full fine-tuning the peak
     memory is the backward pass's, not this; with LoRA on a large model, false avoids the copy."""
     fused: bool = True
     """engine=fast: decode Llama-family models (Llama, Mistral, Qwen2; SmolLM2 is a Llama) on CPU with
     grpo.rollout.decoder.FusedDecoder instead of the model's forward: a few tensor ops per layer on q|k|v
     and gate|up weights fused at each generation (LoRA adapters merged in), each prompt's KV cache read
-    once per group instead of copied to its G rows. 1.17-1.23x faster sampling in float32 on SmolLM2-135M
+    once per group instead of copied to its G rows. 1.14-1.23x faster sampling in float32 on SmolLM2-135M
     (benchmarks/RESULTS_generate.md), 1.2x more with 400-token prompts. Other models use their forward."""
 
     @model_validator(mode="after")
