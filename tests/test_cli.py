@@ -42,6 +42,7 @@ def run_dir(tiny_model_dir, tmp_path_factory):
     with contextlib.redirect_stdout(stdout):
         assert main(["train", f"model.path={tiny_model_dir}", f"output.dir={out}", *TINY, rewards]) == 0
     assert "step 2/2" in stdout.getvalue() and "held-out evaluation" in stdout.getvalue()
+    assert "sampling: fast engine: fused decode steps" in stdout.getvalue()  # the run says how it samples
     return out
 
 

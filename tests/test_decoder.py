@@ -169,3 +169,16 @@ def test_adapters_the_fused_weights_cannot_hold_are_decoded_through_the_forward(
     engine = FastEngine(model, tok)
     rows = rows_as_lists(engine.generate(prompts, 1, SamplingParams(max_new_tokens=8, temperature=0.0)))
     assert rows == [naive_greedy(model, p, 8, engine.eos_ids) for p in prompts]
+
+
+def test_the_engine_says_how_it_decodes(tok):
+    llama = tiny("llama", len(tok))
+    assert FastEngine(llama, tok).describe() == (
+        "fast engine: fused decode steps, each prompt's cache shared by its group, weights copied for the batch "
+        "(prepack)"
+    )
+    assert "no copy of the weights, sampling from a bfloat16 copy" in FastEngine(
+        llama, tok, prepack=False, dtype="bfloat16"
+    ).describe()
+    assert FastEngine(llama, tok, fused=False).describe().endswith("model's forward (sampling.fused is off)")
+    assert "(model_type 'qwen3' is not one of" in FastEngine(tiny("qwen3", len(tok)), tok).describe()

@@ -218,6 +218,7 @@ def load_for_training(config: Config, log=print):
     else:
         ref_model = frozen_copy(model) if config.algorithm.beta > 0 else None  # the start weights
     engine = make_engine(config.sampling.engine, model, tokenizer, **engine_options(config))
+    log(f"sampling: {engine.describe()}")
     return model, tokenizer, folder, engine, ref_model
 
 

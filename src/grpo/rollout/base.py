@@ -79,6 +79,8 @@ class RolloutEngine(Protocol):
 
     def sync_weights(self, model: torch.nn.Module) -> None: ...
 
+    def describe(self) -> str: ...  # one line for the run's log: which engine, and how it decodes
+
 
 def stop_string_end(token_ids: list[int], tokenizer, stop: tuple[str, ...]) -> int | None:
     """Number of leading tokens up to and including the one that completes a stop string, or None."""

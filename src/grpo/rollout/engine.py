@@ -446,6 +446,20 @@ class FastEngine:
             )
         return possible if self._onednn is None else bool(self._onednn)
 
+    def describe(self) -> str:
+        """One line for the run's log: how this engine decodes, and why not with the fused decoder."""
+        device = next(self.runner.parameters()).device
+        copy = f", sampling from a {self._dtype} copy".replace("torch.", "") if self.runner is not self.model else ""
+        if self._use_fused(device):
+            weights = "weights copied for the batch (prepack)" if self._prepack else "no copy of the weights"
+            return f"fast engine: fused decode steps, each prompt's cache shared by its group, {weights}{copy}"
+        reason = (
+            "sampling.fused is off" if self._fused is False
+            else "compile is on" if self._compile
+            else unsupported(self.runner) or f"the fused decoder is on by default only on CPU, not {device.type}"
+        )
+        return f"fast engine: decoding through the model's forward ({reason}){copy}"
+
     def _use_fused(self, device: torch.device) -> bool:
         if self._fused is None:
             return device.type == "cpu" and not self._compile and unsupported(self.runner) is None

@@ -35,6 +35,9 @@ class HFGenerateEngine:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.eos_ids = eos_token_ids(model, tokenizer)
 
+    def describe(self) -> str:
+        return "hf engine: transformers generate"
+
     def sync_weights(self, model) -> None:  # same model object: nothing to copy
         self.model = model
 
