@@ -13,7 +13,7 @@ The q, k, v weights (and gate, up) are concatenated into one matrix per layer, s
 matmuls instead of 7; on CPU each matrix is reordered into oneDNN's blocked layout for the batch.
 These copies are made once per generation (`FusedDecoder(model, rows)`), from the weights as they are
 then (LoRA adapters merged in), and dropped with the decoder. With `packed=False` nothing is copied:
-the 7 matmuls run on the model's own weights (~1.2x slower on CPU, no extra memory).
+the 7 matmuls run on the model's own weights (~1.3x slower on CPU, no extra memory).
 
 Prefill runs the model's forward once per prompt. Its keys and values stay in one copy per prompt: at
 each step the G rows of a group read their prompt's cache together, in one matmul (`attend`), and only
