@@ -7,6 +7,17 @@ import torch
 TEXTS = ["hello there", "2+2=", "What is the answer to this one?"]  # unequal lengths: left padding
 
 
+def peaky(model, seed: int = 0):
+    """`model` with large random weights (its matrices and projection biases): greedy outputs vary and
+    log-probs are far from uniform. Returns the model."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2 or name.endswith("proj.bias"):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.25)
+    return model
+
+
 def naive_greedy(model, prompt: list[int], max_new_tokens: int, eos: set[int]) -> list[int]:
     """Argmax decoding that recomputes the whole sequence at every step: no cache, no padding."""
     ids = list(prompt)

@@ -9,7 +9,7 @@ from grpo.rollout import FastEngine, SamplingParams
 from grpo.rollout.decoder import FusedDecoder, unsupported
 from grpo.testing import tiny_tokenizer
 
-from rollout_helpers import TEXTS, naive_greedy, reference_logprobs, rows_as_lists
+from rollout_helpers import TEXTS, naive_greedy, peaky, reference_logprobs, rows_as_lists
 
 
 def tiny(kind: str, vocab_size: int, tied: bool = True, seed: int = 0):
@@ -29,13 +29,7 @@ def tiny(kind: str, vocab_size: int, tied: bool = True, seed: int = 0):
         eos_token_id=3, pad_token_id=1,
     )
     torch.manual_seed(seed)
-    model = model_class(config).float().eval()
-    gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 2 or name.endswith("proj.bias"):
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.25)
-    return model
+    return peaky(model_class(config).float().eval(), seed)
 
 
 @pytest.fixture(scope="module")

@@ -9,21 +9,16 @@ import torch
 
 from grpo.rollout import ENGINES, FastEngine, HFGenerateEngine, SamplingParams, make_engine
 from grpo.rollout.base import stop_string_end
-from grpo.rollout.engine import KVCache, filter_logits, sample_from_logits
+from grpo.rollout.cache import KVCache
+from grpo.rollout.engine import filter_logits, sample_from_logits
 from grpo.testing import tiny_model, tiny_tokenizer
 
-from rollout_helpers import TEXTS, naive_greedy, reference_logprobs, rows_as_lists
+from rollout_helpers import TEXTS, naive_greedy, peaky, reference_logprobs, rows_as_lists
 
 
 def peaky_model(vocab_size: int, seed: int = 0):
     """The tiny Llama with larger random weights: greedy outputs vary and log-probs are far from uniform."""
-    model = tiny_model(vocab_size, seed=seed)
-    gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.25)
-    return model
+    return peaky(tiny_model(vocab_size, seed=seed), seed)
 
 
 @pytest.fixture(scope="module")

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from grpo import onednn
+from grpo.rollout.cache import KVCache
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
 
@@ -260,8 +261,6 @@ class FusedDecoder:
     def start(self, prompt_cache, prompt_bias: torch.Tensor, group_size: int, max_new_tokens: int) -> FusedDecoder:
         """Decode from prompts prefilled into `prompt_cache` (a KVCache, prompts in rows [0, B), P positions),
         with their additive padding bias [B, P], G samples per prompt, up to T new tokens per row."""
-        from grpo.rollout.engine import KVCache
-
         B, P = prompt_bias.shape
         self.prompt = [(layer.keys[:B, :, :P], layer.values[:B, :, :P]) for layer in prompt_cache.layers]
         self.prompt_bias, self.group_size = prompt_bias, group_size
