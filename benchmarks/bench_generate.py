@@ -259,9 +259,7 @@ def decode_matmul_floor(model, n: int, dtype: torch.dtype) -> float:
     if onednn.available():
         linear = lambda x, w: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")  # noqa: E731
         candidates.append(steps_over(weights, linear))
-        if hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
-            packed = [torch.ops.mkldnn._reorder_linear_weight(w, n) for w in weights]
-            candidates.append(steps_over(packed, linear))
+        candidates.append(steps_over([onednn.reordered(w, n) for w in weights], linear))
         fused = fused_matmuls_step(model, n, dtype)
         if fused is not None:
             candidates.append(fused)

@@ -107,17 +107,15 @@ class _Matmul:
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, rows: int, packed: bool, use_onednn: bool):
         self.bias = bias
-        self.onednn = use_onednn and onednn.matmul_for(weight) is not F.linear
-        reorder = getattr(torch.ops.mkldnn, "_reorder_linear_weight", None) if self.onednn else None
-        self.weight = reorder(weight, max(1, rows)) if packed and reorder is not None else weight
+        matmul = onednn.matmul_for(weight)
+        self.kernel = matmul if use_onednn and matmul is not F.linear else None  # oneDNN's, or None: F.linear
+        self.weight = onednn.reordered(weight, rows) if self.kernel and packed else weight
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        if not self.onednn:
-            out = F.linear(x, self.weight, self.bias)
-            return out if residual is None else out.add_(residual)
-        if residual is None:
-            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
-        return torch.ops.mkldnn._linear_pointwise.binary(x, residual, self.weight, self.bias, "add")
+        if self.kernel is not None:
+            return self.kernel(x, self.weight, self.bias, residual)
+        out = F.linear(x, self.weight, self.bias)
+        return out if residual is None else out.add_(residual)
 
 
 class _Layer:
