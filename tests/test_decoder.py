@@ -123,20 +123,24 @@ def test_unsupported_models_are_named_and_decode_through_their_forward(tok, prom
 def test_shared_prompt_attention_equals_attention_over_each_rows_own_copy():
     """`attend` reads each group's prompt once; the result is per-row attention over [prompt; completion],
     with padding masked, also after rows have ended (slots a subset)."""
-    from grpo.rollout.decoder import attend
+    from grpo.rollout.decoder import attend, group_places
 
     torch.manual_seed(0)
     B, G, K, g, hd, P, t = 3, 4, 2, 3, 8, 5, 4
+
+    def places(slots):  # None: the fast path for every row, in order
+        return None if slots.numel() == B * G else group_places(slots, K, G)
+
     H = K * g
     prompt_keys, prompt_values = torch.randn(B, K, P, hd), torch.randn(B, K, P, hd)
     pad = torch.zeros(B, P)
     pad[1, :2] = torch.finfo(torch.float32).min  # prompt 1 is left padded by 2
-    for slots in (torch.arange(B * G), torch.tensor([0, 2, 3, 5, 9, 11])):
+    for slots in (torch.arange(B * G), torch.tensor([0, 2, 3, 5, 9, 11]), torch.tensor([11, 0, 9, 3, 5, 2])):
         n = slots.numel()
         q, keys, values = torch.randn(n, H, hd), torch.randn(n, K, t, hd), torch.randn(n, K, t, hd)
         groups = slots // G
         bias = pad[groups][:, None, None, :]  # [n, 1, 1, P]
-        out = attend(q * 0.3, prompt_keys, prompt_values, keys, values, bias, (slots // G, slots % G), G)
+        out = attend(q * 0.3, prompt_keys, prompt_values, keys, values, bias, places(slots), G)
         all_keys = torch.cat([prompt_keys[groups], keys], dim=2).repeat_interleave(g, dim=1)  # [n, H, P+t, hd]
         all_values = torch.cat([prompt_values[groups], values], dim=2).repeat_interleave(g, dim=1)
         mask = torch.cat([pad[groups], torch.zeros(n, t)], dim=1)[:, None, None, :]  # [n, 1, 1, P+t]

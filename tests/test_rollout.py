@@ -9,7 +9,7 @@ import torch
 
 from grpo.rollout import ENGINES, FastEngine, HFGenerateEngine, SamplingParams, make_engine
 from grpo.rollout.base import stop_string_end
-from grpo.rollout.cache import KVCache
+from grpo.rollout.cache import KVCache, fill_holes
 from grpo.rollout.engine import filter_logits, sample_from_logits
 from grpo.testing import tiny_model, tiny_tokenizer
 
@@ -222,6 +222,36 @@ def test_kv_cache_verbs(monkeypatch):
     cache.advance(1)
     cache.reserve(5)  # grows: the new buffers hold only the 2 live rows
     assert layer.keys.shape == (2, 1, 6, 1) and layer.keys[:, 0, :4, 0].tolist() == [[0, 1, 2, 10], [3, 4, 5, 20]]
+
+
+def test_rows_that_end_leave_the_cache_with_few_rows_moved():
+    """fill_holes keeps the rows that did not end, moving tail rows into the places of those that did;
+    the cache then holds each kept row's keys and values at its new place."""
+    assert fill_holes(torch.tensor([0, 1, 0, 0, 1, 0], dtype=torch.bool)).tolist() == [0, 5, 2, 3]
+    assert fill_holes(torch.tensor([1, 1, 0, 0], dtype=torch.bool)).tolist() == [2, 3]
+    assert fill_holes(torch.tensor([0, 0, 1], dtype=torch.bool)).tolist() == [0, 1]
+    assert fill_holes(torch.tensor([1, 1], dtype=torch.bool)).tolist() == []
+    torch.manual_seed(0)
+    for _ in range(20):
+        ended = torch.rand(12) < 0.4
+        index = fill_holes(ended)
+        assert sorted(index.tolist()) == (~ended).nonzero().squeeze(1).tolist()
+        stays = index == torch.arange(index.numel())
+        assert int((~stays).sum()) == int(ended[: index.numel()].sum())  # one move per hole, no more
+
+    cache = KVCache(num_layers=2, max_rows=6, max_len=4)
+    cache.reserve(3)
+    k = torch.arange(6 * 3, dtype=torch.float32).view(6, 1, 3, 1)  # [rows, heads, positions, dim]
+    for layer in cache.layers:
+        layer.update(k, -k)
+    cache.advance(3)
+    original = cache.layers[0].keys.clone()
+    cache.keep_rows(fill_holes(torch.tensor([0, 1, 0, 0, 1, 0], dtype=torch.bool)))
+    for layer in cache.layers:
+        keys, values = layer.keys[: cache.rows, 0, :3, 0], layer.values[: cache.rows, 0, :3, 0]
+        assert keys.tolist() == k[[0, 5, 2, 3], 0, :, 0].tolist()
+        assert torch.equal(values, -keys)
+    assert torch.equal(cache.layers[0].keys[[0, 2, 3, 4, 5]], original[[0, 2, 3, 4, 5]])  # only row 1 rewritten
 
 
 def test_a_cache_that_grows_block_by_block_gives_the_same_completions(tok, prompts, monkeypatch):

@@ -9,6 +9,19 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 
+def fill_holes(ended: torch.Tensor) -> torch.Tensor:
+    """The rows to keep when the rows `ended` ([n] bool) leave the batch, in the order that moves fewest:
+    [m] long, the old row that goes to place j. A kept row j < m stays where it is; the place of each
+    ended row j < m is taken by a kept row from the tail (j >= m). E.g. ended = [0, 1, 0, 0, 1, 0] ->
+    [0, 5, 2, 3]: one row moves, where keeping the order would move three (in a cache: every live row
+    behind the first hole)."""
+    keep = (~ended).nonzero().squeeze(1)  # [m] ascending
+    m = keep.numel()
+    index = torch.arange(m, device=ended.device)
+    index[ended[:m]] = keep[keep >= m]  # as many holes before m as kept rows from m on
+    return index
+
+
 class _CacheLayer(CacheLayerMixin):
     """Keys and values of one attention layer: [rows, kv_heads, capacity, head_dim], written in place."""
 
@@ -59,7 +72,8 @@ class KVCache(Cache):
     The model's attention layers call `update`, which writes the rows from `row_start` on at position
     `length`. The engine's verbs: `reserve(L)` before a forward that fills positions up to L,
     `advance(q)` after a forward of q tokens, `repeat_rows(b, G)` to give each of b prefilled prompts
-    its G samples, `keep_rows(idx)` to drop finished rows. Capacity grows by `BLOCK` positions at a
+    its G samples, `keep_rows(idx)` to drop finished rows (in `fill_holes`' order, few rows move). Capacity
+    grows by `BLOCK` positions at a
     time and a growth also drops the rows that finished, so memory follows the live rows instead of
     N x (P + max_new_tokens); there is no concatenation per step.
     """
@@ -96,9 +110,16 @@ class KVCache(Cache):
         self.rows = rows * repeats
 
     def keep_rows(self, index: torch.Tensor) -> None:
-        """Move rows `index` ([m] long, ascending) to the front; the rows after m are dropped."""
-        for layer in self.layers:
-            if layer.is_initialized:
-                for buf in (layer.keys, layer.values):
-                    buf[: index.numel(), :, : self.length] = buf[index, :, : self.length]
-        self.rows = index.numel()
+        """Row j becomes old row index[j] ([m] long, distinct), for j < m; the rows after m are dropped.
+
+        Only the rows that move are copied: with `fill_holes`' order, the few that fill the places of the
+        rows that ended, not every live row behind them."""
+        m = index.numel()
+        moved = (index != torch.arange(m, device=index.device)).nonzero().squeeze(1)  # [k] rows whose place changes
+        if moved.numel():
+            source = index[moved]
+            for layer in self.layers:
+                if layer.is_initialized:
+                    for buf in (layer.keys, layer.values):
+                        buf[moved, :, : self.length] = buf[source, :, : self.length]  # read fully before written
+        self.rows = m

@@ -173,23 +173,34 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torc
     return torch.addcmul(x * cos, swapped, sin_signed)
 
 
-def to_groups(x: torch.Tensor, slots: tuple[torch.Tensor, torch.Tensor], groups: int, group_size: int) -> torch.Tensor:
+def group_places(slots: torch.Tensor, kv_heads: int, group_size: int) -> torch.Tensor:
+    """Where each live row's kv heads go in the grouped layout [B, K, G] (flattened): [n * K] long,
+    (b * K + k) * G + i for sample i of prompt b (its slot b * G + i) and kv head k."""
+    b, i = slots // group_size, slots % group_size  # [n] each
+    k = torch.arange(kv_heads, device=slots.device)  # [K]
+    return ((b[:, None] * kv_heads + k) * group_size + i[:, None]).view(-1)
+
+
+def to_groups(x: torch.Tensor, places: torch.Tensor | None, groups: int, group_size: int) -> torch.Tensor:
     """[n, K, g, d] per live row -> [B, K, G*g, d]: each row in its group's block (sample i of prompt b goes
-    to block b, rows i*g ... (i+1)*g - 1), zeros for the rows that ended. slots: ([n], [n]) long, each
-    live row's prompt b and sample i."""
+    to block b, rows i*g ... (i+1)*g - 1), zeros for the rows that ended. places: `group_places` of the
+    live rows, or None when every row is live and in slot order."""
     n, K, g, d = x.shape
     B, G = groups, group_size
-    if n == B * G:  # every row still running
+    if places is None:
         return x.view(B, G, K, g, d).transpose(1, 2).reshape(B, K, G * g, d)
-    grouped = x.new_zeros(B, K, G, g, d)
-    grouped[slots[0], :, slots[1]] = x
+    grouped = x.new_zeros(B * K * G, g * d)
+    grouped.index_copy_(0, places, x.reshape(n * K, g * d))
     return grouped.view(B, K, G * g, d)
 
 
-def to_rows(y: torch.Tensor, slots: tuple[torch.Tensor, torch.Tensor], group_size: int) -> torch.Tensor:
-    """[B, K, G*g, d] -> [n, K, g, d] for the live rows `slots` (the inverse of `to_groups`)."""
+def to_rows(y: torch.Tensor, places: torch.Tensor | None, group_size: int) -> torch.Tensor:
+    """[B, K, G*g, d] -> [n, K, g, d] for the live rows (the inverse of `to_groups`)."""
     B, K, Gg, d = y.shape
-    return y.view(B, K, group_size, Gg // group_size, d)[slots[0], :, slots[1]]
+    G, g = group_size, Gg // group_size
+    if places is None:
+        return y.view(B, K, G, g, d).transpose(1, 2).reshape(B * G, K, g, d)
+    return y.reshape(B * K * G, g * d).index_select(0, places).view(-1, K, g, d)
 
 
 def attend(
@@ -199,7 +210,7 @@ def attend(
     keys: torch.Tensor,  # [n, K, t, hd] each row's own completion so far, this step's key included
     values: torch.Tensor,  # [n, K, t, hd]
     prompt_bias: torch.Tensor,  # [n, 1, 1, P] additive mask over each row's prompt (0, or a large negative at padding)
-    slots: tuple[torch.Tensor, torch.Tensor],  # ([n], [n]) long: each live row's prompt b and sample i
+    places: torch.Tensor | None,  # [n * K] long: `group_places` of the live rows; None: all rows, in slot order
     group_size: int,
 ) -> torch.Tensor:
     """Grouped-query attention of one query per row over its prompt and its own completion: [n, H * hd].
@@ -211,16 +222,16 @@ def attend(
     n, H, hd = q.shape
     B, K, P, _ = prompt_keys.shape
     q = q.reshape(n, K, H // K, hd)  # [n, K, g, hd]
-    grouped = torch.matmul(to_groups(q, slots, B, group_size), prompt_keys.transpose(-1, -2))  # [B, K, G*g, P]
-    scores = torch.cat([to_rows(grouped, slots, group_size), torch.matmul(q, keys.transpose(-1, -2))], dim=-1)
+    grouped = torch.matmul(to_groups(q, places, B, group_size), prompt_keys.transpose(-1, -2))  # [B, K, G*g, P]
+    scores = torch.cat([to_rows(grouped, places, group_size), torch.matmul(q, keys.transpose(-1, -2))], dim=-1)
     scores[..., :P].add_(prompt_bias)  # [n, K, g, P+t]
     if scores.dtype == torch.float32:
         probs = scores.softmax(dim=-1)
     else:  # as eager attention: softmax in float32
         probs = scores.softmax(dim=-1, dtype=torch.float32).to(scores.dtype)
     out = torch.matmul(probs[..., P:], values)  # [n, K, g, hd]
-    from_prompt = torch.matmul(to_groups(probs[..., :P], slots, B, group_size), prompt_values)  # [B, K, G*g, hd]
-    return out.add_(to_rows(from_prompt, slots, group_size)).view(n, H * hd)
+    from_prompt = torch.matmul(to_groups(probs[..., :P], places, B, group_size), prompt_values)  # [B, K, G*g, hd]
+    return out.add_(to_rows(from_prompt, places, group_size)).view(n, H * hd)
 
 
 class FusedDecoder:
@@ -261,16 +272,20 @@ class FusedDecoder:
         with their additive padding bias [B, P], G samples per prompt, up to T new tokens per row."""
         B, P = prompt_bias.shape
         self.prompt = [(layer.keys[:B, :, :P], layer.values[:B, :, :P]) for layer in prompt_cache.layers]
-        self.prompt_bias, self.group_size = prompt_bias, group_size
+        self.group_size = group_size
         # each row's own keys and values; the last sampled token is never fed, hence T - 1 positions
         self.cache = KVCache(len(self.layers), max_rows=B * group_size, max_len=max(max_new_tokens - 1, 1))
         self.slots = torch.arange(B * group_size, device=prompt_bias.device)  # [n] row b*G + i: sample i of prompt b
+        self.places = None  # every row live, in slot order
+        self.row_bias = prompt_bias.repeat_interleave(group_size, dim=0)[:, None, None, :]  # [n, 1, 1, P]
         return self
 
     def keep_rows(self, index: torch.Tensor) -> None:
-        """Keep the live rows `index` ([m] long, ascending), dropping the others."""
+        """Row j becomes row index[j] ([m] long, distinct, any order); the others are dropped."""
         self.cache.keep_rows(index)
         self.slots = self.slots[index]
+        self.row_bias = self.row_bias[index]
+        self.places = group_places(self.slots, self.kv_heads, self.group_size)
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """[n] token ids and their positions, one per live row -> [n, V] next-token logits."""
@@ -281,14 +296,12 @@ class FusedDecoder:
         cos, sin = self.rotary(h, positions[:, None])  # [n, 1, hd] each
         half = hd // 2
         sin_signed = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)  # [n, 1, hd]
-        slots = (self.slots // G, self.slots % G)  # each live row's prompt and sample
-        prompt_bias = self.prompt_bias[slots[0]][:, None, None, :]  # [n, 1, 1, P]
         for layer, kv, (prompt_keys, prompt_values) in zip(self.layers, cache.layers, self.prompt):
             x = rms_norm(h, layer.norm1)
             qkv = layer.project_qkv(x).view(n, H + 2 * K, hd)  # [n, H+2K, hd]
             qk = rotate(qkv[:, : H + K], cos, sin_signed)  # [n, H+K, hd]
             keys, values = kv.update(qk[:, H:, None], qkv[:, H + K :, None])  # [n, K, t+1, hd] each
-            out = attend(qk[:, :H], prompt_keys, prompt_values, keys, values, prompt_bias, slots, G)  # [n, H * hd]
+            out = attend(qk[:, :H], prompt_keys, prompt_values, keys, values, self.row_bias, self.places, G)
             h = layer.o(out, residual=h)  # [n, D]
             h = layer.mlp(rms_norm(h, layer.norm2), residual=h)  # [n, D]
         cache.advance(1)

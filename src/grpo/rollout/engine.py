@@ -32,7 +32,7 @@ from grpo import onednn
 from grpo.core.logprobs import left_pad
 from grpo.models import is_lora, merged_copy, refresh_merged
 from grpo.rollout.base import Rollout, SamplingParams, stop_string_end
-from grpo.rollout.cache import KVCache
+from grpo.rollout.cache import KVCache, fill_holes
 from grpo.rollout.decoder import FusedDecoder, unsupported
 from grpo.rollout.hf import eos_token_ids
 
@@ -481,7 +481,7 @@ class FastEngine:
             if t == T - 1:
                 break
             if any_done:
-                keep = (~done).nonzero().squeeze(1)  # [m]
+                keep = fill_holes(done)  # [m] the rows kept, the last ones moved into the places of those that ended
                 if keep.numel() == 0:
                     break
                 decode.keep_rows(keep)
