@@ -158,8 +158,7 @@ def rms_norm(x: torch.Tensor, norm: tuple[torch.Tensor, float]) -> torch.Tensor:
     weight, eps = norm
     if x.dtype == torch.float32:
         return F.rms_norm(x, (x.shape[-1],), weight, eps)
-    wide = x.float()
-    return weight * (wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return weight * F.rms_norm(x.float(), (x.shape[-1],), None, eps).to(x.dtype)
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
@@ -271,13 +270,15 @@ class FusedDecoder:
         """Decode from prompts prefilled into `prompt_cache` (a KVCache, prompts in rows [0, B), P positions),
         with their additive padding bias [B, P], G samples per prompt, up to T new tokens per row."""
         B, P = prompt_bias.shape
-        self.prompt = [(layer.keys[:B, :, :P], layer.values[:B, :, :P]) for layer in prompt_cache.layers]
+        # attention runs in float32 whatever the weights' dtype: the cache's matmuls then take MKL's batched
+        # kernel (bfloat16's copies its strided operands first), and the softmax is float32 as in eager attention
+        self.prompt = [(layer.keys[:B, :, :P].float(), layer.values[:B, :, :P].float()) for layer in prompt_cache.layers]
         self.group_size = group_size
         # each row's own keys and values; the last sampled token is never fed, hence T - 1 positions
         self.cache = KVCache(len(self.layers), max_rows=B * group_size, max_len=max(max_new_tokens - 1, 1))
         self.slots = torch.arange(B * group_size, device=prompt_bias.device)  # [n] row b*G + i: sample i of prompt b
         self.places = None  # every row live, in slot order
-        self.row_bias = prompt_bias.repeat_interleave(group_size, dim=0)[:, None, None, :]  # [n, 1, 1, P]
+        self.row_bias = prompt_bias.float().repeat_interleave(group_size, dim=0)[:, None, None, :]  # [n, 1, 1, P]
         return self
 
     def keep_rows(self, index: torch.Tensor) -> None:
@@ -299,10 +300,10 @@ class FusedDecoder:
         for layer, kv, (prompt_keys, prompt_values) in zip(self.layers, cache.layers, self.prompt):
             x = rms_norm(h, layer.norm1)
             qkv = layer.project_qkv(x).view(n, H + 2 * K, hd)  # [n, H+2K, hd]
-            qk = rotate(qkv[:, : H + K], cos, sin_signed)  # [n, H+K, hd]
-            keys, values = kv.update(qk[:, H:, None], qkv[:, H + K :, None])  # [n, K, t+1, hd] each
+            qk = rotate(qkv[:, : H + K], cos, sin_signed).float()  # [n, H+K, hd], attention in float32
+            keys, values = kv.update(qk[:, H:, None], qkv[:, H + K :, None].float())  # [n, K, t+1, hd] each
             out = attend(qk[:, :H], prompt_keys, prompt_values, keys, values, self.row_bias, self.places, G)
-            h = layer.o(out, residual=h)  # [n, D]
+            h = layer.o(out.to(h.dtype), residual=h)  # [n, D]
             h = layer.mlp(rms_norm(h, layer.norm2), residual=h)  # [n, D]
         cache.advance(1)
         return self.head(rms_norm(h, self.norm))  # [n, V]
