@@ -72,10 +72,9 @@ class KVCache(Cache):
     The model's attention layers call `update`, which writes the rows from `row_start` on at position
     `length`. The engine's verbs: `reserve(L)` before a forward that fills positions up to L,
     `advance(q)` after a forward of q tokens, `repeat_rows(b, G)` to give each of b prefilled prompts
-    its G samples, `keep_rows(idx)` to drop finished rows (in `fill_holes`' order, few rows move). Capacity
-    grows by `BLOCK` positions at a
-    time and a growth also drops the rows that finished, so memory follows the live rows instead of
-    N x (P + max_new_tokens); there is no concatenation per step.
+    its G samples, `keep_rows(idx)` to drop finished rows (in `fill_holes`' order, few rows move).
+    Capacity grows by `BLOCK` positions at a time and a growth also drops the rows that finished, so
+    memory follows the live rows instead of N x (P + max_new_tokens); there is no concatenation per step.
     """
 
     BLOCK = 32  # positions added at each growth

@@ -205,8 +205,10 @@ class FastEngine:
       dtype: sample with a copy of the weights cast to this dtype ("bfloat16", "float16", "float32"),
         refreshed from the model at the start of every `generate` (~one read of the weights). None
         (default): sample with the model itself, in its dtype. On a CPU with AVX512-BF16, a decode
-        step's bfloat16 matmuls run ~1.7x faster than float32 (benchmarks/RESULTS_generate.md); the sampling log-probs are then those of the bfloat16
-        copy (the trainer recomputes the policy's own), and the copy costs half the fp32 weights' memory.
+        step's bfloat16 matmuls run ~1.7x faster than float32 (benchmarks/RESULTS_generate.md); the
+        sampling log-probs are then those of the bfloat16 copy (the trainer recomputes the policy's own),
+        and the copy costs half the fp32 weights' memory. The fused decoder's attention and completion
+        cache stay in float32.
         For a LoRA (peft) policy the copy is the plain model with the adapters merged into its weights
         (only the adapted layers are recomputed at a refresh): decoding skips the adapters' extra matmuls.
         In the policy's own dtype that copy's log-probs are the policy's up to rounding.
