@@ -254,7 +254,7 @@ def test_rows_that_end_leave_the_cache_with_few_rows_moved():
     assert torch.equal(cache.layers[0].keys[[0, 2, 3, 4, 5]], original[[0, 2, 3, 4, 5]])  # only row 1 rewritten
 
 
-def test_a_cache_that_grows_block_by_block_gives_the_same_completions(tok, prompts, monkeypatch):
+def test_a_cache_that_grows_block_by_block_gives_the_same_completions_with_rows_ending_apart(tok, prompts, monkeypatch):
     model = peaky_model(len(tok))
     model.generation_config.eos_token_id = [tok.eos_token_id] + tok.convert_tokens_to_ids(list("aeiou"))
     params = SamplingParams(max_new_tokens=20)  # rows end at different steps: growths also drop rows
@@ -264,6 +264,11 @@ def test_a_cache_that_grows_block_by_block_gives_the_same_completions(tok, promp
     assert torch.equal(whole.completion_ids, grown.completion_ids)
     torch.testing.assert_close(whole.sampling_logprobs, grown.sampling_logprobs, rtol=0, atol=1e-5)
     assert len(set(grown.lengths.tolist())) >= 4
+    # rows left the batch in fill_holes' order (tail rows moved into their places): each row's log-probs
+    # are still those of its own prompt and completion
+    for n, row in enumerate(rows_as_lists(grown)):
+        expected = reference_logprobs(model, prompts[n // 3], row)
+        torch.testing.assert_close(grown.sampling_logprobs[n, : len(row)], expected, rtol=0, atol=1e-4)
 
 
 # -- the registry and the reference engine ----------------------------------------------------------
