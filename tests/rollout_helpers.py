@@ -20,11 +20,12 @@ def peaky(model, seed: int = 0):
 
 def naive_greedy(model, prompt: list[int], max_new_tokens: int, eos: set[int]) -> list[int]:
     """Argmax decoding that recomputes the whole sequence at every step: no cache, no padding."""
+    device = next(model.parameters()).device
     ids = list(prompt)
     out: list[int] = []
     for _ in range(max_new_tokens):
         with torch.no_grad():
-            logits = model(torch.tensor([ids])).logits[0, -1]
+            logits = model(torch.tensor([ids], device=device)).logits[0, -1]
         token = int(logits.argmax())
         out.append(token)
         ids.append(token)
@@ -34,9 +35,11 @@ def naive_greedy(model, prompt: list[int], max_new_tokens: int, eos: set[int]) -
 
 
 def reference_logprobs(model, prompt: list[int], completion: list[int], temperature: float = 1.0) -> torch.Tensor:
-    """log softmax(logits / temperature) of each completion token, from one forward over prompt + completion."""
+    """log softmax(logits / temperature) of each completion token, from one forward over prompt + completion
+    (on the model's device; returned on the CPU)."""
+    device = next(model.parameters()).device
     with torch.no_grad():
-        logits = model(torch.tensor([prompt + completion])).logits[0].float()  # [P+T, V]
+        logits = model(torch.tensor([prompt + completion], device=device)).logits[0].float().cpu()  # [P+T, V]
     logits = logits[len(prompt) - 1 : len(prompt) + len(completion) - 1] / temperature  # [T, V]
     return logits.log_softmax(-1).gather(1, torch.tensor(completion).unsqueeze(1)).squeeze(1)
 

@@ -58,6 +58,30 @@ def test_fused_greedy_equals_naive_decode_and_logprobs_equal_a_forward(tok, prom
         torch.testing.assert_close(logprobs[: len(ids)], expected, rtol=0, atol=1e-4)
 
 
+@pytest.mark.parametrize(
+    "device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fused", [True, False])
+def test_both_decode_paths_on_each_device(tok, prompts, device, dtype, fused):
+    """Through the fused decoder and through the model's forward, in float32 and bfloat16, on the CPU and on
+    a CUDA device where there is one: greedy output equals a naive decode (float32; bf16 logits tie) and
+    the sampled log-probs equal a forward pass, with rows ending at different steps."""
+    model = tiny("llama", len(tok)).to(device=device, dtype=dtype)
+    model.generation_config.eos_token_id = [3, *tok.convert_tokens_to_ids(list("aeiou"))]
+    engine = FastEngine(model, tok, fused=fused)
+    assert ("fused decode steps" in engine.describe()) == fused
+    if dtype == torch.float32:
+        greedy = rows_as_lists(engine.generate(prompts, 2, SamplingParams(max_new_tokens=10, temperature=0.0)))
+        assert greedy == [naive_greedy(model, p, 10, engine.eos_ids) for p in prompts for _ in range(2)]
+    sampled = engine.generate(prompts, 4, SamplingParams(max_new_tokens=12), torch.Generator().manual_seed(2))
+    assert len(set(sampled.lengths.tolist())) >= 2  # rows ended apart: the batch was compacted
+    tolerance = 1e-4 if dtype == torch.float32 else 0.1  # bf16 rounding
+    for row, (ids, logprobs) in enumerate(zip(rows_as_lists(sampled), sampled.sampling_logprobs)):
+        expected = reference_logprobs(model, prompts[row // 4], ids)
+        torch.testing.assert_close(logprobs[: len(ids)], expected, rtol=0, atol=tolerance)
+
+
 def test_unpacked_decoder_runs_on_the_models_own_weights(tok):
     """packed=False copies no weight: every matmul reads the model's own tensor (memory stays flat)."""
     model = tiny("qwen2", len(tok))
