@@ -250,14 +250,14 @@ def decode_matmul_floor(model, n: int, dtype: torch.dtype) -> float:
     def steps_over(ws, matmul):
         def step():
             for w, plain in zip(ws, weights):
-                matmul(inputs[plain.shape[1]], w)
+                matmul(inputs[plain.shape[1]], w, None)
         return step
 
     candidates = [steps_over(weights, torch.nn.functional.linear)]
     from grpo import onednn
 
     if onednn.available():
-        linear = lambda x, w: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")  # noqa: E731
+        linear = onednn.matmul_for(weights[0])  # oneDNN's kernel
         candidates.append(steps_over(weights, linear))
         candidates.append(steps_over([onednn.reordered(w, n) for w in weights], linear))
         fused = fused_matmuls_step(model, n, dtype)

@@ -200,7 +200,7 @@ class SamplingConfig(Section):
     """engine=fast: decode Llama-family models (Llama, Mistral, Qwen2; SmolLM2 is a Llama) on CPU with
     grpo.rollout.decoder.FusedDecoder instead of the model's forward: a few tensor ops per layer on q|k|v
     and gate|up weights fused at each generation (LoRA adapters merged in), each prompt's KV cache read
-    once per group instead of copied to its G rows. 1.14-1.23x faster sampling in float32 on SmolLM2-135M
+    once per group instead of copied to its G rows. 1.1-1.2x faster sampling in float32 on SmolLM2-135M
     (benchmarks/RESULTS_generate.md), 1.2x more with 400-token prompts. Other models use their forward."""
 
     @model_validator(mode="after")

@@ -229,10 +229,7 @@ def attend(
     grouped = torch.matmul(to_groups(q, places, B, group_size), prompt_keys.transpose(-1, -2))  # [B, K, G*g, P]
     scores = torch.cat([to_rows(grouped, places, group_size), torch.matmul(q, keys.transpose(-1, -2))], dim=-1)
     scores[..., :P].add_(prompt_bias)  # [n, K, g, P+t]
-    if scores.dtype == torch.float32:
-        probs = scores.softmax(dim=-1)
-    else:  # as eager attention: softmax in float32
-        probs = scores.softmax(dim=-1, dtype=torch.float32).to(scores.dtype)
+    probs = scores.softmax(dim=-1)  # float32: FusedDecoder attends in float32 whatever the weights' dtype
     out = torch.matmul(probs[..., P:], values)  # [n, K, g, hd]
     from_prompt = torch.matmul(to_groups(probs[..., :P], places, B, group_size), prompt_values)  # [B, K, G*g, hd]
     return out.add_(to_rows(from_prompt, places, group_size)).view(n, H * hd)
