@@ -254,7 +254,7 @@ def decode_matmul_floor(model, n: int, dtype: torch.dtype) -> float:
         return step
 
     candidates = [steps_over(weights, torch.nn.functional.linear)]
-    from grpo import onednn
+    from grpo.backend import onednn
 
     if onednn.available():
         linear = onednn.matmul_for(weights[0])  # oneDNN's kernel

@@ -80,11 +80,10 @@ def test_sampling_dtype_needs_the_fast_engine():
         load_config(None, ["sampling.engine=hf", "sampling.dtype=bfloat16"])
 
 
-def test_sampling_prepack_and_fused_reach_the_fast_engine_only():
-    from grpo.run import engine_options
-
+def test_the_fast_engine_is_the_default_and_the_backend_follows_the_device():
     assert load_config(None, []).sampling.engine == "fast"  # our engine is the default
-    assert engine_options(load_config(None, [])) == {"prepack": True, "fused": None}
-    off = engine_options(load_config(None, ["sampling.prepack=false", "sampling.fused=false"]))
-    assert off == {"prepack": False, "fused": False}
-    assert engine_options(load_config(None, ["sampling.engine=hf"])) == {}  # generate has no such option
+    assert load_config(None, []).trainer.backend == "auto"
+    with pytest.raises(ConfigError, match="trainer.backend=cpu_fast runs on a CPU only"):
+        load_config(None, ["trainer.backend=cpu_fast", "model.device=cuda"])
+    with pytest.raises(ConfigError, match="trainer.backend"):
+        load_config(None, ["trainer.backend=fast"])

@@ -4,13 +4,9 @@ never holding more than one chunk of logits, and micro-batches cut to their own 
 import pytest
 import torch
 
-from grpo.core.logprobs import (
-    build_sequences,
-    completion_logprobs,
-    completion_logprobs_reference,
-    micro_batch,
-    plan_micro_batches,
-)
+from grpo.backend.cpu_fast import completion_logprobs
+from grpo.backend.plain import completion_logprobs_reference
+from grpo.core.logprobs import build_sequences, micro_batch, plan_micro_batches
 from grpo.models import checkpointed_layers
 from grpo.testing import tiny_model
 
@@ -178,7 +174,7 @@ def test_models_with_transformed_logits_take_the_plain_path_zeroed_at_padding():
 def test_fused_head_equals_log_softmax_with_a_bias_temperature_and_entropy_gradient(chunk):
     """The head function on its own: values and the gradients of hidden, weight and bias, against
     log_softmax over the full logits."""
-    from grpo.core.logprobs import _HeadLogprobs
+    from grpo.backend.cpu_fast import _HeadLogprobs
 
     g = torch.Generator().manual_seed(4)
     head = torch.nn.Linear(16, 50)

@@ -9,12 +9,12 @@ from peft import PeftModel
 
 from grpo.checkpoint import save_policy
 from grpo.config import ConfigError, load_config
-from grpo.core.logprobs import completion_logprobs
+from grpo.backend.cpu_fast import completion_logprobs
 from grpo.data.arithmetic import arithmetic_rows
 from grpo.models import ModelError, apply_lora, is_lora, load_model_and_tokenizer, lora_dropout
-from grpo.rollout import make_engine
+from grpo.rollout import FastEngine, LogprobKind, SamplingParams as Params
+from grpo.run import build_trainer
 from grpo.testing import tiny_model_and_tokenizer
-from grpo.trainer import Trainer
 
 from test_checkpoint import BASE, metrics, train
 
@@ -30,7 +30,7 @@ def lora_trainer(*overrides):
     original = copy.deepcopy(base)
     model = apply_lora(base, cfg.lora)
     rows, _ = arithmetic_rows(1, ["+"], 40, 10, "{question}", seed=0)
-    return Trainer(cfg, model, tok, make_engine("fast", model, tok), rows, ref_model=None), original
+    return build_trainer(cfg, model, tok, FastEngine(model, tok), rows, ref_model=None), original
 
 
 def named(model, lora: bool) -> dict:
@@ -136,22 +136,24 @@ def test_lora_resume_is_exact(tiny_model_dir, tmp_path):
 
 
 def test_a_merged_sampling_copy_samples_the_lora_policy_after_every_update():
-    """sampling.dtype with LoRA: the engine decodes with a plain copy that has the adapters merged in,
-    refreshed at every generate; greedy tokens and log-probs match sampling with the peft model itself."""
-    from grpo.rollout import SamplingParams
-
+    """sampling.dtype with LoRA: the engine decodes with a plain copy that has the adapters merged in, which
+    the trainer refreshes after every update (engine.sync_weights); greedy tokens and log-probs match
+    sampling with the peft model itself."""
     trainer, _ = lora_trainer()
-    plain = make_engine("fast", trainer.model, trainer.tokenizer)
-    merged = make_engine("fast", trainer.model, trainer.tokenizer, dtype="float32")
-    assert merged.exact_logprobs and merged.runner is not trainer.model
+    plain = FastEngine(trainer.model, trainer.tokenizer)
+    merged = FastEngine(trainer.model, trainer.tokenizer, dtype="float32")
+    trainer.engine = merged  # the trainer samples from, and syncs, the copy
+    params = Params(max_new_tokens=8)
+    assert merged.logprob_kind(params) is LogprobKind.POLICY and merged.runner is not trainer.model
     prompts = [trainer.tokenizer("12+7=").input_ids, trainer.tokenizer("3-1=").input_ids]
-    greedy = SamplingParams(max_new_tokens=8, temperature=0)
+    greedy = Params(max_new_tokens=8, temperature=0)
     for _ in range(2):
         trainer.step()  # the adapters move; the merged copy must follow
         a, b = plain.generate(prompts, 2, greedy), merged.generate(prompts, 2, greedy)
         assert torch.equal(a.completion_ids, b.completion_ids)
         torch.testing.assert_close(b.sampling_logprobs, a.sampling_logprobs, rtol=0, atol=1e-5)
-    assert not make_engine("fast", trainer.model, trainer.tokenizer, dtype="bfloat16").exact_logprobs
+    bf16 = FastEngine(trainer.model, trainer.tokenizer, dtype="bfloat16")
+    assert bf16.logprob_kind(params) is LogprobKind.OTHER
 
 
 @pytest.mark.slow

@@ -46,51 +46,10 @@ def test_default_model_converts_once_and_answers(tmp_path, monkeypatch):
     assert folder.parent == models.cache_dir() / "models" and (folder / "model.safetensors").is_file()
     assert resolve_model_folder(str(models.default_gguf_path())) == folder  # a GGUF path hits the same cache
     assert sum(p.numel() for p in model.parameters()) > 100e6
-    from grpo.rollout import make_engine
+    from grpo.rollout import HFGenerateEngine
     from grpo.rollout.base import SamplingParams
 
-    engine = make_engine("hf", model, tok)
+    engine = HFGenerateEngine(model, tok)
     ids = encode_prompt(tok, [{"role": "user", "content": "What is 2 + 3? Reply with only the number."}])
     out = engine.generate([ids], 1, SamplingParams(max_new_tokens=8, temperature=0.0))
     assert "5" in tok.decode(out.completion_ids[0], skip_special_tokens=True)
-
-
-def _embedding_grads(model, ids, sparse: bool):
-    """The parameters' gradients of a loss over `ids`, with or without sparse_embedding_grad (two
-    forwards, as a shared prompt pass and its completions: the sparse parts are summed first)."""
-    model.zero_grad(set_to_none=True)
-    ctx = models.sparse_embedding_grad(model) if sparse else torch.enable_grad()
-    with ctx:
-        loss = model(input_ids=ids, labels=ids).loss + model(input_ids=ids[:, :4]).logits.square().mean()
-        loss.backward()
-    return {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
-
-
-@pytest.mark.parametrize("tied", [True, False])
-def test_sparse_embedding_gradient_equals_the_dense_one(tied):
-    from grpo.testing import tiny_model
-
-    model = tiny_model(80, seed=2, tied=tied)
-    emb = model.get_input_embeddings()
-    weight = emb.weight
-    ids = torch.randint(4, 80, (3, 7), generator=torch.Generator().manual_seed(0))
-    dense = _embedding_grads(model, ids, sparse=False)
-    got = _embedding_grads(model, ids, sparse=True)
-    assert emb.weight is weight and not emb.sparse  # the block left the module as it was
-    name = "model.embed_tokens.weight"
-    assert got[name].is_sparse == (not tied)  # untied: nothing dense to add into, sparse until densified
-    models.densify_grads(model.parameters())
-    assert not weight.grad.is_sparse
-    assert dense.keys() == got.keys()
-    assert float(dense[name].abs().max()) > 0
-    for key in dense:
-        torch.testing.assert_close(weight.grad if key == name else got[key], dense[key], rtol=1e-5, atol=1e-6)
-
-
-def test_sparse_embedding_grad_leaves_a_frozen_embedding_alone():
-    from grpo.testing import tiny_model
-
-    model = tiny_model(80)
-    model.get_input_embeddings().weight.requires_grad_(False)
-    with models.sparse_embedding_grad(model):
-        assert not model.get_input_embeddings().sparse

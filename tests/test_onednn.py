@@ -4,7 +4,7 @@ and `use_in` leaves every model exactly as it found it."""
 import pytest
 import torch
 
-from grpo import onednn
+from grpo.backend import onednn
 from grpo.testing import tiny_model
 
 pytestmark = pytest.mark.skipif(not onednn.available(), reason="this torch build has no oneDNN linear op")

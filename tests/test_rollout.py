@@ -274,11 +274,17 @@ def test_a_cache_that_grows_block_by_block_gives_the_same_completions_with_rows_
 # -- the registry and the reference engine ----------------------------------------------------------
 
 
-def test_registry(model, tok):
+def test_registry_builds_each_engine_from_its_config_section(model, tok):
+    from grpo.config import ConfigError, load_config
+
     assert set(ENGINES) == {"hf", "fast"}
-    assert isinstance(make_engine("fast", model, tok), FastEngine)
-    with pytest.raises(ValueError, match=r"valid: \[.fast., .hf.\]"):
-        make_engine("vllm-typo", model, tok)
+    assert isinstance(make_engine(load_config(None, ["sampling.engine=hf"]).sampling, model, tok), HFGenerateEngine)
+    fast = make_engine(load_config(None, ["sampling.prepack=false", "sampling.fused=false"]).sampling, model, tok)
+    assert isinstance(fast, FastEngine) and fast._prepack is False and fast._fused is False
+    default = make_engine(load_config(None, []).sampling, model, tok)  # fused where supported, prepacked
+    assert default._prepack is True and default._fused is None
+    with pytest.raises(ConfigError, match="sampling.engine"):
+        load_config(None, ["sampling.engine=vllm-typo"])
 
 
 def test_hf_engine_shapes_and_mask(model, tok, prompts):

@@ -4,8 +4,9 @@ GRPO gradient written out by hand."""
 import pytest
 import torch
 
-from grpo.core.logprobs import completion_logprobs
-from grpo.trainer import Phases, lr_lambda
+from grpo.backend.cpu_fast import completion_logprobs
+from grpo.logging.metrics import Phases
+from grpo.optim import lr_lambda
 
 import trainer_helpers
 from trainer_helpers import gradients
@@ -109,12 +110,11 @@ def test_step_reports_how_far_the_sampler_s_logprobs_are_from_the_trainer_s():
 
 def test_a_cast_sampling_copy_is_not_pi_old():
     """A bfloat16 sampling copy (sampling.dtype) gives other log-probs: with mu > 1 pi_old is recomputed."""
-    from grpo.rollout import make_engine
-    from grpo.run import engine_options
+    from grpo.rollout import LogprobKind, make_engine
 
     trainer = trainer_helpers.make_trainer("algorithm.mu=2", "sampling.engine=fast", "sampling.dtype=bfloat16")
-    trainer.engine = make_engine("fast", trainer.model, trainer.tokenizer, **engine_options(trainer.cfg))
-    assert not trainer.engine.exact_logprobs
+    trainer.engine = make_engine(trainer.cfg.sampling, trainer.model, trainer.tokenizer)
+    assert trainer.engine.logprob_kind(trainer.params) is LogprobKind.OTHER
     batch = trainer.make_batch(trainer.sampler.next(2), phases := Phases())
     assert "old_logprobs" in phases.seconds and batch.old_logprobs is not batch.rollout.sampling_logprobs
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from grpo.rewards import REWARDS
-from grpo.trainer import Phases
+from grpo.logging.metrics import Phases, step_metrics
 
 import trainer_helpers
 from trainer_helpers import gradients
@@ -86,7 +86,7 @@ def test_grpo_gradient_with_mu_1_and_beta_0_is_reinforce_with_a_group_baseline()
     batch = trainer.make_batch(trainer.sampler.next(2), Phases())
     got = gradients(trainer, batch)
 
-    rewards = letters(batch.completions)
+    rewards = letters(batch.scored.completions)
     g, eps = 4, trainer.cfg.algorithm.advantage_eps
     advantages = []
     for b in range(2):
@@ -127,15 +127,14 @@ def test_dynamic_sampling_keeps_groups_whose_rewards_differ():
     batch = trainer.make_batch(trainer.sampler.next(3), phases := Phases())
     s = batch.sampling
     assert s["groups_kept"] + s["groups_filled"] == 3 and 1 <= s["rounds"] <= 6 and s["groups_drawn"] >= 3
-    assert batch.rollout.num_completions == 12 and len(batch.rows) == 3 and len(batch.completions) == 12
-    assert all(int(r["question"][0]) % 2 == 1 for r in batch.rows[: s["groups_kept"]])
+    assert batch.rollout.num_completions == 12 and len(batch.scored.rows) == 3 and len(batch.scored.completions) == 12
+    assert all(int(r["question"][0]) % 2 == 1 for r in batch.scored.rows[: s["groups_kept"]])
     # everything lines up after concatenating rounds: the rewards are those of the batch's own completions
-    assert batch.total_rewards.tolist() == odd_only(batch.completions, [r["question"] for r in batch.rows for _ in range(4)])
+    assert batch.total_rewards.tolist() == odd_only(batch.scored.completions, [r["question"] for r in batch.scored.rows for _ in range(4)])
     assert batch.sequences.input_ids.shape[0] == 12 and "generate" in phases.seconds
-    trainer.last_lr = 0.0
     phases.seconds.update(step=1.0, train=1.0)
     opt = dict.fromkeys(["loss", "kl", "clip_low", "clip_high", "clip_dual", "entropy", "ratio", "grad_norm"], 0.0)
-    metrics = trainer.metrics(batch, opt, phases)
+    metrics = step_metrics(1, batch, opt, phases, lr=0.0, skipped=False)
     assert metrics["dynamic_sampling/rounds"] == s["rounds"] and metrics["dynamic_sampling/groups_kept"] == s["groups_kept"]
 
 
@@ -176,16 +175,10 @@ def test_rewards_receive_completion_lengths():
 def test_process_advantages_through_the_trainer():
     trainer = make_trainer("algorithm.advantage=process")
     batch = trainer.make_batch(trainer.sampler.next(2), Phases())
-    outcome, _ = make_trainer().advantages(_scored(batch))  # the same completions, outcome supervision
+    outcome, _ = make_trainer().advantages(batch.scored)  # the same completions, outcome supervision
     mask = batch.rollout.completion_mask
     assert batch.advantages.shape == mask.shape
     # a scalar reward alone is one step at the last token: the outcome advantage on every real token
     torch.testing.assert_close(batch.advantages, torch.where(mask, outcome[:, None], torch.zeros(())), rtol=0, atol=1e-6)
     assert batch.num_steps == 8
 
-
-def _scored(batch):
-    from grpo.rewards.base import RewardResult
-    from grpo.trainer import Scored
-
-    return Scored(batch.rows, batch.rollout, batch.prompts, batch.completions, RewardResult(batch.rewards, batch.total_rewards))

@@ -5,9 +5,9 @@ import torch
 from grpo.config import load_config
 from grpo.data.arithmetic import arithmetic_rows
 from grpo.models import frozen_copy
-from grpo.rollout import make_engine
+from grpo.rollout import HFGenerateEngine
+from grpo.run import build_trainer
 from grpo.testing import tiny_model_and_tokenizer
-from grpo.trainer import Trainer
 
 
 def make_trainer(*overrides, micro_batch_size=8, seed=0):
@@ -24,7 +24,7 @@ def make_trainer(*overrides, micro_batch_size=8, seed=0):
             for p in ref.parameters():
                 p.add_(0.05 * torch.randn_like(p))
     train, _ = arithmetic_rows(1, ["+"], 40, 10, "{question}", seed=0)
-    return Trainer(cfg, model, tok, make_engine("hf", model, tok), train, ref_model=ref)
+    return build_trainer(cfg, model, tok, HFGenerateEngine(model, tok), train, ref_model=ref)
 
 
 def gradients(trainer, batch):

@@ -186,22 +186,23 @@ class SamplingConfig(Section):
     windows shorter than prompt + completion)."""
     dtype: Literal["bfloat16", "float16", "float32"] | None = None
     """engine=fast: sample with a copy of the weights cast to this dtype, refreshed after every update (None:
-    sample with the policy itself). bfloat16 samples ~1.5x faster on a CPU with AVX512-BF16/AMX and costs a
-    half-size copy; its log-probs differ slightly from the trainer's (metric rollout/logprob_diff), so with
-    mu > 1 pi_old's log-probs are recomputed. With LoRA the copy has the adapters merged in, so decoding
+    sample with the policy itself). bfloat16 halves the weights the decode steps read, which is faster on a
+    CPU with AVX512-BF16/AMX (benchmarks/RESULTS_generate.md; an AVX2-only CPU runs bf16 matmuls without
+    oneDNN) and costs a half-size copy; its log-probs differ slightly from the trainer's (metric
+    rollout/logprob_diff), so with mu > 1 pi_old's log-probs are recomputed. With LoRA the copy has the adapters merged in, so decoding
     skips their extra matmuls (model.dtype here: the policy's log-probs up to rounding, at the memory of
     one more copy of the base weights; not needed where sampling.fused applies, which merges them itself)."""
     prepack: bool = True
     """engine=fast: at each generation, copy the Linear weights into the shape the batch runs fastest on
-    (q|k|v and gate|up concatenated; on CPU, oneDNN's blocked layout): ~1.3x faster sampling for ~0.1 s,
-    and one more copy of those weights while sampling, released after. In full fine-tuning the peak
+    (q|k|v and gate|up concatenated; on CPU, oneDNN's blocked layout): faster decode steps for one copy
+    of those weights while sampling, released after. In full fine-tuning the peak
     memory is the backward pass's, not this; with LoRA on a large model, false avoids the copy."""
     fused: bool = True
     """engine=fast: decode Llama-family models (Llama, Mistral, Qwen2; SmolLM2 is a Llama) on CPU with
     grpo.rollout.decoder.FusedDecoder instead of the model's forward: a few tensor ops per layer on q|k|v
     and gate|up weights fused at each generation (LoRA adapters merged in), each prompt's KV cache read
-    once per group instead of copied to its G rows. 1.1-1.2x faster sampling in float32 on SmolLM2-135M
-    (benchmarks/RESULTS_generate.md), 1.2x more with 400-token prompts. Other models use their forward."""
+    once per group instead of copied to its G rows (benchmarks/RESULTS_generate.md measures what it gives).
+    Other models use their forward."""
 
     @model_validator(mode="after")
     def _dtype_needs_fast(self):
@@ -277,8 +278,9 @@ class TrainerConfig(Section):
     micro-batch is cut to its own longest row. None: micro_batch_size rows each. Bounds the activation
     memory of the backward pass (raise it on a GPU with memory to spare)."""
     logprob_chunk_tokens: int = Field(256, ge=1)
-    """Completion tokens whose logits exist at once: log-probs and entropy are computed this many tokens
-    at a time and recomputed in the backward pass, so the [tokens x vocab] logits are never held whole."""
+    """backend=cpu_fast: completion tokens whose logits exist at once: log-probs and entropy are computed
+    this many tokens at a time and recomputed in the backward pass, so the [tokens x vocab] logits are
+    never held whole."""
     gradient_checkpointing: bool = False
     """Recompute each decoder layer's activations in the backward pass instead of keeping them: less
     memory for the policy's forward/backward, more compute (the training forward then also runs each
@@ -286,6 +288,12 @@ class TrainerConfig(Section):
     autocast: bool = True
     """On CUDA, run the log-prob forward passes under bfloat16 autocast (weights and optimizer stay in
     model.dtype). No effect on CPU."""
+    backend: Literal["auto", "plain", "cpu_fast"] = "auto"
+    """How log-probs and gradients are computed (grpo.backend). plain: the model's own forward and autograd
+    (what runs on CUDA and under DDP/FSDP). cpu_fast: the same numbers with less work on a CPU: oneDNN
+    matmuls forward and backward, the output head turned into log-probs trainer.logprob_chunk_tokens
+    tokens at a time with its own backward, each group's prompt run once, a sparse embedding gradient.
+    auto: cpu_fast for a policy on the CPU, plain elsewhere. Set plain when the fast path misbehaves."""
     lr: float = Field(1e-6, gt=0)
     """AdamW learning rate (DeepSeekMath: 1e-6)."""
     lr_schedule: Literal["constant", "cosine"] = "constant"
@@ -380,6 +388,12 @@ class Config(Section):
             )
         if not self.rewards:
             raise ValueError("rewards: at least one reward function is needed")
+        if self.trainer.backend == "cpu_fast" and self.model.device != "cpu":
+            import torch
+
+            if self.model.device != "auto" or torch.cuda.is_available():
+                raise ValueError(f"trainer.backend=cpu_fast runs on a CPU only, and model.device={self.model.device!r} "
+                                 "is not; use trainer.backend=auto (plain on a GPU) or model.device=cpu")
         if self.lora.enabled and self.algorithm.ref_reset_steps is not None:
             raise ValueError("algorithm.ref_reset_steps is not supported with lora.enabled (the reference is the "
                              "base model without adapters); set algorithm.ref_reset_steps=null")

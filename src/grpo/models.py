@@ -105,6 +105,12 @@ def load_tokenizer(folder: Path):
     return tok
 
 
+def pad_token_id(tokenizer) -> int:
+    """The id prompts and completions are padded with: the tokenizer's pad token, else its EOS (which
+    `load_tokenizer` also makes the pad token)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def load_model(folder: Path, dtype: str = "float32", device: str | torch.device = "cpu"):
     from transformers import AutoModelForCausalLM
 
@@ -205,42 +211,6 @@ def lora_dropout(model: torch.nn.Module, enabled: bool = True):
     finally:
         for m in modules:
             m.eval()
-
-
-@contextmanager
-def sparse_embedding_grad(model: torch.nn.Module):
-    """Within this block (forward and backward) the input embedding's gradient is sparse: the rows of the
-    tokens the batch holds, added into the weight's .grad on exit, instead of a dense [V, D] tensor per
-    forward (a zero-filled 113 MB for SmolLM2, then added: ~0.85 s of a 4.5 s backward on a 2-core CPU).
-
-    The lookup reads the weight through a second leaf on the same storage (no copy): with a tied
-    output head, autograd would otherwise sum the head's dense gradient and the sparse one out of place,
-    a fresh [V, D] copy per backward. Where .grad is still empty (an untied embedding) it stays sparse
-    until `densify_grads`.
-    """
-    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    if type(emb) is not torch.nn.Embedding or not emb.weight.requires_grad or emb.sparse:
-        yield
-        return
-    weight = emb.weight
-    alias = torch.nn.Parameter(weight.detach())  # the same storage
-    emb.weight, emb.sparse = alias, True
-    try:
-        yield
-    finally:
-        emb.weight, emb.sparse = weight, False
-        if alias.grad is not None:
-            if weight.grad is None:
-                weight.grad = alias.grad
-            else:
-                weight.grad.add_(alias.grad)  # dense += sparse, in place
-
-
-def densify_grads(params) -> None:
-    """Replace sparse gradients (see `sparse_embedding_grad`) by dense ones, for clipping and the optimizer."""
-    for p in params:
-        if p.grad is not None and p.grad.is_sparse:
-            p.grad = p.grad.to_dense()
 
 
 def merged_copy(model, dtype: torch.dtype):

@@ -15,13 +15,16 @@ from pathlib import Path
 import torch
 
 from grpo import checkpoint
+from grpo.backend import make_backend
 from grpo.config import Config, dump_config
-from grpo.data import DataError, chat_messages, load_task
+from grpo.data import DataError, PromptSampler, encode_rows, load_task
 from grpo.evaluate import evaluate, format_table
 from grpo.logging.console import format_duration, make_console
+from grpo.logging.metrics import sample_records
 from grpo.logging.run import RunLog, write_json
-from grpo.models import apply_lora, encode_prompt, frozen_copy, load_model_and_tokenizer
-from grpo.rewards import get_reward, required_columns
+from grpo.models import apply_lora, frozen_copy, load_model_and_tokenizer
+from grpo.optim import make_optimizer, make_scheduler
+from grpo.rewards import build_rewards, get_reward, required_columns
 from grpo.rollout import make_engine
 from grpo.trainer import Trainer
 
@@ -116,8 +119,8 @@ def check_prompt_lengths(config: Config, task, tokenizer, model) -> None:
     splits = [("train", task.train, config.sampling.max_new_tokens, data.train_file),
               ("eval", eval_rows, config.eval.max_new_tokens or config.sampling.max_new_tokens, data.eval_file)]
     for split, rows, max_new, path in splits:
-        for i, row in enumerate(rows, start=1):
-            n = len(encode_prompt(tokenizer, chat_messages(row[data.prompt_column], data.system_prompt)))
+        for i, ids in enumerate(encode_rows(tokenizer, rows, data), start=1):
+            n = len(ids)
             if context and n + max_new > context:
                 where = path or f"data.task={data.task} ({split} problems)"
                 raise DataError(
@@ -169,7 +172,7 @@ def train_loop(trainer: Trainer, config: Config, log: RunLog, console, run_dir: 
     with console.training(), stop_requested() as stop:
         while trainer.step_count < t.steps:
             m, batch = trainer.step()
-            log.step(trainer.step_count, m, lambda: trainer.sample_records(batch, t.samples_per_step))
+            log.step(trainer.step_count, m, lambda: sample_records(trainer.step_count, batch, t.samples_per_step))
             console.step(trainer.step_count, m)
             if trainer.skip_reason:
                 console.info(f"step {trainer.step_count}: update skipped: {trainer.skip_reason} "
@@ -199,16 +202,6 @@ def stop_message(trainer: Trainer, config: Config, run_dir: Path) -> str:
     )
 
 
-def engine_options(config: Config) -> dict:
-    """Keyword options of the configured rollout engine."""
-    s = config.sampling
-    options = {"dtype": s.dtype} if s.dtype else {}
-    if s.engine == "fast":
-        options["prepack"] = s.prepack
-        options["fused"] = None if s.fused else False  # None: where supported
-    return options
-
-
 def load_for_training(config: Config, log=print):
     """(model, tokenizer, folder, engine, ref_model): the policy on its device, its rollout engine, and the
     reference policy (None when beta = 0: no second copy)."""
@@ -217,9 +210,21 @@ def load_for_training(config: Config, log=print):
         model, ref_model = apply_lora(model, config.lora), None
     else:
         ref_model = frozen_copy(model) if config.algorithm.beta > 0 else None  # the start weights
-    engine = make_engine(config.sampling.engine, model, tokenizer, **engine_options(config))
+    engine = make_engine(config.sampling, model, tokenizer)
     log(f"sampling: {engine.describe()}")
     return model, tokenizer, folder, engine, ref_model
+
+
+def build_trainer(config: Config, model, tokenizer, engine, train_rows: list[dict], ref_model=None) -> Trainer:
+    """The Trainer with its parts: the backend for the policy's device, AdamW and its schedule, the prompt
+    sampler and the reward functions."""
+    t = config.trainer
+    backend = make_backend(t.backend, next(model.parameters()).device, t.autocast, t.logprob_chunk_tokens)
+    optimizer = make_optimizer(model, t)
+    scheduler = make_scheduler(optimizer, t, t.steps * config.algorithm.mu)
+    sampler = PromptSampler(train_rows, config.data.seed)
+    return Trainer(config, model, tokenizer, engine, backend, optimizer, scheduler, sampler,
+                   build_rewards(config.rewards), ref_model=ref_model)
 
 
 def train(config: Config, quiet: bool = False, console_mode: str = "auto", resume: bool = False) -> dict:
@@ -259,7 +264,8 @@ def train(config: Config, quiet: bool = False, console_mode: str = "auto", resum
             run_eval("before")
         elif (run_dir / "eval_before.json").is_file():  # a resumed run does not evaluate "before" again
             results["before"] = json.loads((run_dir / "eval_before.json").read_text())
-        trainer = Trainer(config, model, tokenizer, engine, task.train, ref_model=ref_model)
+        trainer = build_trainer(config, model, tokenizer, engine, task.train, ref_model=ref_model)
+        console.info(f"backend: {trainer.backend.name}")
         if ckpt is not None:
             checkpoint.restore(ckpt, trainer)
             engine.sync_weights(model)  # an engine that samples from a copy must see the restored weights
@@ -298,7 +304,7 @@ def eval_only(config: Config, model_path: str | None, output: Path | None, quiet
     cfg = config.model_copy(update={"model": config.model.model_copy(update={"path": model_path})}) if model_path else config
     with console.phase("loading the model"):
         model, tokenizer, folder = load_model_and_tokenizer(cfg.model, log=console.info)
-    engine = make_engine(config.sampling.engine, model, tokenizer, **engine_options(config))
+    engine = make_engine(config.sampling, model, tokenizer)
     n = min(config.eval.num_problems or len(task.eval), len(task.eval))
     with console.progress(f"evaluating {folder} on {n} held-out problems", n) as update:
         result = evaluate(model, tokenizer, engine, task.eval, config, progress=update)

@@ -97,6 +97,14 @@ def chat_messages(prompt, system_prompt: str | None) -> list[dict]:
     return messages + [{"role": "user", "content": prompt}]
 
 
+def encode_rows(tokenizer, rows: list[dict], data) -> list[list[int]]:
+    """Token ids of each row's prompt, rendered by the tokenizer's chat template and ready for the answer
+    (`data`: the run's DataConfig: prompt column and system prompt)."""
+    from grpo.models import encode_prompt
+
+    return [encode_prompt(tokenizer, chat_messages(r[data.prompt_column], data.system_prompt)) for r in rows]
+
+
 class PromptSampler:
     """Draws prompts in a seeded order, reshuffled each epoch; its position is two integers."""
 

@@ -11,7 +11,7 @@ Rows keep every column; they gain `prompt` (the instruction applied to the quest
 from __future__ import annotations
 
 from grpo.data.files import DataError, read_rows
-from grpo.rewards.builtin import boxed
+from grpo.data.answers import boxed
 
 
 def gsm8k_answer(text: str) -> str | None:

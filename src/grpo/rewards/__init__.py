@@ -15,10 +15,11 @@ from grpo.rewards.base import (
     is_per_completion,
     register_reward,
     required_columns,
+    reward_columns,
     score,
 )
 
 __all__ = [
     "REWARDS", "Reward", "RewardError", "RewardLoadError", "RewardResult", "build_rewards", "check_args",
-    "default_label", "get_reward", "is_per_completion", "register_reward", "required_columns", "score",
+    "default_label", "get_reward", "is_per_completion", "register_reward", "required_columns", "reward_columns", "score",
 ]

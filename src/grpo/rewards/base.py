@@ -379,6 +379,23 @@ def _raise_failure(reward: Reward, i: int, e: BaseException, count: int, n: int,
     ) from e
 
 
+def reward_columns(
+    rows: list[dict],  # B dataset rows
+    group_size: int,  # G completions per row
+    prompt_column: str,
+    lengths: Sequence[int] | None = None,  # N completion lengths in tokens, EOS included
+    max_new_tokens: int | None = None,
+) -> dict[str, list]:
+    """What reward functions get besides prompts and completions, one value per completion (row n = b * G + g):
+    every dataset column but the prompt, by name; and, when given, `completion_lengths` and `max_new_tokens`,
+    which length rewards such as overlong_penalty read."""
+    columns = {k: [r.get(k) for r in rows for _ in range(group_size)] for k in rows[0] if k != prompt_column}
+    if lengths is not None:
+        columns["completion_lengths"] = list(lengths)
+        columns["max_new_tokens"] = [max_new_tokens] * len(columns["completion_lengths"])
+    return columns
+
+
 def score(
     rewards: list[Reward | tuple],  # Reward, or (name, function, weight, fixed kwargs)
     prompts: list[str],

@@ -11,6 +11,7 @@ import operator
 from fractions import Fraction
 import re
 
+from grpo.data.answers import boxed  # noqa: F401  (also a name of this module: the answer checks use it)
 from grpo.rewards.base import register_reward
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?|-?\.\d+")
@@ -27,20 +28,6 @@ _OPS = {
 
 def _tag_contents(text: str, tag: str) -> list[str]:
     return re.findall(rf"<{tag}>(.*?)</{tag}>", text, flags=re.DOTALL)
-
-
-def boxed(text: str) -> str | None:
-    """Content of the last \\boxed{...} (or \\fbox{...}), with nested braces; None when there is none."""
-    start = max(text.rfind("\\boxed{"), text.rfind("\\fbox{"))
-    if start < 0:
-        m = re.search(r"\\boxed (\S+)", text)  # "\boxed 5"
-        return m.group(1).rstrip("$.") if m else None
-    i, depth = text.index("{", start) + 1, 1
-    for j in range(i, len(text)):
-        depth += {"{": 1, "}": -1}.get(text[j], 0)
-        if depth == 0:
-            return text[i:j].strip()
-    return None
 
 
 def extract_answer(text: str) -> str | None:

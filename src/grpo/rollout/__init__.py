@@ -1,26 +1,27 @@
-"""Rollout engines behind one interface (see base.py); pick one by name with `make_engine`."""
+"""Rollout engines behind one contract (see base.py); `make_engine` builds the one a run's config names."""
 
 from __future__ import annotations
 
-from grpo.rollout.base import Rollout, RolloutEngine, SamplingParams, finish_completions
+from grpo.rollout.base import LogprobKind, Rollout, RolloutEngine, SamplingParams, finish_completions
 from grpo.rollout.engine import FastEngine
 from grpo.rollout.hf import HFGenerateEngine
 
-# name -> engine class; every class takes (model, tokenizer, **options)
+# sampling.engine -> engine class; each builds itself from the sampling section (`from_config`)
 ENGINES: dict[str, type] = {"hf": HFGenerateEngine, "fast": FastEngine}
 
 
-def make_engine(name: str, model, tokenizer, **options) -> RolloutEngine:
-    """The engine registered under `name`, built on `model` and `tokenizer`."""
-    if name not in ENGINES:
-        raise ValueError(f"unknown rollout engine {name!r}; valid: {sorted(ENGINES)}")
-    return ENGINES[name](model, tokenizer, **options)
+def make_engine(sampling, model, tokenizer) -> RolloutEngine:
+    """The engine a run's `sampling` section (grpo.config.SamplingConfig) names, built from that section."""
+    if sampling.engine not in ENGINES:
+        raise ValueError(f"unknown rollout engine {sampling.engine!r}; valid: {sorted(ENGINES)}")
+    return ENGINES[sampling.engine].from_config(sampling, model, tokenizer)
 
 
 __all__ = [
     "ENGINES",
     "FastEngine",
     "HFGenerateEngine",
+    "LogprobKind",
     "Rollout",
     "RolloutEngine",
     "SamplingParams",

@@ -1,13 +1,20 @@
-"""The rollout interface: prompts in, G sampled completions per prompt out.
+"""The rollout contract: prompts in, G sampled completions per prompt out.
 
 Every generation engine (plain `transformers` generate, our batched KV-cache
-sampler, later vLLM) fills the same two types, so the trainer never knows which
-one it is talking to.
+sampler, later vLLM) fills the same two types and answers the same four calls,
+so the trainer never knows which one it is talking to:
+
+    engine = ENGINE.from_config(sampling_section, model, tokenizer)   # grpo.rollout.make_engine
+    rollout = engine.generate(prompt_ids, G, params, generator)
+    engine.sync_weights(model)        # the trainer, after every optimizer update
+    engine.logprob_kind(params)       # are the sampled log-probs the policy's own?
+    engine.describe()                 # one line for the run's log
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Protocol
 
 import torch
@@ -27,6 +34,35 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def truncates(self) -> bool:
+        """Whether top-p, top-k or min-p cut the distribution (sampled log-probs are then of the renormalized
+        rest, not the policy's)."""
+        return self.top_p < 1.0 or self.top_k > 0 or self.min_p > 0.0
+
+    @classmethod
+    def from_config(cls, sampling, max_new_tokens: int | None = None, greedy: bool = False) -> "SamplingParams":
+        """The parameters of a run's `sampling` section (grpo.config.SamplingConfig); `greedy` for evaluation
+        (temperature 0, no truncation), `max_new_tokens` to override the section's."""
+        if greedy:
+            return cls(max_new_tokens=max_new_tokens or sampling.max_new_tokens, temperature=0.0,
+                       stop=tuple(sampling.stop))
+        return cls(
+            max_new_tokens=max_new_tokens or sampling.max_new_tokens,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            top_k=sampling.top_k,
+            min_p=sampling.min_p,
+            stop=tuple(sampling.stop),
+        )
+
+
+class LogprobKind(str, Enum):
+    """What an engine's sampled log-probs are (`RolloutEngine.logprob_kind`)."""
+
+    POLICY = "policy"  # the policy's own tempered distribution, same weights and dtype: pi_old up to rounding
+    OTHER = "other"  # another model's: a copy in another dtype, another kernel, or a truncated distribution
 
 
 @dataclass
@@ -60,14 +96,15 @@ class Rollout:
 class RolloutEngine(Protocol):
     """Samples completions from the policy.
 
-    Engines that run on the trainer's own model object (the in-process ones) see
-    weight updates immediately; an engine holding its own copy (vLLM) must take
-    them in `sync_weights` before the next `generate`.
+    The trainer calls `sync_weights(model)` after every optimizer update (and run.py after a resume):
+    an engine that reads the policy's own tensors does nothing there; one holding a copy (a cast
+    copy, a merged LoRA copy, vLLM) must refresh it, since `generate` samples from whatever it holds.
     """
 
-    # True when `sampling_logprobs` are the policy's own log-probs up to float rounding (the engine
-    # runs the policy's weights in their dtype), so with mu > 1 the trainer uses them as pi_old's.
-    exact_logprobs: bool
+    @classmethod
+    def from_config(cls, sampling, model, tokenizer) -> "RolloutEngine": ...  # sampling: SamplingConfig
+
+    def logprob_kind(self, params: SamplingParams) -> LogprobKind: ...  # POLICY: usable as pi_old's
 
     def generate(
         self,

@@ -40,7 +40,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from grpo import onednn
+from grpo.backend import onednn
 from grpo.rollout.cache import KVCache
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")

@@ -28,10 +28,10 @@ from contextlib import nullcontext
 
 import torch
 
-from grpo import onednn
+from grpo.backend import onednn
 from grpo.core.logprobs import left_pad
-from grpo.models import is_lora, merged_copy, refresh_merged
-from grpo.rollout.base import Rollout, SamplingParams, stop_string_end
+from grpo.models import is_lora, merged_copy, pad_token_id, refresh_merged
+from grpo.rollout.base import LogprobKind, Rollout, SamplingParams, stop_string_end
 from grpo.rollout.cache import KVCache, fill_holes
 from grpo.rollout.decoder import FusedDecoder, unsupported
 from grpo.rollout.hf import eos_token_ids
@@ -224,12 +224,11 @@ class FastEngine:
         released after the call. False: no copy of the weights.
       fused: decode through `grpo.rollout.decoder.FusedDecoder` (Llama, Mistral, Qwen2: a few ops per layer,
         each prompt's cache shared by its G rows) instead of the model's forward; prefill always runs the
-        model's forward. None (default): on CPU when the model is supported and `compile` is off; True:
-        required (an error when the model is not supported); False: never. With `prepack` the decoder's
-        fused, reordered weights are the one copy; without it the decoder reads the model's own weights.
-      compile: decode through the model's forward wrapped in `torch.compile` (dynamic shapes), not the
-        fused decoder. Off by default: measured on CPU, no gain (bf16, 2x8x64: 1.49 s vs 1.25 s a run)
-        after minutes of compiling.
+        model's forward. None (default): on CPU when the model is supported; True: required (an error when
+        the model is not supported); False: never. With `prepack` the decoder's fused, reordered weights are
+        the one copy; without it the decoder reads the model's own weights.
+
+    `from_config` builds it from the run's `sampling` section (dtype, prepack, fused).
     """
 
     name = "fast"
@@ -242,10 +241,9 @@ class FastEngine:
         onednn: bool | None = None,
         prepack: bool = True,
         fused: bool | None = None,
-        compile: bool = False,
     ):
         self.tokenizer = tokenizer
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.pad_id = pad_token_id(tokenizer)
         self.eos_ids = eos_token_ids(model, tokenizer)
         attn = getattr(model.config, "_attn_implementation", None) or "eager"
         if attn not in MASKED_ATTENTION:
@@ -260,9 +258,7 @@ class FastEngine:
         self._dtype = _as_dtype(dtype)
         self._onednn = onednn
         self._prepack = prepack
-        self._fused, self._compile = fused, compile
-        if fused and compile:
-            raise ValueError("fused=True and compile=True exclude each other: compile wraps the model's forward")
+        self._fused = fused
         if fused:
             reason = unsupported(model)
             if reason is not None:
@@ -272,14 +268,20 @@ class FastEngine:
         self._merged: list | None = None  # LoRA: (merged Linear, LoRA layer) pairs of a merged copy
         self._merged_from = None  # the peft model that copy was made from
         self.sync_weights(model)
-        self._model_step = torch.compile(self._forward, dynamic=True) if compile else self._forward
 
-    @property
-    def exact_logprobs(self) -> bool:
-        """Its log-probs are the policy's up to rounding: it samples with the policy itself, or with a
-        merged LoRA copy in the policy's dtype (not with a copy cast to another dtype)."""
+    @classmethod
+    def from_config(cls, sampling, model, tokenizer) -> "FastEngine":
+        """The engine a run's `sampling` section (grpo.config.SamplingConfig) asks for."""
+        return cls(model, tokenizer, dtype=sampling.dtype, prepack=sampling.prepack,
+                   fused=None if sampling.fused else False)
+
+    def logprob_kind(self, params: SamplingParams) -> LogprobKind:
+        """POLICY when it samples with the policy itself, or with a merged LoRA copy in the policy's dtype,
+        from the untruncated tempered distribution; OTHER with a copy cast to another dtype, or top-p /
+        top-k / min-p (the log-probs are then those of the renormalized, truncated distribution)."""
         same_dtype = next(self.runner.parameters()).dtype == next(self.model.parameters()).dtype
-        return self.runner is self.model or (self._merged is not None and same_dtype)
+        exact = self.runner is self.model or (self._merged is not None and same_dtype)
+        return LogprobKind.POLICY if exact and not params.truncates else LogprobKind.OTHER
 
     def sync_weights(self, model) -> None:
         """Sample from `model` from now on; with a `dtype` copy, refresh the copy's weights now."""
@@ -309,8 +311,6 @@ class FastEngine:
         generator: torch.Generator | None = None,
     ) -> Rollout:
         self._check(prompt_ids, group_size, params)
-        if self.runner is not self.model:
-            self.sync_weights(self.model)  # the policy may have changed since the last call
         device = next(self.runner.parameters()).device
         gen = None if params.greedy else _device_generator(generator, device)
         was_training = self.runner.training
@@ -359,14 +359,13 @@ class FastEngine:
             return f"fast engine: fused decode steps, each prompt's cache shared by its group, {weights}{copy}"
         reason = (
             "sampling.fused is off" if self._fused is False
-            else "compile is on" if self._compile
             else unsupported(self.runner) or f"the fused decoder is on by default only on CPU, not {device.type}"
         )
         return f"fast engine: decoding through the model's forward ({reason}){copy}"
 
     def _use_fused(self, device: torch.device) -> bool:
         if self._fused is None:
-            return device.type == "cpu" and not self._compile and unsupported(self.runner) is None
+            return device.type == "cpu" and unsupported(self.runner) is None
         return self._fused
 
     def _check(self, prompt_ids, group_size, params) -> None:
@@ -408,7 +407,7 @@ class FastEngine:
         G, T = group_size, params.max_new_tokens
         cache, prompt_bias, logits, next_pos = self._prefill(prompt_ids, G, T, device, shared=decoder is not None)
         decode = decoder.start(cache, prompt_bias, G, T) if decoder is not None else \
-            _ForwardDecode(self._model_step, cache, prompt_bias, G, T)
+            _ForwardDecode(self._forward, cache, prompt_bias, G, T)
         t_prefill = time.perf_counter() - t0
         with _decode_attention(device, next(self.runner.parameters()).dtype):
             out = self._decode(decode, logits, next_pos, params, gen)

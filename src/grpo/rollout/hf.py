@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import torch
 
-from grpo.core.logprobs import left_pad  # noqa: F401  (engines pad prompts the way training does)
-from grpo.rollout.base import Rollout, SamplingParams, finish_completions
+from grpo.core.logprobs import left_pad  # engines pad prompts the way training does
+from grpo.models import pad_token_id
+from grpo.rollout.base import LogprobKind, Rollout, SamplingParams, finish_completions
 
 
 def eos_token_ids(model, tokenizer) -> set[int]:
@@ -27,13 +28,21 @@ class HFGenerateEngine:
     """Samples with `model.generate`; returns the log-prob of each sampled token from the processed scores."""
 
     name = "hf"
-    exact_logprobs = True  # samples with the policy itself
 
     def __init__(self, model, tokenizer):
         self.model = model
         self.tokenizer = tokenizer
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.pad_id = pad_token_id(tokenizer)
         self.eos_ids = eos_token_ids(model, tokenizer)
+
+    @classmethod
+    def from_config(cls, sampling, model, tokenizer) -> "HFGenerateEngine":
+        """The engine for a run's `sampling` section; generate has no options of its own."""
+        return cls(model, tokenizer)
+
+    def logprob_kind(self, params: SamplingParams) -> LogprobKind:
+        """It samples with the policy itself: POLICY unless top-p / top-k / min-p truncate the distribution."""
+        return LogprobKind.OTHER if params.truncates else LogprobKind.POLICY
 
     def describe(self) -> str:
         return "hf engine: transformers generate"

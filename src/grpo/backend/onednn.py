@@ -8,7 +8,8 @@ project's AMD CPUs runs the model's matmuls at less than half of what oneDNN's k
                        oneDNN    443        436          454
     16 x 576 -> 1536   MKL       ~60      oneDNN ~100  (in a decode step, weights streamed from memory)
 
-(`benchmarks/bench_train.py` shows what it gives a whole step.) For bfloat16, PyTorch copies the
+(`benchmarks/bench_train.py` shows what it gives a whole step.) The trainer reaches it through
+`grpo.backend.cpu_fast`; the fast rollout engine and its fused decoder call it directly. For bfloat16, PyTorch copies the
 whole weight when the input is a strided slice; oneDNN reads strides. Results agree with PyTorch's
 to float rounding (a different summation order), not bit for bit.
 
@@ -19,6 +20,7 @@ is active (nothing is copied, the weights are the layers' own); under autograd t
 
 from __future__ import annotations
 
+import functools
 import types
 from contextlib import contextmanager
 
@@ -30,12 +32,23 @@ def available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
+@functools.cache
+def bf16_supported() -> bool:
+    """Whether oneDNN runs bfloat16 matmuls on this CPU (it needs AVX512-BW/VL/DQ or AVX-NE-CONVERT; on an
+    AVX2-only CPU it refuses them)."""
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return available() and check is not None and bool(check())
+
+
 def _serves(weight: torch.Tensor) -> bool:
-    return weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16) and available()
+    if weight.device.type != "cpu" or not available():
+        return False
+    return weight.dtype == torch.float32 or (weight.dtype == torch.bfloat16 and bf16_supported())
 
 
 def usable(model) -> bool:
-    """Whether `model`'s Linear layers can run through oneDNN: float32 or bfloat16 weights on a CPU."""
+    """Whether `model`'s Linear layers can run through oneDNN: float32 (or, where the CPU supports it,
+    bfloat16) weights on a CPU."""
     p = next(model.parameters(), None)
     return p is not None and _serves(p)
 
@@ -52,8 +65,8 @@ def _matmul(
 
 def reordered(weight: torch.Tensor, rows: int) -> torch.Tensor:
     """A copy of `weight` [out, in] in oneDNN's blocked layout for inputs of about `rows` rows (only `matmul_for`'s
-    oneDNN kernel reads it), or `weight` itself where this torch build cannot reorder."""
-    reorder = getattr(torch.ops.mkldnn, "_reorder_linear_weight", None) if available() else None
+    oneDNN kernel reads it), or `weight` itself where this torch build or CPU cannot reorder it."""
+    reorder = getattr(torch.ops.mkldnn, "_reorder_linear_weight", None) if _serves(weight) else None
     return weight if reorder is None else reorder(weight, max(1, rows))
 
 

@@ -1,0 +1,84 @@
+"""The plain PyTorch path: log-probs from the model's own forward, gradients as autograd makes them.
+
+This is what runs on CUDA and under a distributed wrapper (DDP / FSDP2 hook the model's forward and
+its parameters' gradients, so nothing may go around them), and on CPU when `trainer.backend: plain`.
+It is also the reference every fast path of `grpo.backend.cpu_fast` is tested against.
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack, contextmanager, nullcontext
+
+import torch
+
+from grpo.core.logprobs import SequenceBatch, logprobs_from_logits
+from grpo.models import checkpointed_layers, lora_dropout
+
+
+def completion_logprobs_reference(
+    model: torch.nn.Module,
+    batch: SequenceBatch,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    entropy_grad: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """[n, T] log-probs of the completion tokens from the model's full logits of the completion positions
+    (divided by the sampling temperature, as TRL). The plain version of `completion_logprobs`."""
+    device = next(model.parameters()).device
+    t = batch.completion_len
+    out = model(**batch.model_inputs(device), logits_to_keep=t + 1, use_cache=False)
+    logits = out.logits[:, :-1, :]  # [n, T, V]: position P-1+j predicts completion token j
+    if temperature != 1.0:
+        logits = logits / temperature
+    targets = batch.input_ids[:, -t:].to(device)
+    return logprobs_from_logits(logits, targets, with_entropy, entropy_grad)
+
+
+def zero_padding(lp: torch.Tensor, ent: torch.Tensor | None, batch: SequenceBatch):
+    """float32 log-probs (and entropy) that are 0 at the completion's padding."""
+    real = batch.attention_mask[:, -batch.completion_len :].bool().to(lp.device)
+    return lp.float() * real, ent.float() * real if ent is not None else None
+
+
+class PlainBackend:
+    """Log-probs through `model(...)`: the completion positions' logits (logits_to_keep), log-softmax in
+    float32. On CUDA with `autocast`, the log-prob passes run under bfloat16 autocast (weights and optimizer
+    stay in their dtype)."""
+
+    name = "plain"
+
+    def __init__(self, device: torch.device, autocast: bool = True, chunk_tokens: int = 256):
+        self.device = torch.device(device)
+        self.autocast = autocast and self.device.type == "cuda"
+
+    @property
+    def reduced_precision(self) -> bool:
+        """Whether the log-prob passes run in lower precision than the weights (bf16 autocast): a sampler's
+        log-probs in the weights' dtype are then not the trainer's pi_old."""
+        return self.autocast
+
+    def step(self, *models):
+        """The scope of one training step (sampling, log-prob passes and updates) over these models."""
+        return nullcontext()
+
+    def logprobs(self, model, batch: SequenceBatch, temperature: float, with_entropy: bool = False,
+                 entropy_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """[n, T] float32 log-probs of the completion tokens (0 at padding), and their entropy if asked."""
+        with torch.autocast("cuda", torch.bfloat16, enabled=self.autocast):
+            lp, ent = completion_logprobs_reference(model, batch, temperature, with_entropy, entropy_grad)
+        return zero_padding(lp, ent, batch)
+
+    @contextmanager
+    def grad_scope(self, model, checkpointing: bool = False):
+        """Around the policy's training forward and backward: gradient checkpointing if asked, LoRA dropout."""
+        with ExitStack() as stack:
+            stack.enter_context(checkpointed_layers(model, checkpointing))
+            stack.enter_context(lora_dropout(model))
+            self._grad_extras(stack, model)
+            yield
+
+    def _grad_extras(self, stack: ExitStack, model) -> None:
+        pass
+
+    def finish_grads(self, params) -> None:
+        """Make the accumulated gradients what clipping and the optimizer expect."""
