@@ -179,8 +179,7 @@ def side_ours(args) -> None:
     torch.set_num_threads(args.threads)
     from grpo.config import Config, load_config
     from grpo.models import encode_prompt
-    from grpo.run import load_for_training
-    from grpo.trainer import Trainer
+    from grpo.run import build_trainer, load_for_training
 
     if args.lora and "lora" not in Config.model_fields:
         raise SystemExit(
@@ -192,7 +191,7 @@ def side_ours(args) -> None:
     config = load_config(None, overrides_for(args, data["model_folder"]))
     torch.manual_seed(config.trainer.seed)
     model, tokenizer, folder, engine, ref_model = load_for_training(config, log=lambda *a, **k: None)
-    trainer = Trainer(config, model, tokenizer, engine, rows, ref_model=ref_model)
+    trainer = build_trainer(config, model, tokenizer, engine, rows, ref_model=ref_model)
     trainer.sampler = InOrder(rows)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log(f"ours{' LoRA' if args.lora else ''}: {trainable / 1e6:.2f}M trainable parameters, engine {args.engine}, "
