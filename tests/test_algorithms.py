@@ -34,21 +34,21 @@ def test_process_advantages_hand_computed():
         [hi, hi, hi, 0.0],  # nothing after the last step
         [0.0, 0.0, 0.0, 0.0],  # no steps
         [0.0, 0.0, 0.0, 0.0],  # a lone step is centered to 0
-    ])
+    ], dtype=torch.float64)
     torch.testing.assert_close(adv, expected, rtol=0, atol=1e-5)
 
 
 def test_process_all_equal_step_rewards_give_zero_not_nan():
     adv = process_advantages(torch.ones(5), torch.tensor([0, 0, 1, 2, 3]), torch.tensor([0, 2, 1, 0, 2]), 3, 2, 4)
-    assert torch.equal(adv, torch.zeros(4, 3))
+    assert torch.equal(adv, torch.zeros(4, 3, dtype=torch.float64))
     empty = process_advantages(torch.zeros(0), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), 3, 2, 4)
-    assert torch.equal(empty, torch.zeros(4, 3))
+    assert torch.equal(empty, torch.zeros(4, 3, dtype=torch.float64))
 
 
 def test_process_one_token_completions():
     adv = process_advantages(torch.tensor([1.0, 0.0]), torch.tensor([0, 1]), torch.tensor([0, 0]), 1, 2, 2, eps=EPS)
     a = 0.5 / (math.sqrt(0.5) + EPS)
-    torch.testing.assert_close(adv, torch.tensor([[a], [-a]]), rtol=0, atol=1e-6)
+    torch.testing.assert_close(adv, torch.tensor([[a], [-a]], dtype=torch.float64), rtol=0, atol=1e-6)
 
 
 def test_process_with_one_final_step_each_equals_outcome():
@@ -61,7 +61,8 @@ def test_process_with_one_final_step_each_equals_outcome():
         adv = process_advantages(rewards, torch.arange(n), lengths - 1, t, g, n, scale, EPS)
         outcome = outcome_advantages(rewards, g, scale, EPS)
         mask = torch.arange(t)[None] < lengths[:, None]
-        torch.testing.assert_close(adv, torch.where(mask, outcome[:, None], torch.zeros(())), rtol=0, atol=1e-6)
+        torch.testing.assert_close(adv, torch.where(mask, outcome[:, None], torch.zeros((), dtype=torch.float64)),
+                                   rtol=0, atol=1e-6)
 
 
 def process_loop(values, rows, index, t, g, n, scale, eps):
@@ -76,11 +77,13 @@ def process_loop(values, rows, index, t, g, n, scale, eps):
             continue
         mean = sum(rs) / len(rs)
         group_std = statistics.stdev(rs) if len(rs) > 1 else 0.0
-        std = {"group": group_std, "batch": statistics.stdev(everything) if len(everything) > 1 else 0.0, "none": 1.0}[scale]
+        std = {"group": group_std, "batch": statistics.stdev(everything) if len(everything) > 1 else 0.0}.get(scale)
         for k in mine:
+            if max(rs) == min(rs):
+                continue  # an all-equal group carries no signal: exactly 0
             for tok in range(index[k] + 1):  # every token at or before the step's end
-                out[rows[k]][tok] += (values[k] - mean) / (std + eps)
-    return torch.tensor(out)
+                out[rows[k]][tok] += (values[k] - mean) if std is None else (values[k] - mean) / (std + eps)
+    return torch.tensor(out, dtype=torch.float64)
 
 
 @pytest.mark.parametrize("scale", ["group", "batch", "none"])
@@ -103,9 +106,10 @@ def outcome_loop(rewards, g, scale, eps):
         grp = r[b * g : (b + 1) * g]
         valid = [x for x in grp if x == x]
         mean = sum(valid) / max(len(valid), 1)
-        std = {"group": statistics.stdev(valid) if len(valid) > 1 else 0.0, "batch": statistics.stdev(valid_all), "none": 1.0}[scale]
-        out += [0.0 if x != x else (x - mean) / (std + eps) for x in grp]
-    return torch.tensor(out)
+        std = {"group": statistics.stdev(valid) if len(valid) > 1 else 0.0, "batch": statistics.stdev(valid_all)}.get(scale)
+        equal = len(valid) < 2 or max(valid) == min(valid)  # no signal: exactly 0
+        out += [0.0 if x != x or equal else (x - mean) if std is None else (x - mean) / (std + eps) for x in grp]
+    return torch.tensor(out, dtype=torch.float64)
 
 
 @pytest.mark.parametrize("scale", ["group", "batch", "none"])
@@ -262,7 +266,7 @@ def aggregate_loop(loss, mask, loss_type, totals):
         return total / totals.num_tokens
     if loss_type == "dr_grpo":
         return total / (totals.num_completions * totals.max_completion_length)
-    return total / sum(len(r) for r in rows)  # bnpo
+    return total / totals.process_tokens  # bnpo: the tokens of this process's whole batch
 
 
 @pytest.mark.parametrize("loss_type", sorted(AGGREGATIONS))
@@ -271,7 +275,7 @@ def test_aggregations_equal_the_loop(loss_type):
     loss, mask = torch.randn(5, 6, generator=gen), torch.rand(5, 6, generator=gen) > 0.4
     mask[2] = False  # a fully masked row (e.g. a truncated completion under overlong_filter)
     mask[0, 0] = True
-    totals = BatchTotals(int(mask.any(1).sum()), int(mask.sum()), 6)
+    totals = BatchTotals.of(mask, 6)  # N = 5: the fully masked row counts
     assert float(aggregate(loss, mask, loss_type, totals)) == pytest.approx(aggregate_loop(loss, mask, loss_type, totals), abs=1e-6)
 
 

@@ -103,3 +103,14 @@ def test_score_names_a_raising_reward():
 def test_score_accepts_bools_and_tensors():
     result = score([("t", _const([True, torch.tensor(0.5)]), 1.0, {})], ["p"] * 2, ["c"] * 2, {})
     assert result.total.tolist() == [1.0, 0.5]
+
+
+def test_rewards_are_summed_in_float64():
+    """Weighted sums such as 0.1 + 0.2 and values float32 cannot hold (5.001) stay float64 numbers."""
+    from grpo.rewards import score
+
+    texts = ["a", "b"]
+    result = score([("one", lambda completions, **kw: [0.1, 0.1], 1.0, {}),
+                    ("two", lambda completions, **kw: [5.0, 5.001], 2.0, {})], ["p", "p"], texts, {})
+    assert result.total.dtype == torch.float64 and result.per_function["two"].dtype == torch.float64
+    assert result.total.tolist() == [0.1 + 2 * 5.0, 0.1 + 2 * 5.001]

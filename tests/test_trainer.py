@@ -23,7 +23,7 @@ def fixed_batch(trainer):
     return batch
 
 
-@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo"])
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo", "bnpo"])
 def test_gradient_does_not_depend_on_micro_batch_size(loss_type):
     whole = make_trainer(8, loss_type)
     batch = fixed_batch(whole)
@@ -72,7 +72,7 @@ def updated_parameters(trainer, batch):
     return torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
 
 
-@pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "bnpo"])
 def test_update_does_not_depend_on_micro_batches_of_rows_or_tokens(loss_type):
     """One optimizer step: micro-batches of 1, 2 and 4 completions, or a token budget (rows of similar
     length, each cut to its width), give the same new weights as the whole batch at once."""

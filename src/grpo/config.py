@@ -216,7 +216,9 @@ class AlgorithmConfig(Section):
     """The GRPO recipe (SPEC.md sections 2-4). Names map to one registry each in grpo.core."""
 
     beta: float = Field(0.04, ge=0)
-    """KL penalty coefficient against the reference policy (DeepSeekMath: 0.04). 0 loads no reference model."""
+    """KL penalty coefficient against the reference policy (DeepSeekMath: 0.04). 0 loads no reference model.
+    The reference log-probs, like the policy's, are taken at sampling.temperature: the KL is between the
+    tempered distributions (as TRL does)."""
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
     """Per-token KL estimator (Schulman 2020, "Approximating KL divergence"): k3 = r - log r - 1, unbiased
     and >= 0 (DeepSeekMath eq. 4); k1 = log(pi/pi_ref); k2 = (log(pi/pi_ref))^2 / 2."""
@@ -231,8 +233,11 @@ class AlgorithmConfig(Section):
     """Ratio per token (PPO/GRPO) or per sequence, s_i = exp(mean_t log(pi/pi_old)), clipped per
     sequence (GSPO, Zheng et al. 2025, arXiv 2507.18071)."""
     loss_type: Literal["grpo", "dapo", "token", "dr_grpo", "bnpo"] = "grpo"
-    """How per-token losses become one number: grpo (per-sequence mean, paper), dapo/token (global
-    token mean, DAPO), dr_grpo (constant normalizer, arXiv 2503.20783), bnpo (micro-batch token mean)."""
+    """How per-token losses become one number (SPEC.md section 3; N counts every completion of the batch,
+    also those the overlong filter leaves out): grpo (sum of per-sequence means / N, paper), dapo/token
+    (token mean of the global batch, DAPO), dr_grpo (token sum / (N x max_new_tokens), a constant
+    normalizer, arXiv 2503.20783), bnpo (token mean of this process's batch, TRL's per-device batch; the
+    same as dapo in one process). None depends on how the batch is split into micro-batches."""
     entropy_coef: float = Field(0.0, ge=0)
     """Entropy bonus: adds entropy_coef * token entropy to the objective (PPO, Schulman et al. 2017,
     arXiv 1707.06347). 0: off (the entropy is still reported)."""
@@ -241,11 +246,13 @@ class AlgorithmConfig(Section):
     step rewards (DeepSeekMath 4.1.3) -- step rewards such as step_accuracy keep their steps, scalar
     rewards count as one step at the completion's last token."""
     scale_rewards: Literal["group", "batch", "none"] = "group"
-    """Divide centered rewards by the group std (paper), the batch std, or nothing (Dr. GRPO, arXiv 2503.20783)."""
+    """Divide centered rewards by the group std + advantage_eps (paper), the batch std + advantage_eps, or
+    nothing: A = r - mean, exactly (Dr. GRPO, arXiv 2503.20783). A group whose rewards are all equal gets
+    advantage 0 in every mode."""
     mu: int = Field(1, ge=1)
     """Gradient steps per generated batch (DeepSeekMath's mu). With 1, pi_old = pi_theta: no extra forward."""
     advantage_eps: float = Field(1e-4, gt=0)
-    """Added to the std before dividing, so all-equal groups give 0, not NaN."""
+    """Added to the std before dividing (scale_rewards group or batch), so a near-tie does not explode."""
     dynamic_sampling: bool = False
     """DAPO's dynamic sampling (arXiv 2503.14476): drop groups whose rewards are all equal and sample more
     prompts until the batch is full (at most max_sampling_rounds rounds; then the batch is topped up with
@@ -253,7 +260,8 @@ class AlgorithmConfig(Section):
     max_sampling_rounds: int = Field(4, ge=1)
     """Most generation rounds per step with dynamic_sampling."""
     overlong_filter: bool = False
-    """Leave truncated completions (no EOS before max_new_tokens) out of the loss (DAPO's overlong filtering)."""
+    """Leave truncated completions (no EOS before max_new_tokens) out of the loss (DAPO's overlong filtering).
+    They still count in N, so leaving them out does not change the other rows' weight."""
     ref_reset_steps: int | None = Field(None, ge=1)
     """Every this many steps set pi_ref := pi_theta (DeepSeekMath 4.2 iterative RL). None: never. Needs beta > 0."""
 
@@ -270,8 +278,8 @@ class TrainerConfig(Section):
     batch_size: int = Field(16, ge=2)
     """Completions per step, N = prompts x group_size; must be a multiple of sampling.group_size."""
     micro_batch_size: int = Field(8, ge=1)
-    """Most completions per forward/backward; gradients are accumulated. Does not change the result
-    (except loss_type=bnpo, which normalizes per micro-batch by definition)."""
+    """Most completions per forward/backward; gradients are accumulated. Does not change the result, for
+    any loss_type: normalizers are the whole batch's."""
     micro_batch_tokens: int | None = Field(1024, ge=1)
     """Token budget of a micro-batch: completions of similar length are grouped so that rows x (longest
     prompt + completion) stays within it (and rows <= micro_batch_size); a longer row goes alone. Each

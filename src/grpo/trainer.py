@@ -268,7 +268,8 @@ class Trainer:
         lp, entropy = self.logprobs(self.model, mb, with_entropy=True, entropy_grad=a.entropy_coef > 0)
         old = lp.detach() if batch.old_logprobs is None else take(batch.old_logprobs)
         completion_mask = take(batch.rollout.completion_mask)
-        sur = clipped_surrogate(lp, old, take(batch.advantages), a.eps_low, a.eps_high, completion_mask,
+        advantages = take(batch.advantages).to(lp.dtype)  # computed in float64, exact zeros stay zeros
+        sur = clipped_surrogate(lp, old, advantages, a.eps_low, a.eps_high, completion_mask,
                                 a.importance_sampling_level, a.delta)
         ref = batch.ref_logprobs
         kl = kl_penalty(lp, take(ref), a.kl_estimator) if ref is not None else None
@@ -280,7 +281,7 @@ class Trainer:
         gradients equals the gradient of the whole batch (normalizers are the global batch's).
         compare_rollout (before the first update): also the mean |log pi_theta - sampler's log-prob|."""
         mask = batch.loss_mask  # [N, T]
-        totals = BatchTotals(int(mask.any(dim=1).sum()), int(mask.sum()), self.cfg.sampling.max_new_tokens)
+        totals = BatchTotals.of(mask, self.cfg.sampling.max_new_tokens)
         sums = dict.fromkeys(["loss", "kl", "clip_low", "clip_high", "clip_dual", "entropy", "ratio"], 0.0)
         sampled = batch.rollout.sampling_logprobs if compare_rollout else None  # [N, T]
         mismatch, sampled_tokens = 0.0, int(batch.rollout.completion_mask.sum())

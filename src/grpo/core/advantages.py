@@ -1,6 +1,11 @@
 """Advantages from rewards (SPEC.md section 2). Pure tensor functions, no I/O.
 
 Rows are grouped prompt-major: row n = b * G + g is sample g of prompt b.
+
+Rewards and advantages are a few numbers per step, so they are computed in float64, and a group whose
+rewards are all equal gets advantage exactly 0 (the same test `zero_std_groups` reports), whatever the
+values: the mean of G equal floats need not equal them, and dividing that rounding error by a std of
+the same size would give every member one large advantage.
 """
 
 from __future__ import annotations
@@ -40,22 +45,23 @@ def outcome_advantages(
     group_size: int,
     scale: ScaleRewards = "group",
     eps: float = 1e-4,
-) -> torch.Tensor:  # [N]
+) -> torch.Tensor:  # [N] float64
     """A_i = (r_i - mean(group)) / (std + eps), the same for every token of completion i.
 
     scale="group" divides by the group's std (DeepSeekMath eq. 4.1.2), "batch" by the
-    std of the whole batch, "none" not at all (Dr. GRPO, Liu et al. 2025, arXiv
-    2503.20783). A NaN reward is left out of its group's mean and std and gets
-    advantage 0 (SPEC.md section 4).
+    std of the whole batch, "none" not at all: A_i = r_i - mean, exactly (Dr. GRPO, Liu
+    et al. 2025, arXiv 2503.20783). A NaN reward is left out of its group's mean and std
+    and gets advantage 0 (SPEC.md section 4); so does every member of a zero-std group.
     """
     if scale not in SCALE_REWARDS:
         raise ValueError(f"unknown scale_rewards {scale!r}; valid: {sorted(SCALE_REWARDS)}")
-    r = group_view(rewards, group_size)  # [B, G]
+    r = group_view(rewards, group_size).double()  # [B, G]
     valid = ~torch.isnan(r)
     mean, std = masked_group_mean_std(r, valid)
-    centered = torch.where(valid, r - mean, torch.zeros_like(r))  # [B, G]
+    signal = valid & ~_constant_groups(r, valid)[:, None]  # [B, G]: zero-std groups carry none
+    centered = torch.where(signal, r - mean, torch.zeros_like(r))  # [B, G]
     denom = SCALE_REWARDS[scale](r, valid, std)
-    return (centered / (denom + eps)).reshape(-1)
+    return (centered if denom is None else centered / (denom + eps)).reshape(-1)
 
 
 def _batch_std(r: torch.Tensor, valid: torch.Tensor, group_std: torch.Tensor) -> torch.Tensor:
@@ -63,20 +69,25 @@ def _batch_std(r: torch.Tensor, valid: torch.Tensor, group_std: torch.Tensor) ->
     return flat.std() if flat.numel() > 1 else torch.zeros((), dtype=r.dtype)
 
 
-SCALE_REWARDS: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = {
+# scale_rewards -> the divisor of the centred rewards (None: no division)
+SCALE_REWARDS: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor | None]] = {
     "group": lambda r, valid, group_std: group_std,
     "batch": _batch_std,
-    "none": lambda r, valid, group_std: torch.ones_like(group_std),
+    "none": lambda r, valid, group_std: None,
 }
 
 
-def zero_std_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:  # [N] -> [B] bool
-    """Groups whose valid rewards are all equal: they carry no policy gradient."""
-    r = group_view(rewards, group_size)
-    valid = ~torch.isnan(r)
+def _constant_groups(r: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:  # [B, G] -> [B] bool
+    """Groups whose valid values are all equal (or that have fewer than two)."""
     hi = torch.where(valid, r, torch.full_like(r, -float("inf"))).amax(dim=1)
     lo = torch.where(valid, r, torch.full_like(r, float("inf"))).amin(dim=1)
     return (hi - lo <= 0) | (valid.sum(dim=1) < 2)
+
+
+def zero_std_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:  # [N] -> [B] bool
+    """Groups whose valid rewards are all equal: they carry no policy gradient (their advantages are 0)."""
+    r = group_view(rewards, group_size)
+    return _constant_groups(r, ~torch.isnan(r))
 
 
 AdvantageKind = Literal["outcome", "process"]
@@ -96,8 +107,9 @@ def process_advantages(
     completion i whose step ends at or after token t.
 
     All step rewards of a group share one mean and std (sample std, as for outcomes); scale
-    "batch" divides by the std of every step of the batch, "none" only centers. A completion
-    without steps, and tokens after a completion's last step, get advantage 0.
+    "batch" divides by the std of every step of the batch, "none" only centers (exactly). A group
+    whose step rewards are all equal, a completion without steps, and tokens after a completion's
+    last step get advantage 0. Computed in float64, returned in float64.
     """
     if scale not in SCALE_REWARDS:
         raise ValueError(f"unknown scale_rewards {scale!r}; valid: {sorted(SCALE_REWARDS)}")
@@ -108,12 +120,15 @@ def process_advantages(
     group = step_rows // group_size  # [S]
     count = torch.zeros(num_groups, dtype=r.dtype).index_add_(0, group, torch.ones_like(r))  # [B]
     mean = torch.zeros(num_groups, dtype=r.dtype).index_add_(0, group, r) / count.clamp(min=1)  # [B]
-    centered = r - mean[group]  # [S]
-    sq = torch.zeros(num_groups, dtype=r.dtype).index_add_(0, group, centered**2)
+    hi = torch.full((num_groups,), -float("inf"), dtype=r.dtype).scatter_reduce_(0, group, r, "amax")
+    lo = torch.full((num_groups,), float("inf"), dtype=r.dtype).scatter_reduce_(0, group, r, "amin")
+    constant = (hi - lo <= 0) | (count < 2)  # [B]: no signal, advantage exactly 0
+    centered = torch.where(constant[group], torch.zeros_like(r), r - mean[group])  # [S]
+    sq = torch.zeros(num_groups, dtype=r.dtype).index_add_(0, group, (r - mean[group]) ** 2)
     group_std = (sq / (count - 1).clamp(min=1)).sqrt()  # [B]; 0 for groups with < 2 steps
-    denom = SCALE_REWARDS[scale](r, torch.ones_like(r, dtype=torch.bool), group_std[group])  # [S] or []
-    normalized = centered / (denom + eps)  # [S]
+    denom = SCALE_REWARDS[scale](r, torch.ones_like(r, dtype=torch.bool), group_std[group])  # [S], [] or None
+    normalized = centered if denom is None else centered / (denom + eps)  # [S]
     dense = torch.zeros(num_rows * num_tokens, dtype=r.dtype)
     dense.index_add_(0, step_rows * num_tokens + step_index, normalized)  # steps ending on one token add up
     dense = dense.view(num_rows, num_tokens)  # [N, T]
-    return dense.flip(1).cumsum(1).flip(1).to(step_rewards.dtype)  # sum over steps ending at or after t
+    return dense.flip(1).cumsum(1).flip(1)  # sum over steps ending at or after t

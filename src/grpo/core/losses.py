@@ -2,8 +2,10 @@
 
 The per-token loss is kept apart from how it is reduced to one number, as in
 verl's core_algos. Aggregations are written so that a micro-batch's share uses
-normalizers of the whole global batch: summing the shares of any split gives
-the same loss and gradient (except "bnpo", which is defined per micro-batch).
+normalizers of the whole batch (`BatchTotals`): summing the shares of any
+micro-batch split gives the same loss and gradient, for every loss type. Rows
+with no loss token (truncated rows under the overlong filter) still count in N:
+leaving them out must not change the other rows' weight (SPEC.md section 3).
 """
 
 from __future__ import annotations
@@ -137,9 +139,16 @@ def per_token_loss(
 class BatchTotals:
     """Sizes of the whole global batch (all micro-batches, all processes) that normalizers use."""
 
-    num_completions: int  # N: completions with at least one token in the loss mask
-    num_tokens: int  # sum of the completion mask
+    num_completions: int  # N: every completion of the global batch, with or without a loss token
+    num_tokens: int  # loss tokens of the global batch
     max_completion_length: int  # the configured limit, for dr_grpo
+    process_tokens: int | None = None  # loss tokens of this process's batch, for bnpo (None: num_tokens)
+
+    @classmethod
+    def of(cls, loss_mask: torch.Tensor, max_completion_length: int) -> "BatchTotals":
+        """The totals of one process's whole batch, [N, T] loss mask (a single process: the global batch)."""
+        tokens = int(loss_mask.sum())
+        return cls(loss_mask.shape[0], tokens, max_completion_length, tokens)
 
 
 def _grpo(loss, mask, totals):  # mean over completions of each completion's token mean
@@ -155,8 +164,9 @@ def _dr_grpo(loss, mask, totals):  # a constant normalizer: no length bias at al
     return (loss * mask).sum() / (max(totals.num_completions, 1) * totals.max_completion_length)
 
 
-def _bnpo(loss, mask, totals):  # tokens of this micro-batch only
-    return (loss * mask).sum() / mask.sum().clamp(min=1)
+def _bnpo(loss, mask, totals):  # tokens of this process's batch (TRL's per-device batch), never a micro-batch's
+    tokens = totals.num_tokens if totals.process_tokens is None else totals.process_tokens
+    return (loss * mask).sum() / max(tokens, 1)
 
 
 AGGREGATIONS: dict[str, Callable[[torch.Tensor, torch.Tensor, BatchTotals], torch.Tensor]] = {
@@ -164,7 +174,7 @@ AGGREGATIONS: dict[str, Callable[[torch.Tensor, torch.Tensor, BatchTotals], torc
     "dapo": _token,  # DAPO token-level loss (arXiv 2503.14476)
     "token": _token,
     "dr_grpo": _dr_grpo,  # Dr. GRPO (arXiv 2503.20783)
-    "bnpo": _bnpo,  # normalized by the micro-batch's tokens (depends on the split by definition)
+    "bnpo": _bnpo,  # normalized by the loss tokens of this process's batch (= dapo in one process)
 }
 
 

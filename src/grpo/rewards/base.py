@@ -196,8 +196,8 @@ Steps = list[tuple[int, float]]  # (character end offset in the completion, rewa
 
 @dataclass
 class RewardResult:
-    per_function: dict[str, torch.Tensor]  # name -> [N] float, NaN where the function returned None
-    total: torch.Tensor  # [N] weighted sum of the non-None rewards; NaN where all were None
+    per_function: dict[str, torch.Tensor]  # name -> [N] float64, NaN where the function returned None
+    total: torch.Tensor  # [N] float64 weighted sum of the non-None rewards; NaN where all were None
     # name -> N step lists (None where the function gave a scalar or None), for the functions
     # that returned step rewards for at least one completion
     steps: dict[str, list[Steps | None]] = field(default_factory=dict)
@@ -427,9 +427,9 @@ def score(
         if any(x is not None for x in step_lists):
             steps[reward.name] = step_lists
         r = torch.tensor(scalars, dtype=torch.float64)
-        per_function[reward.name] = r.float()
+        per_function[reward.name] = r
         applies = ~torch.isnan(r)
         total = total + torch.where(applies, reward.weight * r, torch.zeros_like(r))
         any_applies |= applies
     total = torch.where(any_applies, total, torch.full_like(total, math.nan))
-    return RewardResult(per_function=per_function, total=total.float(), errors=errors, steps=steps, nonfinite=nonfinite)
+    return RewardResult(per_function=per_function, total=total, errors=errors, steps=steps, nonfinite=nonfinite)

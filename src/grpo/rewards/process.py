@@ -132,7 +132,7 @@ def step_table(
             elif not math.isnan(float(scalars[name][i])):
                 values.append(weight * float(scalars[name][i])), rows.append(i), index.append(max(n - 1, 0))
     return (
-        torch.tensor(values, dtype=torch.float32),
+        torch.tensor(values, dtype=torch.float64),
         torch.tensor(rows, dtype=torch.long),
         torch.tensor(index, dtype=torch.long),
     )
