@@ -8,7 +8,6 @@ import json
 import pytest
 
 from grpo.config import load_config
-from grpo.evaluate import accuracy_check, format_table
 
 REWARD_FILE = '''
 def keyword_len(completion, keyword):
@@ -122,6 +121,8 @@ def test_what_eval_cannot_do_is_refused_before_the_model_loads(user_task, tiny_m
     ("file", ["data.train_file=rows.jsonl", "rewards=[{name: format, label: fmt}]", "eval.metric=fmt"], "fmt"),
 ])
 def test_accuracy_check_of_each_task(task, extra, check, tmp_path, monkeypatch):
+    from grpo.evaluate import accuracy_check
+
     monkeypatch.chdir(tmp_path)
     (tmp_path / "rows.jsonl").write_text(json.dumps({"prompt": "p", "problem": "p"}) + "\n")
     cfg = load_config(None, [f"data.task={task}", *extra])
@@ -132,6 +133,8 @@ def test_accuracy_check_of_each_task(task, extra, check, tmp_path, monkeypatch):
 
 
 def test_eval_table_without_accuracy():
+    from grpo.evaluate import format_table
+
     table = format_table({"before": {"num_problems": 2, "accuracy": None, "reward": 0.5, "rewards": {"r": 0.5}},
                           "after": {"num_problems": 2, "accuracy": None, "reward": None, "rewards": {}}})
     lines = table.splitlines()
