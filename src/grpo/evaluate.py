@@ -42,9 +42,15 @@ def no_eval_split(data) -> str:
             f"file of held-out rows with the columns of {data.train_file}, none of them trained on")
 
 
+def held_out(config, rows: list[dict]) -> list[dict]:
+    """The rows eval runs on: the first eval.num_problems (all when None)."""
+    return rows[: config.eval.num_problems] if config.eval.num_problems else rows
+
+
 def check_eval(config, rows: list[dict]) -> None:
     """Refuse, before any model loads, an evaluation that cannot run on these held-out rows."""
     data, ev = config.data, config.eval
+    rows = held_out(config, rows)
     if not rows:
         raise DataError(no_eval_split(data))
     where = data.eval_file or f"data.task={data.task}"
@@ -68,8 +74,8 @@ def evaluate(model, tokenizer, engine, rows: list[dict], config, progress=None) 
     weighted total ("reward"); "accuracy" the mean of the accuracy check (None where the task has none, see
     accuracy_check) and pass@k (k sampled completions, at least one scoring 1) when eval.k > 1."""
     ev, data = config.eval, config.data
-    rows = rows[: ev.num_problems] if ev.num_problems else rows
     check_eval(config, rows)
+    rows = held_out(config, rows)
     max_new = ev.max_new_tokens or config.sampling.max_new_tokens
     specs = build_rewards(config.rewards)
     acc = accuracy_check(config, rows)
@@ -91,8 +97,9 @@ def evaluate(model, tokenizer, engine, rows: list[dict], config, progress=None) 
         for name, values in result.per_function.items():
             per_reward.setdefault(name, []).extend(values.tolist())
         totals += result.total.tolist()
-        if acc is not None:
-            right = result if acc.reward is None else _score(acc_specs, tokenizer, prompt_ids, texts, lengths, chunk, data.prompt_column, 1, max_new)
+        if acc is not None:  # eval.metric's values are in result already; the task's own check runs here
+            right = result if acc.reward is None else _score(acc_specs, tokenizer, prompt_ids, texts, lengths, chunk,
+                                                             data.prompt_column, 1, max_new)
             correct += right.per_function[acc.name].tolist()
         for i, (r, text) in enumerate(zip(chunk, texts)):
             if len(examples) < 8:
