@@ -1,4 +1,6 @@
-"""Each shipped recipe runs through the real CLI on the tiny random model (1 step, tiny batch)."""
+"""Each shipped recipe (configs/*.yaml, examples/*.yaml) and each sample data file (src/grpo/data/samples/)
+runs through the real CLI on the tiny random model: 1 step, tiny batch, the evaluation before training on
+two held-out problems."""
 
 import contextlib
 import io
@@ -9,36 +11,44 @@ import pytest
 
 from grpo.config import load_config
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-RECIPES = ["grpo_paper", "dr_grpo", "dapo", "gspo", "process"]
+REPO = Path(__file__).resolve().parent.parent
+CONFIGS = REPO / "configs"
+RECIPES = sorted(p.stem for p in CONFIGS.glob("*.yaml"))
+EXAMPLES = sorted(p.stem for p in (REPO / "examples").glob("*.yaml"))
+SAMPLES = REPO / "src" / "grpo" / "data" / "samples"
 TINY = [
     "trainer.steps=1", "trainer.batch_size=4", "trainer.micro_batch_size=4", "sampling.group_size=2",
-    "sampling.max_new_tokens=10", "data.digits=1", "data.num_eval=4", "eval.before=false", "eval.after=false",
+    "sampling.max_new_tokens=10", "data.digits=1", "data.num_eval=4", "eval.num_problems=2", "eval.after=false",
     "trainer.samples_per_step=2", "model.threads=null", "output.save_model=false",
 ]
 
 
-def run_recipe(name, tiny_model_dir, out, *extra):
+def run_recipe(name, tiny_model_dir, out, *extra, folder=CONFIGS):
+    """(metrics of each step, eval_before.json) of a 1-step run of folder/name.yaml, or of the overrides alone."""
     from grpo.cli import main
 
-    stdout = io.StringIO()
-    with contextlib.redirect_stdout(stdout):
-        code = main(["train", str(CONFIGS / f"{name}.yaml"), f"model.path={tiny_model_dir}", f"output.dir={out}", *TINY, *extra])
-    assert code == 0, stdout.getvalue()
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    stdout, stderr = io.StringIO(), io.StringIO()
+    config = [str(folder / f"{name}.yaml")] if name else []
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        code = main(["train", *config, f"model.path={tiny_model_dir}", f"output.dir={out}", *TINY, *extra])
+    assert code == 0, stdout.getvalue() + stderr.getvalue()
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return metrics, json.loads((out / "eval_before.json").read_text())
 
 
 @pytest.mark.parametrize("name", RECIPES)
 def test_recipe_is_a_complete_config_for_the_default_model(name):
     cfg = load_config(CONFIGS / f"{name}.yaml")
-    assert cfg.model.path is None and cfg.data.task == "arithmetic"
+    assert cfg.model.path is None and cfg.data.task == "arithmetic" and cfg.eval.before and cfg.eval.after
     assert cfg.output.dir == f"runs/{name}"
 
 
 @pytest.mark.parametrize("name", RECIPES)
 def test_recipe_runs_through_the_cli(name, tiny_model_dir, tmp_path):
     extra = ["algorithm.max_sampling_rounds=2"] if name == "dapo" else []
-    m = run_recipe(name, tiny_model_dir, tmp_path / name, *extra)[0]
+    metrics, before = run_recipe(name, tiny_model_dir, tmp_path / name, *extra)
+    m = metrics[0]
+    assert before["metric"] == "answer_accuracy" and 0 <= before["accuracy"] <= 1 and before["num_problems"] == 2
     assert m["step"] == 1 and m["loss"] == m["loss"] and m["grad_norm"] >= 0  # finite, not NaN
     cfg = load_config(CONFIGS / f"{name}.yaml")
     if cfg.algorithm.dynamic_sampling:
@@ -49,3 +59,36 @@ def test_recipe_runs_through_the_cli(name, tiny_model_dir, tmp_path):
     if cfg.algorithm.mu == 1:
         assert m["ratio/mean"] == pytest.approx(1.0, abs=1e-6)
     assert ("kl/mean" in m) == (cfg.algorithm.beta > 0)
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_example_runs_through_the_cli(name, tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)  # examples name their reward files relative to the repository root
+    metrics, before = run_recipe(name, tiny_model_dir, tmp_path / name, folder=REPO / "examples")
+    cfg = load_config(REPO / "examples" / f"{name}.yaml")
+    for r in cfg.rewards:
+        assert f"reward/{r.metric_name}/mean" in metrics[0] and r.metric_name in before["rewards"]
+
+
+# each sample file with the task and rewards it is meant for, and what eval reports as accuracy
+SAMPLE_RUNS = {
+    "gsm8k_sample": (["data.task=gsm8k", "rewards=[{name: answer_accuracy}, {name: format}]"], "answer_accuracy"),
+    "math_sample": (["data.task=math", "rewards=[{name: math_accuracy}]"], "math_accuracy"),
+    "code_sample": (["data.task=file", "rewards=[{name: code_tests}]"], None),  # no answer: reward means only
+    "code_sample+metric": (["data.task=file", "rewards=[{name: code_tests}]", "eval.metric=code_tests"], "code_tests"),
+}
+
+
+def test_every_sample_file_has_a_run():
+    assert {n.split("+")[0] for n in SAMPLE_RUNS} == {p.stem for p in SAMPLES.glob("*.jsonl")}
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLE_RUNS))
+def test_sample_file_runs_through_the_cli(name, tiny_model_dir, tmp_path):
+    overrides, metric = SAMPLE_RUNS[name]
+    path = SAMPLES / f"{name.split('+')[0]}.jsonl"
+    metrics, before = run_recipe(None, tiny_model_dir, tmp_path / "run", *overrides, f"data.train_file={path}", f"data.eval_file={path}")
+    assert metrics[0]["step"] == 1 and before["num_problems"] == 2 and before["metric"] == metric
+    assert (before["accuracy"] is None) == (metric is None)
+    rewards = load_config(None, [o for o in overrides if o.startswith("rewards=")]).rewards
+    assert {r.metric_name for r in rewards} == set(before["rewards"])

@@ -76,8 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--log-format", choices=CONSOLE_MODES, default="auto", help=LOG_FORMAT_HELP)
 
     ev = sub.add_parser(
-        "eval", help="held-out accuracy and pass@k of a model or a run folder", formatter_class=fmt, epilog=reference,
-        description="Greedy accuracy, pass@k (eval.k > 1) and reward means on the task's eval split, "
+        "eval", help="held-out reward means, accuracy and pass@k of a model or a run folder", formatter_class=fmt,
+        epilog=reference, description="The mean of each reward on greedy completions of the task's eval split, and "
+        "accuracy and pass@k (eval.k > 1) where the task has a check of right answers (see eval.metric), "
         "printed as a table and written as JSON.",
     )
     ev.add_argument("target", nargs="?", help="a run folder (uses its config.yaml and model/) or a YAML config file")

@@ -81,11 +81,13 @@ class DataConfig(Section):
     """For task=file|gsm8k|math: a .jsonl or .parquet file. With task=file it needs a `prompt` column
     (text or chat messages); every column reaches reward functions as a keyword argument by name."""
     eval_file: str | None = None
-    """For task=file|gsm8k|math: held-out rows for `grpo eval` and before/after accuracy."""
+    """For task=file|gsm8k|math: held-out rows (same columns as train_file) for `grpo eval` and the
+    evaluation before/after training. None: no evaluation (`grpo eval` refuses, naming this field)."""
     prompt_column: str = "prompt"
     """Column holding the prompt text or chat messages."""
     answer_column: str = "answer"
-    """Column holding the reference answer (used by answer_accuracy and by eval)."""
+    """Column holding the reference answer: rewards read it as `answer` (answer_accuracy), and eval reports
+    accuracy from it. A task=file without it is fine: eval then reports reward means (or see eval.metric)."""
     question_column: str | None = None
     """gsm8k/math: column holding the problem text (None: `question` for gsm8k, `problem` for math)."""
     system_prompt: str | None = None
@@ -335,7 +337,8 @@ class TrainerConfig(Section):
 
 class EvalConfig(Section):
     before: bool = True
-    """Evaluate on the held-out split before training."""
+    """Evaluate on the held-out split before training (the task's held-out rows: arithmetic/countdown make
+    their own; a file task needs data.eval_file, and without one the run trains with no evaluation, saying so)."""
     after: bool = True
     """Evaluate on the held-out split after training."""
     num_problems: int | None = Field(None, ge=1)
@@ -346,6 +349,12 @@ class EvalConfig(Section):
     """Longest eval completion (None: sampling.max_new_tokens)."""
     batch_size: int = Field(32, ge=1)
     """Prompts per generation batch during eval."""
+    metric: str | None = None
+    """The label of one of the run's rewards whose mean on the greedy completions eval reports as accuracy
+    (a completion scoring 1 is right, for pass@k), e.g. code_tests. None: the task's own check --
+    answer_accuracy (arithmetic, gsm8k, and task=file when its rows have data.answer_column), math_accuracy
+    (math), countdown -- and for a file without an answer column no accuracy: eval then reports the mean of
+    each reward and of their weighted total on the held-out split, as for any task."""
 
 
 class OutputConfig(Section):
@@ -409,6 +418,9 @@ class Config(Section):
         twice = sorted({x for x in labels if labels.count(x) > 1})
         if twice:
             raise ValueError(f"rewards: two rewards are named {twice[0]!r} in metrics; give one a `label:`")
+        if self.eval.metric is not None and self.eval.metric not in labels:
+            raise ValueError(f"eval.metric={self.eval.metric!r} is not the label of one of the rewards; "
+                             f"name one of: {', '.join(labels)} (or set eval.metric=null for the task's own check)")
         return self
 
     @property

@@ -18,7 +18,7 @@ from grpo import checkpoint
 from grpo.backend import make_backend
 from grpo.config import Config, dump_config
 from grpo.data import DataError, PromptSampler, encode_rows, load_task
-from grpo.evaluate import evaluate, format_table
+from grpo.evaluate import check_eval, evaluate, format_table, no_eval_split, summary
 from grpo.logging.console import format_duration, make_console
 from grpo.logging.metrics import sample_records
 from grpo.logging.run import RunLog, write_json
@@ -232,6 +232,11 @@ def train(config: Config, quiet: bool = False, console_mode: str = "auto", resum
     the run in output.dir from its newest checkpoint, exactly as if it had not stopped."""
     console = make_console("quiet" if quiet else console_mode, config.trainer.steps)
     task = load_task(config.data, needed_columns(config))  # data errors before any model loads
+    if config.eval.before or config.eval.after:  # and what evaluation cannot do
+        if task.eval:
+            check_eval(config, task.eval)
+        else:
+            console.info(f"training without held-out evaluation: {no_eval_split(config.data)}")
     run_dir = Path(config.output.dir).expanduser()
     ckpt = resume_point(run_dir, config) if resume else None
     if ckpt is None:
@@ -256,7 +261,7 @@ def train(config: Config, quiet: bool = False, console_mode: str = "auto", resum
         with console.progress(f"evaluating ({name}) on {n} held-out problems", n) as update:
             results[name] = evaluate(model, tokenizer, engine, task.eval, config, progress=update)
         write_json(run_dir / f"eval_{name}.json", results[name])
-        console.info(f"  accuracy {results[name]['accuracy']:.3f} ({time.perf_counter() - start:.0f} s)")
+        console.info(f"  {summary(results[name])} ({time.perf_counter() - start:.0f} s)")
 
     log = RunLog(run_dir, config, console.info, purge_step=ckpt.step + 1 if ckpt else None)
     try:
@@ -300,6 +305,7 @@ def train(config: Config, quiet: bool = False, console_mode: str = "auto", resum
 def eval_only(config: Config, model_path: str | None, output: Path | None, quiet: bool = False, console_mode: str = "auto") -> dict:
     console = make_console("quiet" if quiet else console_mode, 1)
     task = load_task(config.data, needed_columns(config))
+    check_eval(config, task.eval)  # before the model loads
     set_threads(config)
     cfg = config.model_copy(update={"model": config.model.model_copy(update={"path": model_path})}) if model_path else config
     with console.phase("loading the model"):

@@ -49,9 +49,11 @@ def load_task(data, needed_columns: list[str]) -> Task:
     instruction = data.instruction or INSTRUCTIONS[data.task]
     if data.task == "arithmetic":
         train, eval_ = arithmetic_rows(data.digits, data.operators, data.num_train, data.num_eval, instruction, data.seed)
+        _check_columns(train, data.task, needed_columns)
         return Task(train, eval_, f"arithmetic-{data.digits}d{''.join(data.operators)}")
     if data.task == "countdown":
         train, eval_ = countdown_rows(data.countdown_numbers, data.num_train, data.num_eval, instruction, data.seed)
+        _check_columns(train, data.task, needed_columns)
         return Task(train, eval_, f"countdown-{data.countdown_numbers}")
     if data.task in ("gsm8k", "math"):
         load = lambda path: dataset_rows(path, data.task, data.question_column, data.answer_column, instruction)  # noqa: E731
@@ -65,6 +67,17 @@ def load_task(data, needed_columns: list[str]) -> Task:
     train = _file_rows(data.train_file, data, needed)
     eval_ = _file_rows(data.eval_file, data, needed) if data.eval_file else []
     return Task(train, eval_, "file")
+
+
+def _check_columns(rows: list[dict], task: str, needed: list[str]) -> None:
+    """A built-in task's rows have every column the rewards take."""
+    missing = [c for c in needed if c not in rows[0]]
+    if missing:
+        raise DataError(
+            f"data.task={task} has no {missing[0]!r} column (its rows have: {', '.join(sorted(rows[0]))}), and a "
+            f"configured reward needs it: choose rewards for this task, or a prompt file with that column "
+            f"(data.task=file data.train_file=...)"
+        )
 
 
 def _file_rows(path: str, data, needed: list[str]) -> list[dict]:

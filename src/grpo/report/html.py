@@ -120,7 +120,8 @@ def eval_section(evals: dict[str, dict]) -> str:
     if not evals:
         return ""
     names = list(evals)
-    rows = ["accuracy"] + sorted({k for r in evals.values() for k in r if k.startswith("pass@")})
+    rows = [k for k in ("accuracy", "reward") if any(_num(r.get(k)) is not None for r in evals.values())]
+    rows += sorted({k for r in evals.values() for k in r if k.startswith("pass@")})
     rewards = sorted({k for r in evals.values() for k in (r.get("rewards") or {})})
     delta = "before" in evals and "after" in evals
     head = "".join(f"<th>{e(n)}</th>" for n in names) + ("<th>after &minus; before</th>" if delta else "")
@@ -139,8 +140,7 @@ def eval_section(evals: dict[str, dict]) -> str:
     models = "".join(f"<li>{e(n)}: {e(r['model'])}</li>" for n, r in evals.items() if r.get("model"))
     out = [
         '<section id="eval"><h2>Held-out evaluation</h2>',
-        '<p class="muted">Greedy accuracy on the eval split (answer_accuracy on the first number of the reply), '
-        "pass@k when eval.k &gt; 1, and the mean of each reward on the greedy completions.</p>",
+        f'<p class="muted">{_eval_note(evals)}</p>',
         f'<table class="num"><thead><tr><th></th>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>',
         f"<ul class='muted'>{models}</ul>" if models else "",
         _eval_examples(evals),
@@ -149,11 +149,23 @@ def eval_section(evals: dict[str, dict]) -> str:
     return "".join(out)
 
 
+def _eval_note(evals: dict[str, dict]) -> str:
+    """What the eval table holds; accuracy named by the check that decided it (eval.metric or the task's own)."""
+    metrics = sorted({r["metric"] for r in evals.values() if r.get("metric")})
+    if any(_num(r.get("accuracy")) is not None for r in evals.values()):
+        check = f" ({e(', '.join(metrics))})" if metrics else ""
+        acc = f"Accuracy: the mean of the task's check of right answers{check} on the greedy completions; pass@k when eval.k &gt; 1. "
+    else:
+        acc = "No accuracy: the task has no check of right answers (no answer column; eval.metric names a reward to use as one). "
+    return acc + "reward: the mean weighted total of the run's rewards; reward/&lt;name&gt;: each reward's mean on the greedy completions."
+
+
 def _eval_examples(evals: dict[str, dict]) -> str:
     names = [n for n in evals if evals[n].get("examples")]
     if not names:
         return ""
     n = max(len(evals[k]["examples"]) for k in names)
+    answers = any(ex.get("answer") is not None for k in names for ex in evals[k]["examples"])
     rows = []
     for i in range(n):
         first = next(evals[k]["examples"][i] for k in names if i < len(evals[k]["examples"]))
@@ -165,12 +177,15 @@ def _eval_examples(evals: dict[str, dict]) -> str:
                 continue
             ok = ex.get("correct")
             mark = '<span class="ok">right</span>' if ok == 1 else ('<span class="bad">wrong</span>' if ok == 0 else "")
+            if ok is None and _num(ex.get("reward")) is not None:  # no check of right answers: the reward
+                mark = f'<span class="chip">reward {_fmt_or(ex.get("reward"))}</span>'
             cells.append(f"<td>{mark}<pre>{e(_cut(ex.get('completion'), 600))}</pre></td>")
-        rows.append(f"<tr><td><pre>{e(_cut(first.get('prompt'), 400))}</pre></td><td>{e(first.get('answer'))}</td>{''.join(cells)}</tr>")
-    head = "".join(f"<th>{e(k)}</th>" for k in names)
+        answer = f"<td>{e(first.get('answer'))}</td>" if answers else ""
+        rows.append(f"<tr><td><pre>{e(_cut(first.get('prompt'), 400))}</pre></td>{answer}{''.join(cells)}</tr>")
+    head = ("<th>answer</th>" if answers else "") + "".join(f"<th>{e(k)}</th>" for k in names)
     return (
         "<details open><summary>Example problems, side by side</summary>"
-        f'<table class="examples"><thead><tr><th>problem</th><th>answer</th>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table></details>'
+        f'<table class="examples"><thead><tr><th>problem</th>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table></details>'
     )
 
 
@@ -270,9 +285,11 @@ def summary_section(metrics: list[dict], evals: dict[str, dict], total_steps: in
             card("tokens/s", f"{sum(tps) / len(tps):.0f}", "completion tokens, mean over steps")
         secs = sum(_num(m.get("time/step")) or 0 for m in metrics)
         card("training time", f"{secs / 60:.1f} min" if secs >= 60 else f"{secs:.0f} s", "sum of step times")
-    if "before" in evals or "after" in evals:
-        b, a = (evals.get(k, {}).get("accuracy") for k in ("before", "after"))
-        card("held-out accuracy", " &rarr; ".join(fmt(round(x, 4)) for x in (b, a) if _num(x) is not None), "before &rarr; after" if b is not None and a is not None else "")
+    if "before" in evals or "after" in evals:  # accuracy where the task has a check, else the mean reward
+        key = "accuracy" if any(_num(evals.get(k, {}).get("accuracy")) is not None for k in ("before", "after")) else "reward"
+        b, a = (_num(evals.get(k, {}).get(key)) for k in ("before", "after"))
+        if b is not None or a is not None:
+            card(f"held-out {key}", " &rarr; ".join(fmt(round(x, 4)) for x in (b, a) if x is not None), "before &rarr; after" if b is not None and a is not None else "")
     return '<section class="stats">' + "".join(cards) + "</section>"
 
 

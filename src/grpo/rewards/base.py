@@ -387,9 +387,10 @@ def reward_columns(
     max_new_tokens: int | None = None,
 ) -> dict[str, list]:
     """What reward functions get besides prompts and completions, one value per completion (row n = b * G + g):
-    every dataset column but the prompt, by name; and, when given, `completion_lengths` and `max_new_tokens`,
-    which length rewards such as overlong_penalty read."""
-    columns = {k: [r.get(k) for r in rows for _ in range(group_size)] for k in rows[0] if k != prompt_column}
+    every dataset column but the prompt, by name (a row without a column gives None); and, when given,
+    `completion_lengths` and `max_new_tokens`, which length rewards such as overlong_penalty read."""
+    names = dict.fromkeys(k for r in rows for k in r if k != prompt_column)
+    columns = {k: [r.get(k) for r in rows for _ in range(group_size)] for k in names}
     if lengths is not None:
         columns["completion_lengths"] = list(lengths)
         columns["max_new_tokens"] = [max_new_tokens] * len(columns["completion_lengths"])
