@@ -13,6 +13,8 @@ pytestmark = pytest.mark.skipif(not onednn.available(), reason="this torch build
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("bias", [True, False])
 def test_linear_values_and_gradients_equal_f_linear(dtype, tol, bias):
+    if dtype == torch.bfloat16 and not onednn.bf16_supported():
+        pytest.skip("oneDNN runs no bfloat16 matmul on this CPU (needs AVX512-BW/VL/DQ or AVX-NE-CONVERT)")
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 5, 24, generator=g).to(dtype).requires_grad_()  # [..., in] with two leading dims
     w = torch.randn(40, 24, generator=g).to(dtype).requires_grad_()
@@ -25,6 +27,19 @@ def test_linear_values_and_gradients_equal_f_linear(dtype, tol, bias):
     for a, e in zip(torch.autograd.grad(ours, inputs, up), torch.autograd.grad(theirs, inputs, up)):
         assert a.shape == e.shape and a.dtype == e.dtype
         torch.testing.assert_close(a, e, rtol=tol, atol=tol * 10)
+
+
+def test_bfloat16_goes_to_onednn_only_where_the_cpu_runs_it():
+    """An AVX2-only CPU refuses oneDNN's bfloat16 matmuls: such weights must take F.linear, not crash."""
+    w = torch.randn(8, 4).to(torch.bfloat16)
+    served = onednn.bf16_supported()
+    assert (onednn.matmul_for(w) is not torch.nn.functional.linear) == served
+    assert (onednn.reordered(w, 4) is not w) == (served and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8)).to(torch.bfloat16)
+    assert onednn.usable(model) == served
+    with onednn.use_in(model):
+        out = model(torch.randn(2, 4).to(torch.bfloat16))
+    assert out.shape == (2, 8)
 
 
 def test_a_frozen_weight_gets_no_gradient_and_no_grad_mode_builds_no_graph():

@@ -319,8 +319,10 @@ def test_a_bfloat16_copy_follows_the_policy_weights(tok, prompts):
     assert next(engine.runner.parameters()).dtype == torch.bfloat16 and next(model.parameters()).dtype == torch.float32
     params = SamplingParams(max_new_tokens=8, temperature=0.0)
     before = engine.generate(prompts, 1, params).completion_ids
-    with torch.no_grad():  # an optimizer step, in place: the next generate must see it
+    with torch.no_grad():  # an optimizer step, in place: the copy holds the old weights until it is told
         model.lm_head.weight[before[0, 0]] -= 10.0
+    assert torch.equal(engine.generate(prompts, 1, params).completion_ids, before)
+    engine.sync_weights(model)  # what the trainer calls after every update
     after = engine.generate(prompts, 1, params).completion_ids
     assert after[0, 0] != before[0, 0]
     assert torch.equal(after, FastEngine(model, tok, dtype="bfloat16").generate(prompts, 1, params).completion_ids)

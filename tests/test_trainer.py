@@ -127,3 +127,44 @@ def test_a_step_updates_the_weights_and_frees_the_gradients():
     trainer.step()
     assert any(not torch.equal(b, p) for b, p in zip(before, trainer.model.parameters()))
     assert all(p.grad is None for p in trainer.model.parameters())
+
+
+class CopyingEngine:
+    """An engine that samples from its own copy of the policy (as vLLM or a cast copy do): it sees an update
+    only through sync_weights."""
+
+    def __init__(self, model, tokenizer):
+        import copy
+
+        from grpo.rollout import HFGenerateEngine
+
+        self.copy = copy.deepcopy(model)
+        self.inner = HFGenerateEngine(self.copy, tokenizer)
+        self.syncs = 0
+
+    def generate(self, prompt_ids, group_size, params, generator=None):
+        return self.inner.generate(prompt_ids, group_size, params, generator)
+
+    def sync_weights(self, model):
+        self.syncs += 1
+        self.copy.load_state_dict(model.state_dict())
+
+    def logprob_kind(self, params):
+        from grpo.rollout import LogprobKind
+
+        return LogprobKind.OTHER
+
+    def describe(self):
+        return "a copy"
+
+
+@pytest.mark.parametrize("mu", [1, 2])
+def test_the_trainer_syncs_an_engine_that_holds_a_copy_after_every_update(mu):
+    trainer = trainer_helpers.make_trainer(f"algorithm.mu={mu}", "trainer.lr=1e-2")
+    engine = trainer.engine = CopyingEngine(trainer.model, trainer.tokenizer)
+    for step in range(1, 3):
+        trainer.step()
+        assert engine.syncs == step * mu  # once per optimizer update
+        assert all(torch.equal(p, q) for p, q in zip(engine.copy.parameters(), trainer.model.parameters()))
+    start = trainer_helpers.make_trainer().model  # the same seed: the weights before any update
+    assert any(not torch.equal(p, q) for p, q in zip(start.parameters(), trainer.model.parameters()))
