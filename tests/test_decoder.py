@@ -76,10 +76,11 @@ def test_both_decode_paths_on_each_device(tok, prompts, device, dtype, fused):
         assert greedy == [naive_greedy(model, p, 10, engine.eos_ids) for p in prompts for _ in range(2)]
     sampled = engine.generate(prompts, 4, SamplingParams(max_new_tokens=12), torch.Generator().manual_seed(2))
     assert len(set(sampled.lengths.tolist())) >= 2  # rows ended apart: the batch was compacted
-    tolerance = 1e-4 if dtype == torch.float32 else 0.1  # bf16 rounding
+    # bf16 rounding grows with an unlikely token's |log-prob| (the decoder attends in float32, the forward in bf16)
+    rtol, atol = (0.0, 1e-4) if dtype == torch.float32 else (0.05, 0.05)
     for row, (ids, logprobs) in enumerate(zip(rows_as_lists(sampled), sampled.sampling_logprobs)):
         expected = reference_logprobs(model, prompts[row // 4], ids)
-        torch.testing.assert_close(logprobs[: len(ids)], expected, rtol=0, atol=tolerance)
+        torch.testing.assert_close(logprobs[: len(ids)], expected, rtol=rtol, atol=atol)
 
 
 def test_unpacked_decoder_runs_on_the_models_own_weights(tok):

@@ -258,9 +258,9 @@ def test_a_cache_that_grows_block_by_block_gives_the_same_completions_with_rows_
     model = peaky_model(len(tok))
     model.generation_config.eos_token_id = [tok.eos_token_id] + tok.convert_tokens_to_ids(list("aeiou"))
     params = SamplingParams(max_new_tokens=20)  # rows end at different steps: growths also drop rows
-    whole = FastEngine(model, tok).generate(prompts, 3, params, torch.Generator().manual_seed(6))
+    whole = FastEngine(model, tok).generate(prompts, 3, params, torch.Generator().manual_seed(2))
     monkeypatch.setattr(KVCache, "BLOCK", 3)
-    grown = FastEngine(model, tok).generate(prompts, 3, params, torch.Generator().manual_seed(6))
+    grown = FastEngine(model, tok).generate(prompts, 3, params, torch.Generator().manual_seed(2))
     assert torch.equal(whole.completion_ids, grown.completion_ids)
     torch.testing.assert_close(whole.sampling_logprobs, grown.sampling_logprobs, rtol=0, atol=1e-5)
     assert len(set(grown.lengths.tolist())) >= 4

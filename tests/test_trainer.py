@@ -142,8 +142,8 @@ class CopyingEngine:
         self.inner = HFGenerateEngine(self.copy, tokenizer)
         self.syncs = 0
 
-    def generate(self, prompt_ids, group_size, params, generator=None):
-        return self.inner.generate(prompt_ids, group_size, params, generator)
+    def generate(self, prompt_ids, group_size, params, generator=None, seeds=None):
+        return self.inner.generate(prompt_ids, group_size, params, generator, seeds)
 
     def sync_weights(self, model):
         self.syncs += 1

@@ -76,7 +76,7 @@ class StepBatch:
 
     scored: Scored
     advantages: torch.Tensor  # [N] (outcome) or [N, T] (process)
-    sequences: SequenceBatch
+    sequences: SequenceBatch | None  # None in a gathered batch (gather_batch)
     loss_mask: torch.Tensor  # [N, T] bool: completion tokens that enter the loss (overlong_filter drops truncated rows)
     ref_logprobs: torch.Tensor | None = None  # [N, T]
     old_logprobs: torch.Tensor | None = None  # [N, T]
@@ -94,3 +94,30 @@ class StepBatch:
     @property
     def total_rewards(self) -> torch.Tensor:  # [N]
         return self.scored.rewards.total
+
+
+def gather_batch(batch: StepBatch, world, pad_id: int) -> StepBatch:
+    """The step's batch over all ranks, in rank order (what metrics and samples describe): the groups, their
+    rewards, advantages and loss masks; the sequences and fixed log-probs stay each rank's own (None here).
+    In one process: `batch` itself."""
+    if not world.distributed:
+        return batch
+    parts = world.gather((batch.scored, batch.advantages, batch.loss_mask, batch.sampling, batch.num_steps))
+    width = max(mask.shape[1] for _, _, mask, _, _ in parts)  # T: the longest completion of any rank
+
+    def pad(x: torch.Tensor, value) -> torch.Tensor:  # [n, t] -> [n, T]
+        return torch.nn.functional.pad(x, (0, width - x.shape[1]), value=value) if x.dim() == 2 else x
+
+    sampling: dict[str, float] = {}
+    for _, _, _, counts, _ in parts:  # dynamic sampling: rounds is the most any rank ran, the rest add up
+        for k, v in counts.items():
+            sampling[k] = max(sampling.get(k, 0), v) if k == "rounds" else sampling.get(k, 0) + v
+    steps = [s for *_, s in parts]
+    return StepBatch(
+        scored=concat_scored([p[0] for p in parts], pad_id),
+        advantages=torch.cat([pad(p[1], 0.0) for p in parts]),
+        sequences=None,
+        loss_mask=torch.cat([pad(p[2], False) for p in parts]),
+        sampling=sampling,
+        num_steps=None if steps[0] is None else sum(steps),
+    )

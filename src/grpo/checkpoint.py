@@ -4,7 +4,7 @@ A checkpoint is one folder, RUN_DIR/checkpoints/step-000004/:
   model/          the policy as a Hugging Face folder (`transformers` loads it); LoRA: the adapter only
   reference.safetensors   the reference weights, only once ref_reset_steps has replaced them
                   (otherwise the reference is rebuilt from the start weights, as at the start of the run)
-  trainer.pt      the Trainer's own state: step, optimizer, scheduler, prompt position, sampling generator
+  trainer.pt      the Trainer's own state: step, optimizer, scheduler, prompt position
   rng.pt          every global RNG state: python random, numpy, torch CPU and CUDA
   config.yaml     the resolved config of the run that wrote it
   meta.json       written last: {"step": 4, "files": [...]}; a folder without it is not a checkpoint

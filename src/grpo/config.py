@@ -303,7 +303,18 @@ class TrainerConfig(Section):
     (what runs on CUDA and under DDP/FSDP). cpu_fast: the same numbers with less work on a CPU: oneDNN
     matmuls forward and backward, the output head turned into log-probs trainer.logprob_chunk_tokens
     tokens at a time with its own backward, each group's prompt run once, a sparse embedding gradient.
-    auto: cpu_fast for a policy on the CPU, plain elsewhere. Set plain when the fast path misbehaves."""
+    auto: cpu_fast for a policy on the CPU in one process, plain elsewhere (on CUDA, and under torchrun, where
+    DDP/FSDP must see every forward). Set plain when the fast path misbehaves."""
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    """Under torchrun (several processes): ddp replicates the model on every rank and averages gradients;
+    fsdp shards the weights, gradients and AdamW state of the policy and the reference over the ranks
+    (FSDP2 fully_shard per decoder layer), for models that do not fit one device; the rollout engine then
+    samples from a whole copy of the policy on each rank. See grpo.parallel. Ignored in one process."""
+    dist_timeout_s: float = Field(1800.0, gt=0)
+    """Under torchrun: how long a rank waits for the others at a collective (a reduction of the loss
+    normalizers, the metrics, the gradients) before stopping with an error that names the rank and the
+    phase, instead of hanging. Must exceed the longest thing one rank does alone (rank 0 evaluates and
+    writes checkpoints while the others wait)."""
     lr: float = Field(1e-6, gt=0)
     """AdamW learning rate (DeepSeekMath: 1e-6)."""
     lr_schedule: Literal["constant", "cosine"] = "constant"

@@ -6,11 +6,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import torch
 
 from grpo.data import DataError, accuracy_reward, encode_rows
 from grpo.rewards import Reward, build_rewards, get_reward, reward_columns, score
-from grpo.rollout.base import SamplingParams
+from grpo.rollout.base import SamplingParams, group_seed
 
 
 @dataclass
@@ -82,13 +81,12 @@ def evaluate(model, tokenizer, engine, rows: list[dict], config, progress=None) 
     acc_specs = [] if acc is None else [acc.reward or next(s for s in specs if s.name == acc.name)]
     greedy = SamplingParams.from_config(config.sampling, max_new, greedy=True)
     sampled = SamplingParams.from_config(config.sampling, max_new)
-    generator = torch.Generator().manual_seed(config.trainer.seed + 1)
     per_reward: dict[str, list[float]] = {}
     totals, correct, passed, examples = [], [], [], []
     for start in range(0, len(rows), ev.batch_size):
         chunk = rows[start : start + ev.batch_size]
         prompt_ids = encode_rows(tokenizer, chunk, data)
-        texts, lengths = _complete(engine, tokenizer, prompt_ids, 1, greedy, generator)
+        texts, lengths = _complete(engine, tokenizer, prompt_ids, 1, greedy, None)
         result = _score(specs, tokenizer, prompt_ids, texts, lengths, chunk, data.prompt_column, 1, max_new)
         for name, values in result.per_function.items():
             per_reward.setdefault(name, []).extend(values.tolist())
@@ -103,7 +101,8 @@ def evaluate(model, tokenizer, engine, rows: list[dict], config, progress=None) 
                 examples.append({"prompt": r[data.prompt_column], "answer": r.get("answer"), "completion": text,
                                  "correct": _finite(ok), "reward": _finite(result.total[i].item())})
         if ev.k > 1:  # check_eval refused pass@k without a check
-            texts, lengths = _complete(engine, tokenizer, prompt_ids, ev.k, sampled, generator)
+            seeds = [group_seed(config.trainer.seed + 1, start + i) for i in range(len(chunk))]  # problem i's stream
+            texts, lengths = _complete(engine, tokenizer, prompt_ids, ev.k, sampled, seeds)
             right = _score(acc_specs, tokenizer, prompt_ids, texts, lengths, chunk, data.prompt_column, ev.k, max_new)
             passed += (right.per_function[acc.name].view(-1, ev.k) == 1).any(dim=1).float().tolist()
         if progress:
@@ -131,8 +130,8 @@ def _finite(v) -> float | None:
     return v if v is not None and math.isfinite(v) else None
 
 
-def _complete(engine, tokenizer, prompt_ids, k, params, generator) -> tuple[list[str], list[int]]:
-    rollout = engine.generate(prompt_ids, k, params, generator)
+def _complete(engine, tokenizer, prompt_ids, k, params, seeds) -> tuple[list[str], list[int]]:
+    rollout = engine.generate(prompt_ids, k, params, seeds=seeds)
     return tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True), rollout.lengths.tolist()
 
 

@@ -38,17 +38,19 @@ import warnings
 import torch
 
 from grpo.backend import Backend
-from grpo.batch import Scored, StepBatch, concat_scored
+from grpo.batch import Scored, StepBatch, concat_scored, gather_batch
 from grpo.config import Config
 from grpo.core.advantages import outcome_advantages, process_advantages, zero_std_groups
 from grpo.core.logprobs import MicroBatch, SequenceBatch, build_sequences, micro_batch, plan_micro_batches
 from grpo.core.losses import BatchTotals, aggregate, clipped_surrogate, kl_penalty, masked_mean, per_token_loss
 from grpo.data import PromptSampler, encode_rows
+from grpo.distributed import SINGLE, World
 from grpo.logging.metrics import Phases, step_metrics
 from grpo.models import is_lora, pad_token_id
+from grpo.parallel import grad_sync
 from grpo.rewards import Reward, reward_columns, score
 from grpo.rewards.process import step_table
-from grpo.rollout.base import LogprobKind, Rollout, RolloutEngine, SamplingParams
+from grpo.rollout.base import LogprobKind, Rollout, RolloutEngine, SamplingParams, group_seed
 
 
 class Trainer:
@@ -64,17 +66,21 @@ class Trainer:
         sampler: PromptSampler,
         rewards: list[Reward],
         ref_model=None,
+        policy=None,
+        world: World = SINGLE,
     ):
+        """policy: the module the training forward runs through (a DDP wrapper, or the model FSDP2 sharded in
+        place; None: the model itself); world: this process's place among the run's ranks."""
         if config.algorithm.beta > 0 and ref_model is None and not is_lora(model):
             raise ValueError("algorithm.beta > 0 needs a reference model (ref_model), or a LoRA policy whose base "
                              "weights are the reference")
         self.cfg = config
         self.model, self.tokenizer, self.engine, self.ref_model = model, tokenizer, engine, ref_model
+        self.policy, self.world = policy if policy is not None else model, world
         self.backend, self.optimizer, self.scheduler = backend, optimizer, scheduler
         self.sampler, self.reward_specs = sampler, rewards
         self.pad_id = pad_token_id(tokenizer)
         self.params = SamplingParams.from_config(config.sampling)
-        self.generator = torch.Generator().manual_seed(config.trainer.seed)
         self.step_count = 0
         self.bad_steps = 0  # consecutive steps the guard skipped
         self.skipped_steps = 0  # all steps the guard skipped
@@ -89,7 +95,6 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "sampler": self.sampler.state(),
-            "generator": self.generator.get_state(),
             "bad_steps": self.bad_steps,
             "skipped_steps": self.skipped_steps,
             "ref_reset_step": self.ref_reset_step,
@@ -100,7 +105,6 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.sampler.load_state(state["sampler"])
-        self.generator.set_state(state["generator"])
         self.bad_steps, self.skipped_steps = state["bad_steps"], state["skipped_steps"]
         self.ref_reset_step = state["ref_reset_step"]
 
@@ -108,7 +112,9 @@ class Trainer:
     def step(self) -> tuple[dict, StepBatch]:
         phases, start = Phases(), time.perf_counter()
         with self.backend.step(self.model, self.ref_model):
-            batch = self.make_batch(self.sampler.next(self.cfg.prompts_per_step), phases)  # 1-4
+            rows = self.sampler.next(self.cfg.prompts_per_step)  # the global batch's B prompts, on every rank
+            mine = self.world.shard(len(rows))  # this rank's whole groups
+            batch = self.make_batch(rows[mine], phases, first_group=mine.start)  # 1-4
             with phases.time("train"):
                 opt, self.skip_reason = self.optimize(batch)  # 5 (and the guard)
         self.step_count += 1
@@ -118,15 +124,18 @@ class Trainer:
         opt["ref_reset"] = float(self.maybe_reset_reference())  # 6
         phases.seconds["step"] = time.perf_counter() - start
         a = self.cfg.algorithm
-        metrics = step_metrics(self.step_count, batch, opt, phases, self.last_lr, skipped,  # 7
+        with self.world.during("metrics"):
+            whole = gather_batch(batch, self.world, self.pad_id)  # every rank's groups (itself in one process)
+        metrics = step_metrics(self.step_count, whole, opt, phases, self.last_lr, skipped,  # 7
                                overlong_filter=a.overlong_filter, dual_clip=a.delta is not None,
-                               ref_reset=a.ref_reset_steps is not None)
-        return metrics, batch
+                               ref_reset=a.ref_reset_steps is not None, kl=batch.ref_logprobs is not None)
+        return metrics, whole
 
-    def make_batch(self, rows: list[dict], phases: Phases) -> StepBatch:
-        """Steps 1-4: sample, score, advantages, and the log-probs that stay fixed during the step."""
+    def make_batch(self, rows: list[dict], phases: Phases, first_group: int = 0) -> StepBatch:
+        """Steps 1-4: sample, score, advantages, and the log-probs that stay fixed during the step. `rows` are
+        this rank's groups, first_group the index of the first in the step's global draw."""
         a = self.cfg.algorithm
-        s, sampling = self.sample_groups(rows, phases)
+        s, sampling = self.sample_groups(rows, phases, first_group)
         with phases.time("score"):
             advantages, num_steps = self.advantages(s)
         r = s.rollout
@@ -140,14 +149,18 @@ class Trainer:
             batch.old_logprobs = r.sampling_logprobs  # no forward pass: the sampler computed them
         elif a.mu > 1:
             with phases.time("old_logprobs"):
-                batch.old_logprobs = self.fixed_logprobs(self.model, sequences)
+                batch.old_logprobs = self.fixed_logprobs(self.policy, sequences)
         return batch
 
     # -- 1-2. rollout and rewards ----------------------------------------------------------------
-    def generate_and_score(self, rows: list[dict], phases: Phases) -> Scored:
+    def generate_and_score(self, rows: list[dict], phases: Phases, round_: int = 0, first_group: int = 0) -> Scored:
+        """Sample and score the groups of `rows`. Group i samples from its own stream, seeded by the run seed, the
+        step, the sampling round and its index in the step's draw (first_group + i), whatever else is in the
+        batch."""
+        seeds = [group_seed(self.cfg.trainer.seed, self.step_count, round_, first_group + i) for i in range(len(rows))]
         with phases.time("generate"):
             prompt_ids = encode_rows(self.tokenizer, rows, self.cfg.data)
-            rollout = self.engine.generate(prompt_ids, self.cfg.sampling.group_size, self.params, self.generator)
+            rollout = self.engine.generate(prompt_ids, self.cfg.sampling.group_size, self.params, seeds=seeds)
             g = rollout.group_size
             prompts = [text for text in self.tokenizer.batch_decode(prompt_ids) for _ in range(g)]
         with phases.time("score"):
@@ -157,28 +170,34 @@ class Trainer:
             rewards = score(self.reward_specs, prompts, completions, columns)
         return Scored(rows, rollout, prompts, completions, rewards)
 
-    def sample_groups(self, rows: list[dict], phases: Phases) -> tuple[Scored, dict[str, float]]:
+    def sample_groups(self, rows: list[dict], phases: Phases, first_group: int = 0) -> tuple[Scored, dict[str, float]]:
         """Steps 1-2 for `rows`; with dynamic sampling (DAPO) more rounds of fresh prompts until B groups
-        have rewards that differ. After max_sampling_rounds the batch is topped up with dropped groups."""
+        have rewards that differ. After max_sampling_rounds the batch is topped up with dropped groups.
+        Under several ranks every round draws the prompts all ranks still need, each taking its own part,
+        so every rank's prompt sampler stays in the same place."""
         a, b = self.cfg.algorithm, len(rows)
-        first = self.generate_and_score(rows, phases)
+        first = self.generate_and_score(rows, phases, 0, first_group)
         if not a.dynamic_sampling:
             return first, {}
         rounds, kept, dropped = [first], [], []
         while True:
             last = rounds[-1]
-            zero = zero_std_groups(last.rewards.total, last.group_size).tolist()  # [B_round] bool
+            zero = zero_std_groups(last.rewards.total, last.group_size).tolist() if last else []  # [B_round] bool
             kept += [(len(rounds) - 1, i) for i, z in enumerate(zero) if not z]
             dropped += [(len(rounds) - 1, i) for i, z in enumerate(zero) if z]
-            if len(kept) >= b or len(rounds) == a.max_sampling_rounds:
+            with self.world.during("dynamic sampling"):
+                needs = [int(n) for n in self.world.gather(max(0, b - len(kept)))]  # groups each rank still needs
+            if max(needs) == 0 or len(rounds) == a.max_sampling_rounds:
                 break
-            rounds.append(self.generate_and_score(self.sampler.next(b - len(kept)), phases))
+            drawn, offset = self.sampler.next(sum(needs)), sum(needs[: self.world.rank])
+            mine = drawn[offset : offset + needs[self.world.rank]]
+            rounds.append(self.generate_and_score(mine, phases, len(rounds), offset) if mine else None)
         chosen = (kept + dropped)[:b]
-        parts = [s.select([i for r, i in chosen if r == k]) for k, s in enumerate(rounds)]
+        parts = [s.select([i for r, i in chosen if r == k]) for k, s in enumerate(rounds) if s is not None]
         scored = concat_scored([part for part in parts if part.rows], self.pad_id)
         counts = {
             "rounds": len(rounds),
-            "groups_drawn": sum(len(s.rows) for s in rounds),
+            "groups_drawn": sum(len(s.rows) for s in rounds if s is not None),
             "groups_kept": min(len(kept), b),
             "groups_filled": max(0, b - len(kept)),
         }
@@ -224,7 +243,7 @@ class Trainer:
         if self.ref_model is not None:
             return self.fixed_logprobs(self.ref_model, sequences)
         with self.model.disable_adapter():
-            return self.fixed_logprobs(self.model, sequences)
+            return self.fixed_logprobs(self.policy, sequences)
 
     def rollout_logprobs_are_pi_old(self, rollout: Rollout) -> bool:
         """Whether the sampler's log-probs serve as pi_old's: the engine says they are the policy's own
@@ -245,7 +264,10 @@ class Trainer:
         """
         mu = self.cfg.algorithm.mu
         nonfinite = batch.scored.rewards.nonfinite
-        bad = ", ".join(f"reward {k!r} returned NaN/inf for {n} completions" for k, n in nonfinite.items())
+        names = sorted({k for part in self.world.gather(sorted(nonfinite)) for k in part}) if self.world.distributed \
+            else sorted(nonfinite)  # every rank skips the update if any rank's rewards are not finite
+        counts = self.world.sum([nonfinite.get(k, 0) for k in names])
+        bad = ", ".join(f"reward {k!r} returned NaN/inf for {int(n)} completions" for k, n in zip(names, counts))
         totals: dict[str, float] = {}
         skipped: str | None = None
         for i in range(mu):
@@ -265,7 +287,7 @@ class Trainer:
         device = next(self.model.parameters()).device
         take = lambda x: mb.take(x).to(device)  # noqa: E731  [n, T'] (or [n]) of this micro-batch
         m = take(batch.loss_mask)
-        lp, entropy = self.logprobs(self.model, mb, with_entropy=True, entropy_grad=a.entropy_coef > 0)
+        lp, entropy = self.logprobs(self.policy, mb, with_entropy=True, entropy_grad=a.entropy_coef > 0)
         old = lp.detach() if batch.old_logprobs is None else take(batch.old_logprobs)
         completion_mask = take(batch.rollout.completion_mask)
         advantages = take(batch.advantages).to(lp.dtype)  # computed in float64, exact zeros stay zeros
@@ -280,15 +302,24 @@ class Trainer:
         """Backward of the whole batch's loss, one micro-batch at a time; the sum of the micro-batch
         gradients equals the gradient of the whole batch (normalizers are the global batch's).
         compare_rollout (before the first update): also the mean |log pi_theta - sampler's log-prob|."""
-        mask = batch.loss_mask  # [N, T]
-        totals = BatchTotals.of(mask, self.cfg.sampling.max_new_tokens)
+        mask = batch.loss_mask  # [N, T] this rank's rows
+        local = BatchTotals.of(mask, self.cfg.sampling.max_new_tokens)
+        sampled_tokens = int(batch.rollout.completion_mask.sum())
+        with self.world.during("loss normalizers"):  # the global batch's counts (SPEC.md section 3)
+            n, tokens, sampled_tokens = (int(x) for x in self.world.sum([local.num_completions, local.num_tokens,
+                                                                          sampled_tokens]))
+        totals = BatchTotals(n, tokens, local.max_completion_length, process_tokens=local.num_tokens)
         sums = dict.fromkeys(["loss", "kl", "clip_low", "clip_high", "clip_dual", "entropy", "ratio"], 0.0)
         sampled = batch.rollout.sampling_logprobs if compare_rollout else None  # [N, T]
-        mismatch, sampled_tokens = 0.0, int(batch.rollout.completion_mask.sum())
-        for mb in self.micro_batches(batch.sequences):
-            with self.backend.grad_scope(self.model, self.cfg.trainer.gradient_checkpointing):
+        mismatch = 0.0
+        plan = self.micro_batches(batch.sequences)
+        for i, mb in enumerate(plan):
+            last = i == len(plan) - 1  # gradients are reduced over ranks in its backward pass
+            with self.backend.grad_scope(self.model, self.cfg.trainer.gradient_checkpointing), \
+                    grad_sync(self.policy, last), self.world.during("backward"):
                 loss, m, sur, kl, entropy, lp = self.micro_batch_loss(batch, mb, totals)
-                loss.backward()
+                # DDP / FSDP average gradients over ranks; the shares already use global normalizers
+                (loss * self.world.size if self.world.distributed else loss).backward()
             if sampled is not None:  # how far the sampler's log-probs are from the policy's (SPEC.md 5)
                 c = mb.take(batch.rollout.completion_mask)
                 mismatch += float(((lp.detach().cpu() - mb.take(sampled)).abs() * c).sum()) / max(sampled_tokens, 1)
@@ -300,7 +331,8 @@ class Trainer:
                     sums[key] += float(masked_mean(x.detach().float(), m)) * share
         if sampled is not None:
             sums["rollout_logprob_diff"] = mismatch
-        return sums
+        with self.world.during("metrics"):
+            return dict(zip(sums, self.world.sum(list(sums.values()))))  # each is a share of a global total
 
     def clip_and_step(self, loss: float | None = None, bad_reward: str | None = None) -> tuple[float, str | None]:
         """Clip the gradient and take the optimizer step, unless the guard finds the update unsafe
@@ -309,7 +341,8 @@ class Trainer:
         params = [p for p in self.model.parameters() if p.grad is not None]
         self.backend.finish_grads(params)
         max_norm = self.cfg.trainer.max_grad_norm or float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm)) if params else 0.0
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm) if params else torch.zeros(())
+        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP2: a DTensor
         reason = bad_reward or guard_reason(loss, grad_norm)
         self.last_lr = self.scheduler.get_last_lr()[0]
         if reason is None:

@@ -6,7 +6,8 @@
   chunked output head with its own backward, each group's prompt run once, a sparse embedding
   gradient); each piece tested against the plain path.
 
-`trainer.backend: auto` takes cpu_fast for a policy on the CPU and plain elsewhere.
+`trainer.backend: auto` takes cpu_fast for a policy on the CPU in one process and plain elsewhere (CUDA,
+and several processes: DDP and FSDP2 must see every forward).
 
 The trainer uses a backend through five verbs: `step(*models)` (the scope of a step), `logprobs(model,
 batch, temperature, ...)`, `grad_scope(model, checkpointing)` (around the policy's forward and
@@ -28,10 +29,13 @@ BACKENDS: dict[str, type[PlainBackend]] = {"plain": PlainBackend, "cpu_fast": Cp
 Backend = PlainBackend  # the contract (cpu_fast implements the same verbs)
 
 
-def resolve_backend(name: str, device: torch.device) -> str:
-    """The backend `name` stands for on `device`: auto -> cpu_fast on a CPU, plain elsewhere."""
+def resolve_backend(name: str, device: torch.device, distributed: bool = False) -> str:
+    """The backend `name` stands for on `device`: auto -> cpu_fast on a CPU in one process, plain elsewhere."""
     if name == "auto":
-        return "cpu_fast" if torch.device(device).type == "cpu" else "plain"
+        return "cpu_fast" if torch.device(device).type == "cpu" and not distributed else "plain"
+    if name == "cpu_fast" and distributed:
+        raise ValueError("trainer.backend=cpu_fast runs in one process only (it calls the model's modules "
+                         "directly, which DDP and FSDP cannot see); use trainer.backend=auto or plain")
     if name not in BACKENDS:
         raise ValueError(f"unknown trainer.backend {name!r}; valid: auto, {', '.join(sorted(BACKENDS))}")
     if name == "cpu_fast" and torch.device(device).type != "cpu":
@@ -40,9 +44,10 @@ def resolve_backend(name: str, device: torch.device) -> str:
     return name
 
 
-def make_backend(name: str, device: torch.device, autocast: bool = True, chunk_tokens: int = 256) -> PlainBackend:
+def make_backend(name: str, device: torch.device, autocast: bool = True, chunk_tokens: int = 256,
+                 distributed: bool = False) -> PlainBackend:
     """The backend for `device` (`name` as in trainer.backend)."""
-    return BACKENDS[resolve_backend(name, device)](torch.device(device), autocast, chunk_tokens)
+    return BACKENDS[resolve_backend(name, device, distributed)](torch.device(device), autocast, chunk_tokens)
 
 
 __all__ = ["BACKENDS", "Backend", "BackendName", "CpuFastBackend", "PlainBackend",

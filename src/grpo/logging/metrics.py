@@ -49,6 +49,7 @@ def step_metrics(
     overlong_filter: bool = False,
     dual_clip: bool = False,
     ref_reset: bool = False,  # reference resets are configured (opt["ref_reset"]: one happened now)
+    kl: bool | None = None,  # a reference was used (None: batch.ref_logprobs says)
 ) -> dict[str, float]:
     """One line of metrics.jsonl."""
     s = batch.scored
@@ -77,7 +78,7 @@ def step_metrics(
     if overlong_filter:
         m["completion/filtered_frac"] = float((~batch.loss_mask.any(dim=1)).float().mean())
     m["loss"] = opt["loss"]
-    if batch.ref_logprobs is not None:
+    if (batch.ref_logprobs is not None) if kl is None else kl:
         m["kl/mean"] = opt["kl"]
     m["clip/low_frac"], m["clip/high_frac"] = opt["clip_low"], opt["clip_high"]
     if dual_clip:

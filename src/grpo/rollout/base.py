@@ -5,7 +5,7 @@ sampler, later vLLM) fills the same two types and answers the same four calls,
 so the trainer never knows which one it is talking to:
 
     engine = ENGINE.from_config(sampling_section, model, tokenizer)   # grpo.rollout.make_engine
-    rollout = engine.generate(prompt_ids, G, params, generator)
+    rollout = engine.generate(prompt_ids, G, params, seeds=group_seeds)
     engine.sync_weights(model)        # the trainer, after every optimizer update
     engine.logprob_kind(params)       # are the sampled log-probs the policy's own?
     engine.describe()                 # one line for the run's log
@@ -111,12 +111,40 @@ class RolloutEngine(Protocol):
         prompt_ids: list[list[int]],
         group_size: int,
         params: SamplingParams,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | None = None,  # used only to draw `seeds` when none are given
+        seeds: list[int] | None = None,  # one per prompt: its group's random stream (see group_seed)
     ) -> Rollout: ...
 
     def sync_weights(self, model: torch.nn.Module) -> None: ...
 
     def describe(self) -> str: ...  # one line for the run's log: which engine, and how it decodes
+
+
+def group_seed(*keys: int) -> int:
+    """A 63-bit seed from non-negative integer keys, e.g. (run seed, step, sampling round, global group index).
+
+    Each group samples from its own stream, seeded by what identifies it in the run: the same group draws
+    the same random numbers whatever else is in the batch, so the world size (which groups a rank holds)
+    does not change what a run samples. The keys are mixed by numpy's SeedSequence (a hash), so nearby
+    keys give unrelated streams."""
+    import numpy as np
+
+    words = np.random.SeedSequence([int(k) for k in keys]).generate_state(2, np.uint32)
+    return int(words[0]) << 31 ^ int(words[1])
+
+
+def draw_seeds(generator: torch.Generator | None, count: int) -> list[int]:
+    """`count` group seeds drawn from `generator` (torch's global RNG when None): for callers that pass one
+    generator instead of group seeds."""
+    return torch.randint(0, 2**62, (count,), generator=generator).tolist()
+
+
+def group_uniforms(seeds: list[int], group_size: int, steps: int) -> torch.Tensor:
+    """[steps, N] float64 uniform draws in [0, 1), N = len(seeds) * G: column b * G + g is sample g of group
+    b, drawn from group b's own stream (step-major, so step t takes the same numbers whatever T is)."""
+    cols = [torch.rand((steps, group_size), generator=torch.Generator().manual_seed(s), dtype=torch.float64)
+            for s in seeds]
+    return torch.cat(cols, dim=1)
 
 
 def stop_string_end(token_ids: list[int], tokenizer, stop: tuple[str, ...]) -> int | None:

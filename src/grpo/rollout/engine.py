@@ -31,7 +31,7 @@ import torch
 from grpo.backend import onednn
 from grpo.core.logprobs import left_pad
 from grpo.models import is_lora, merged_copy, pad_token_id, refresh_merged
-from grpo.rollout.base import LogprobKind, Rollout, SamplingParams, stop_string_end
+from grpo.rollout.base import LogprobKind, Rollout, SamplingParams, draw_seeds, group_uniforms, stop_string_end
 from grpo.rollout.cache import KVCache, fill_holes
 from grpo.rollout.decoder import FusedDecoder, unsupported
 from grpo.rollout.hf import eos_token_ids
@@ -178,15 +178,6 @@ def _same_layout(copy, model) -> bool:
     return len(pa) == len(pb) and all(x.shape == y.shape and x.device == y.device for x, y in zip(pa, pb))
 
 
-def _device_generator(generator: torch.Generator | None, device: torch.device) -> torch.Generator:
-    """A generator on the model's device, seeded from `generator` (or from torch's global RNG)."""
-    on = generator.device if generator is not None else "cpu"
-    seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=on))
-    local = torch.Generator(device=device)
-    local.manual_seed(seed)
-    return local
-
-
 def _decode_attention(device: torch.device, dtype: torch.dtype):
     """The SDPA kernel for decode steps (one query per row): in float32 on CPU the plain math one, ~5-7%
     faster per generation than the flash kernel at 16-64 rows (~200 us a call there for a single query);
@@ -309,10 +300,17 @@ class FastEngine:
         group_size: int,
         params: SamplingParams,
         generator: torch.Generator | None = None,
+        seeds: list[int] | None = None,
     ) -> Rollout:
+        """G samples for each prompt; group b draws its random numbers from seeds[b] (or, without seeds, from
+        a seed drawn from `generator`), one per row and step, whatever else is in the batch."""
         self._check(prompt_ids, group_size, params)
         device = next(self.runner.parameters()).device
-        gen = None if params.greedy else _device_generator(generator, device)
+        if seeds is not None and len(seeds) != len(prompt_ids):
+            raise ValueError(f"got {len(seeds)} group seeds for {len(prompt_ids)} prompts")
+        uniforms = None if params.greedy else group_uniforms(
+            seeds if seeds is not None else draw_seeds(generator, len(prompt_ids)), group_size, params.max_new_tokens
+        ).to(device)  # [T, N]
         was_training = self.runner.training
         self.runner.eval()
         try:
@@ -322,7 +320,8 @@ class FastEngine:
             with torch.inference_mode(), onednn.use_in(self.runner, enabled=use_onednn), \
                     onednn.packed(self.runner, rows, enabled=use_onednn and self._prepack and not fused):
                 decoder = FusedDecoder(self.runner, rows, use_onednn, self._prepack) if fused else None
-                ids, logprobs, ends, stopped, stats = self._sample(prompt_ids, group_size, params, gen, device, decoder)
+                ids, logprobs, ends, stopped, stats = self._sample(prompt_ids, group_size, params, uniforms, device,
+                                                                   decoder)
                 del decoder  # the fused weights
         finally:
             self.runner.train(was_training)
@@ -399,7 +398,7 @@ class FastEngine:
         out = self.runner(input_ids=ids, position_ids=positions, attention_mask=mask, use_cache=True, **kwargs)
         return out.logits[:, -1]
 
-    def _sample(self, prompt_ids, group_size, params, gen, device, decoder):
+    def _sample(self, prompt_ids, group_size, params, uniforms, device, decoder):
         """Prefill, then decode: with the FusedDecoder `decoder` (the prompt's cache read once per group) or,
         when None, through the model's forward (the prompt's cache copied to each of its G rows).
         Returns raw ids [N, T], log-probs [N, T], ends [N], stopped [N], stats."""
@@ -410,7 +409,7 @@ class FastEngine:
             _ForwardDecode(self._forward, cache, prompt_bias, G, T)
         t_prefill = time.perf_counter() - t0
         with _decode_attention(device, next(self.runner.parameters()).dtype):
-            out = self._decode(decode, logits, next_pos, params, gen)
+            out = self._decode(decode, logits, next_pos, params, uniforms)
         ids, logprobs, ends, stopped, row_steps = out
         stats = {
             "prefill_s": t_prefill,
@@ -451,11 +450,11 @@ class FastEngine:
         next_pos = attn.sum(1).repeat_interleave(G)  # [N] the prompt lengths
         return cache, bias, torch.cat(logits).repeat_interleave(G, dim=0), next_pos
 
-    def _decode(self, decode, logits, next_pos, params, gen):
+    def _decode(self, decode, logits, next_pos, params, uniforms):
         """Sample up to T tokens per row; a row leaves the batch (and the cache) once it ends.
 
         decode: the decode steps, `decode(tokens [n], positions [n]) -> logits [n, V]` for the live rows,
-        and `decode.keep_rows(index)` when rows end."""
+        and `decode.keep_rows(index)` when rows end. uniforms: [T, N] draws (None: greedy)."""
         N, T, device = logits.shape[0], params.max_new_tokens, logits.device
         out_ids = torch.full((N, T), self.pad_id, dtype=torch.long, device=device)  # [N, T]
         out_logprobs = torch.zeros((N, T), dtype=torch.float32, device=device)  # [N, T]
@@ -467,8 +466,8 @@ class FastEngine:
         row_steps = 0
         for t in range(T):
             # one draw per original row at every step, so a row's samples do not depend on when others end
-            uniform = None if gen is None else torch.rand(N, generator=gen, device=device, dtype=torch.float64)
-            tokens, logprobs = next_tokens(logits, params, None if uniform is None else uniform[rows])  # [n], [n]
+            uniform = None if uniforms is None else uniforms[t, rows]  # [n]
+            tokens, logprobs = next_tokens(logits, params, uniform)  # [n], [n]
             out_ids[rows, t] = tokens
             out_logprobs[rows, t] = logprobs
             done = torch.isin(tokens, eos)  # [n]

@@ -9,7 +9,7 @@ import torch
 
 from grpo.core.logprobs import left_pad  # engines pad prompts the way training does
 from grpo.models import pad_token_id
-from grpo.rollout.base import LogprobKind, Rollout, SamplingParams, finish_completions
+from grpo.rollout.base import LogprobKind, Rollout, SamplingParams, draw_seeds, finish_completions
 
 
 def eos_token_ids(model, tokenizer) -> set[int]:
@@ -51,10 +51,38 @@ class HFGenerateEngine:
         self.model = model
 
     @torch.no_grad()
-    def generate(self, prompt_ids, group_size, params: SamplingParams, generator=None) -> Rollout:
+    def generate(self, prompt_ids, group_size, params: SamplingParams, generator=None, seeds=None) -> Rollout:
+        """G samples for each prompt. Sampled, each group runs as its own generate call under its own seed
+        (seeds[b], or drawn from `generator`), so it draws the same stream whatever else is in the batch;
+        greedy, all prompts run as one batch."""
+        if params.greedy:
+            raw, logprobs = self._generate([p for p in prompt_ids for _ in range(group_size)], params, None)
+        else:
+            seeds = seeds if seeds is not None else draw_seeds(generator, len(prompt_ids))
+            if len(seeds) != len(prompt_ids):
+                raise ValueError(f"got {len(seeds)} group seeds for {len(prompt_ids)} prompts")
+            parts = [self._generate([p] * group_size, params, seed) for p, seed in zip(prompt_ids, seeds)]
+            width = max(r.shape[1] for r, _ in parts)
+            pad = lambda x, value: torch.nn.functional.pad(x, (0, width - x.shape[1]), value=value)  # noqa: E731
+            raw = torch.cat([pad(r, self.pad_id) for r, _ in parts])
+            logprobs = torch.cat([pad(lp, 0.0) for _, lp in parts])
+        completion_ids, mask, truncated = finish_completions(
+            raw, self.eos_ids, self.pad_id, params.max_new_tokens, self.tokenizer, params.stop
+        )
+        return Rollout(
+            prompt_ids=[list(p) for p in prompt_ids],
+            completion_ids=completion_ids,
+            completion_mask=mask,
+            truncated=truncated,
+            group_size=group_size,
+            sampling_logprobs=torch.where(mask, logprobs, torch.zeros_like(logprobs)),
+        )
+
+    def _generate(self, rows: list[list[int]], params: SamplingParams, seed: int | None):
+        """Raw sampled ids [n, T'] and the log-prob of each under the processed scores [n, T'] (torch's global
+        RNG seeded with `seed` for the call, then restored)."""
         device = next(self.model.parameters()).device
-        repeated = [p for p in prompt_ids for _ in range(group_size)]  # N prompts, row b*G+g
-        ids, attn = left_pad(repeated, self.pad_id)
+        ids, attn = left_pad(rows, self.pad_id)
         kwargs = dict(
             max_new_tokens=params.max_new_tokens,
             pad_token_id=self.pad_id,
@@ -70,7 +98,6 @@ class HFGenerateEngine:
                 kwargs["min_p"] = params.min_p
         if params.stop:
             kwargs.update(stop_strings=list(params.stop), tokenizer=self.tokenizer)
-        seed = int(torch.randint(0, 2**62, (1,), generator=generator)) if generator is not None else None
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             if seed is not None:
                 torch.manual_seed(seed)
@@ -78,17 +105,6 @@ class HFGenerateEngine:
             self.model.eval()
             out = self.model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), **kwargs)
             self.model.train(was_training)
-        raw = out.sequences[:, ids.shape[1] :].cpu()  # [N, T]
-        scores = torch.stack(out.scores, dim=1).float().cpu()  # [N, T, V] processed logits
-        logprobs = scores.log_softmax(-1).gather(-1, raw.unsqueeze(-1)).squeeze(-1)  # [N, T]
-        completion_ids, mask, truncated = finish_completions(
-            raw, self.eos_ids, self.pad_id, params.max_new_tokens, self.tokenizer, params.stop
-        )
-        return Rollout(
-            prompt_ids=[list(p) for p in prompt_ids],
-            completion_ids=completion_ids,
-            completion_mask=mask,
-            truncated=truncated,
-            group_size=group_size,
-            sampling_logprobs=torch.where(mask, logprobs, torch.zeros_like(logprobs)),
-        )
+        raw = out.sequences[:, ids.shape[1] :].cpu()  # [n, T']
+        scores = torch.stack(out.scores, dim=1).float().cpu()  # [n, T', V] processed logits
+        return raw, scores.log_softmax(-1).gather(-1, raw.unsqueeze(-1)).squeeze(-1)  # [n, T']

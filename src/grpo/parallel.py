@@ -1,0 +1,121 @@
+"""How the policy is replicated or sharded over the ranks of a run (`trainer.parallel`).
+
+- ddp: every rank holds the whole model; `DistributedDataParallel` averages the gradients in the
+  backward pass of each optimizer step's last micro-batch (the others run under `no_sync`).
+- fsdp: FSDP2, `torch.distributed.fsdp.fully_shard` on every decoder layer and on the root, for the policy
+  and the reference: each rank holds 1/W of the weights, gradients and AdamW state, and gathers a layer's
+  weights when it runs. On CUDA the forward and backward run in bfloat16 (MixedPrecisionPolicy), the
+  weights and their gradients stay in float32. The rollout engine samples from a whole copy of the policy
+  on every rank, refreshed from the shards after every update (`FullCopyEngine`): sampling costs one
+  more model's weights per rank.
+
+Both wrappers average gradients over ranks; the trainer's loss uses global normalizers (grpo.core.losses),
+so it scales each rank's loss by the world size: the update is the single-process one.
+"""
+
+from __future__ import annotations
+
+import copy
+from contextlib import contextmanager, nullcontext
+from typing import Literal
+
+import torch
+
+Parallel = Literal["ddp", "fsdp"]
+
+
+def decoder_layers(model) -> list[torch.nn.Module]:
+    """The decoder layers FSDP2 shards one by one (transformers' GradientCheckpointingLayer instances)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def shard(model, device: torch.device, trainable: bool = True) -> torch.nn.Module:
+    """FSDP2 in place: each decoder layer, then the root (embeddings, final norm, output head)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" \
+        else MixedPrecisionPolicy()
+    layers = decoder_layers(model)
+    if not layers:
+        raise ValueError(f"trainer.parallel=fsdp: {type(model).__name__} has no decoder layers to shard; use ddp")
+    for layer in layers:
+        fully_shard(layer, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    return model
+
+
+def wrap_policy(model, parallel: Parallel, device: torch.device) -> torch.nn.Module:
+    """The module the training forward runs through: DDP around the model, or the model sharded in place."""
+    if parallel == "fsdp":
+        return shard(model, device)
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+
+
+def unwrap(policy) -> torch.nn.Module:
+    """The model inside a DDP wrapper (an FSDP2 model is its own module)."""
+    return getattr(policy, "module", policy) if type(policy).__name__ == "DistributedDataParallel" else policy
+
+
+@contextmanager
+def grad_sync(policy, enabled: bool):
+    """Within this block the backward pass reduces gradients over ranks only if `enabled` (the last
+    micro-batch of an optimizer step); otherwise each rank only accumulates its own."""
+    if type(policy).__name__ == "DistributedDataParallel":
+        with nullcontext() if enabled else policy.no_sync():
+            yield
+        return
+    if hasattr(policy, "set_requires_gradient_sync"):  # FSDP2
+        policy.set_requires_gradient_sync(enabled)
+        try:
+            yield
+        finally:
+            policy.set_requires_gradient_sync(True)
+        return
+    yield
+
+
+def full_state_dict(model) -> dict[str, torch.Tensor]:
+    """The whole weights of a (possibly sharded) model, on the CPU, on every rank."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+class FullCopyEngine:
+    """A rollout engine on a whole copy of a sharded policy: `sync_weights` gathers the shards into the copy
+    (every rank takes part), and the inner engine samples from the copy. Its log-probs are the copy's, the
+    policy's own up to rounding."""
+
+    def __init__(self, inner, copy_model):
+        self.inner, self.copy = inner, copy_model
+
+    @classmethod
+    def around(cls, make_engine, model):
+        """Copy `model` (before it is sharded) and build the inner engine on the copy."""
+        full = copy.deepcopy(model).eval()
+        for p in full.parameters():
+            p.requires_grad_(False)
+        return cls(make_engine(full), full)
+
+    def generate(self, *args, **kwargs):
+        return self.inner.generate(*args, **kwargs)
+
+    def logprob_kind(self, params):
+        return self.inner.logprob_kind(params)
+
+    def sync_weights(self, model) -> None:
+        state = full_state_dict(model)
+        with torch.no_grad():
+            own = self.copy.state_dict()
+            for name, value in state.items():
+                if name in own:
+                    own[name].copy_(value)
+        self.inner.sync_weights(self.copy)
+
+    def describe(self) -> str:
+        return self.inner.describe() + ", on a whole copy of the sharded policy (refreshed after every update)"
