@@ -53,7 +53,7 @@ def wrap_policy(model, parallel: Parallel, device: torch.device) -> torch.nn.Mod
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [device.index] if device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+    return DistributedDataParallel(model, device_ids=ids)
 
 
 def unwrap(policy) -> torch.nn.Module:
@@ -69,7 +69,7 @@ def grad_sync(policy, enabled: bool):
         with nullcontext() if enabled else policy.no_sync():
             yield
         return
-    if hasattr(policy, "set_requires_gradient_sync"):  # FSDP2
+    if hasattr(policy, "set_requires_gradient_sync"):  # FSDP2: unsharded gradients accumulate until the last
         policy.set_requires_gradient_sync(enabled)
         try:
             yield
@@ -80,10 +80,11 @@ def grad_sync(policy, enabled: bool):
 
 
 def full_state_dict(model) -> dict[str, torch.Tensor]:
-    """The whole weights of a (possibly sharded) model, on the CPU, on every rank."""
+    """The whole weights of a (possibly sharded) model, on every rank (every rank takes part). Not offloaded
+    to the CPU: with cpu_offload, torch gives them to rank 0 only."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
 
 
 class FullCopyEngine:

@@ -18,12 +18,14 @@ from grpo import checkpoint
 from grpo.backend import make_backend
 from grpo.config import Config, dump_config
 from grpo.data import DataError, PromptSampler, encode_rows, load_task
+from grpo.distributed import SINGLE, World
 from grpo.evaluate import check_eval, evaluate, format_table, no_eval_split, summary
 from grpo.logging.console import format_duration, make_console
 from grpo.logging.metrics import sample_records
 from grpo.logging.run import RunLog, write_json
 from grpo.models import apply_lora, frozen_copy, load_model_and_tokenizer
 from grpo.optim import make_optimizer, make_scheduler
+from grpo.parallel import FullCopyEngine, shard, wrap_policy
 from grpo.rewards import build_rewards, get_reward, required_columns
 from grpo.rollout import make_engine
 from grpo.trainer import Trainer
@@ -202,29 +204,41 @@ def stop_message(trainer: Trainer, config: Config, run_dir: Path) -> str:
     )
 
 
-def load_for_training(config: Config, log=print):
+def load_for_training(config: Config, log=print, world: World = SINGLE):
     """(model, tokenizer, folder, engine, ref_model): the policy on its device, its rollout engine, and the
-    reference policy (None when beta = 0: no second copy)."""
+    reference policy (None when beta = 0: no second copy). Under FSDP the engine samples from a whole copy of
+    the policy, made here before `build_trainer` shards it."""
     model, tokenizer, folder = load_model_and_tokenizer(config.model, log=log)
     if config.lora.enabled:  # the reference is the base model with the adapters off: no copy
         model, ref_model = apply_lora(model, config.lora), None
     else:
         ref_model = frozen_copy(model) if config.algorithm.beta > 0 else None  # the start weights
-    engine = make_engine(config.sampling, model, tokenizer)
+    if world.distributed and config.trainer.parallel == "fsdp":
+        engine = FullCopyEngine.around(lambda full: make_engine(config.sampling, full, tokenizer), model)
+    else:
+        engine = make_engine(config.sampling, model, tokenizer)
     log(f"sampling: {engine.describe()}")
     return model, tokenizer, folder, engine, ref_model
 
 
-def build_trainer(config: Config, model, tokenizer, engine, train_rows: list[dict], ref_model=None) -> Trainer:
-    """The Trainer with its parts: the backend for the policy's device, AdamW and its schedule, the prompt
-    sampler and the reward functions."""
+def build_trainer(config: Config, model, tokenizer, engine, train_rows: list[dict], ref_model=None,
+                  world: World = SINGLE) -> Trainer:
+    """The Trainer with its parts: under torchrun the policy wrapped for DDP or sharded by FSDP2 (and the
+    reference sharded too), the backend for the policy's device, AdamW and its schedule, the prompt sampler
+    and the reward functions."""
     t = config.trainer
-    backend = make_backend(t.backend, next(model.parameters()).device, t.autocast, t.logprob_chunk_tokens)
-    optimizer = make_optimizer(model, t)
+    device = next(model.parameters()).device
+    policy = model
+    if world.distributed:
+        policy = wrap_policy(model, t.parallel, device)
+        if t.parallel == "fsdp" and ref_model is not None:
+            shard(ref_model, device)
+    backend = make_backend(t.backend, device, t.autocast, t.logprob_chunk_tokens, world.distributed)
+    optimizer = make_optimizer(model, t)  # after sharding: AdamW holds each rank's shards only
     scheduler = make_scheduler(optimizer, t, t.steps * config.algorithm.mu)
     sampler = PromptSampler(train_rows, config.data.seed)
     return Trainer(config, model, tokenizer, engine, backend, optimizer, scheduler, sampler,
-                   build_rewards(config.rewards), ref_model=ref_model)
+                   build_rewards(config.rewards), ref_model=ref_model, policy=policy, world=world)
 
 
 def train(config: Config, quiet: bool = False, console_mode: str = "auto", resume: bool = False) -> dict:
