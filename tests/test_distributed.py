@@ -56,3 +56,135 @@ def test_two_ranks_make_the_single_process_update(single, tmp_path, parallel, lo
     assert one["weights"].keys() == two["weights"].keys()
     for name, w in one["weights"].items():
         torch.testing.assert_close(two["weights"][name], w, rtol=0, atol=5e-5, msg=name)
+
+
+# -- whole runs through the command line ---------------------------------------------------------------------
+
+REWARDS = '''
+import os
+
+
+def vowels(completions, **kwargs):
+    """Differs within the groups of the random tiny model, so the weights move."""
+    return [float(sum(c in "aeiou" for c in text)) for text in completions]
+
+
+def fails_on_rank_1(completions, **kwargs):
+    """Raises on rank 1 from its second call on (a reward bug that only one rank's groups reach)."""
+    fails_on_rank_1.calls = getattr(fails_on_rank_1, "calls", 0) + 1
+    if os.environ.get("RANK") == "1" and fails_on_rank_1.calls >= 2:
+        raise ValueError("rank 1's reward failed")
+    return [0.0] * len(completions)
+'''
+
+RUN = [
+    "trainer.batch_size=16", "sampling.group_size=4", "trainer.micro_batch_size=3", "sampling.max_new_tokens=8",
+    "sampling.engine=hf", "data.digits=1", "data.num_eval=4", "eval.num_problems=4", "trainer.lr=1e-3",
+    "output.tensorboard=false", "output.report_every=0", "model.threads=1", "trainer.samples_per_step=2",
+]
+
+
+def grpo(*args, nproc: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
+    launch = ["--nproc", str(nproc)] if nproc > 1 else []
+    return subprocess.run([sys.executable, "-m", "grpo", *map(str, args), *launch], capture_output=True, text=True,
+                          timeout=timeout, env=ENV)
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    import json
+
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(x).items() if not k.startswith(("time/", "throughput/"))} for x in lines]
+
+
+def weights(run_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(run_dir / "model" / "model.safetensors")
+
+
+def assert_same_run(a: Path, b: Path, atol: float = 5e-5) -> None:
+    ma, mb = metrics(a), metrics(b)
+    assert [m["step"] for m in ma] == [m["step"] for m in mb]
+    for x, y in zip(ma, mb):
+        for key in ("reward/mean", "reward/std", "completion/length_mean", "advantage/abs_mean"):
+            assert x[key] == pytest.approx(y[key], abs=1e-6), key
+        for key in ("loss", "kl/mean", "grad_norm"):
+            assert x[key] == pytest.approx(y[key], rel=1e-4, abs=1e-7), key
+    wa, wb = weights(a), weights(b)
+    for name in wa:
+        torch.testing.assert_close(wb[name], wa[name], rtol=0, atol=atol, msg=name)
+
+
+@pytest.fixture(scope="module")
+def reward_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("rewards") / "dist_rewards.py"
+    path.write_text(REWARDS)
+    return path
+
+
+@pytest.fixture(scope="module")
+def single_run(tiny_model_dir, reward_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("one") / "run"
+    proc = grpo("train", f"model.path={tiny_model_dir}", f"output.dir={out}", *RUN, "trainer.steps=3",
+                "output.checkpoint_every=2", f"rewards=[{{name: {reward_file}:vowels}}]")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def test_a_run_on_two_ranks_matches_the_single_process_run(single_run, tiny_model_dir, reward_file, tmp_path):
+    """`grpo train --nproc 2`: rank 0 alone writes the run folder; the metrics (reduced over ranks) and the
+    final weights are the one-process run's."""
+    out = tmp_path / "run"
+    proc = grpo("train", f"model.path={tiny_model_dir}", f"output.dir={out}", *RUN, "trainer.steps=3",
+                "output.checkpoint_every=2", f"rewards=[{{name: {reward_file}:vowels}}]", nproc=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_run(single_run, out)
+    assert len((out / "samples.jsonl").read_text().splitlines()) == 3 * 2  # one writer: rank 0
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002", "step-000003"]
+
+
+def test_two_nodes_on_localhost(single_run, tiny_model_dir, reward_file, tmp_path):
+    """--nnodes 2, one process each, a c10d rendezvous on 127.0.0.1: the same run as one process."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "run"
+    args = ["-m", "grpo", "train", f"model.path={tiny_model_dir}", f"output.dir={out}", *RUN, "trainer.steps=3",
+            "output.checkpoint_every=2", f"rewards=[{{name: {reward_file}:vowels}}]"]
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+                               f"--node_rank={rank}", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
+                               "--rdzv-id=grpo-test", *args],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+             for rank in (0, 1)]
+    results = [p.communicate(timeout=300) for p in nodes]
+    assert [p.returncode for p in nodes] == [0, 0], results[0][1][-2000:] + results[1][1][-2000:]
+    assert_same_run(single_run, out)
+
+
+@pytest.mark.parametrize("first, then", [(2, 1), (1, 2)])
+def test_a_checkpoint_resumes_on_another_world_size(single_run, tiny_model_dir, reward_file, tmp_path, first, then):
+    """Stopped after its step-2 checkpoint on `first` ranks, resumed on `then`: the same run as one that never
+    stopped (the checkpoint holds whole weights and optimizer state, whatever the world size)."""
+    out = tmp_path / "run"
+    common = [f"model.path={tiny_model_dir}", f"output.dir={out}", *RUN, "output.checkpoint_every=2",
+              f"rewards=[{{name: {reward_file}:vowels}}]"]
+    proc = grpo("train", *common, "trainer.steps=2", nproc=first)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = grpo("train", "--resume", out, "trainer.steps=3", nproc=then)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_run(single_run, out)
+
+
+def test_a_rank_that_raises_stops_the_job_with_its_error_once(tiny_model_dir, reward_file, tmp_path):
+    out = tmp_path / "run"
+    proc = grpo("train", f"model.path={tiny_model_dir}", f"output.dir={out}", *RUN, "trainer.steps=4",
+                "output.checkpoint_every=1", f"rewards=[{{name: {reward_file}:vowels}}, "
+                f"{{name: {reward_file}:fails_on_rank_1}}]", "trainer.dist_timeout_s=60", nproc=2, timeout=180)
+    assert proc.returncode != 0
+    assert proc.stderr.count("rank 1's reward failed") == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr.split("rank 1's reward failed")[0][-2000:]
+    assert (out / "checkpoints" / "step-000001").is_dir()  # what was saved before the failure is kept
+    assert len(metrics(out)) == 1

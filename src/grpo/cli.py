@@ -74,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", metavar="RUN_DIR|auto", help=RESUME_HELP)
     train.add_argument("--quiet", action="store_true", help="print nothing but errors")
     train.add_argument("--log-format", choices=CONSOLE_MODES, default="auto", help=LOG_FORMAT_HELP)
+    train.add_argument("--nproc", type=int, metavar="N", help=NPROC_HELP)
 
     ev = sub.add_parser(
         "eval", help="held-out reward means, accuracy and pass@k of a model or a run folder", formatter_class=fmt,
@@ -103,6 +104,12 @@ RESUME_HELP = (
     "continue a run from its newest checkpoint, exactly as if it had not stopped: RUN_DIR (its config.yaml, or the "
     "given config file, with output.dir=RUN_DIR), or auto (output.dir, when it has a checkpoint; else a new run). "
     "Overrides may change trainer.steps (to extend the run), output.*, eval.* and logging fields"
+)
+
+NPROC_HELP = (
+    "train on N processes of this machine (one per GPU, or N CPU processes with gloo): the same as "
+    "`torchrun --standalone --nproc_per_node N -m grpo train ...`. Several machines: run torchrun on each, "
+    "with --nnodes and --rdzv-endpoint (README, 'Many GPUs and machines')"
 )
 
 LOG_FORMAT_HELP = (
@@ -135,14 +142,46 @@ def train_config(resume: str | None, path: str | None, overrides: list[str]) -> 
 
 def cmd_train(args) -> int:
     from grpo import run
+    from grpo.distributed import launched
 
     path, overrides = split_overrides(args.config, args.overrides)
     if args.overwrite and args.resume:
         raise ConfigError("--overwrite replaces a run and --resume continues it: give only one of them")
     if args.overwrite:
         overrides.append("output.overwrite=true")
-    config, resume = train_config(args.resume, path, overrides)
+    config, resume = train_config(args.resume, path, overrides)  # a bad config fails here, before launching
+    if args.nproc is not None and args.nproc > 1 and not launched():
+        return launch(args.nproc, sys.argv[1:] if args.argv is None else args.argv)
     run.train(config, quiet=args.quiet, console_mode=args.log_format, resume=resume)
+    return 0
+
+
+def launch(nproc: int, argv: list[str]) -> int:
+    """`grpo train --nproc N ...` as `torchrun --standalone --nproc_per_node N -m grpo train ...` starts it (the
+    same launcher, run in this process). A rank that fails prints its own error; this says which rank it was,
+    once, instead of torchrun's traceback."""
+    import logging
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    args, skip = [], False
+    for a in argv:  # the same command without --nproc
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            args.append(a)
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)  # no per-worker chatter
+    launcher = get_args_parser().parse_args(["--standalone", f"--nproc_per_node={nproc}", "-m", "grpo", *args])
+    try:
+        run(launcher)
+    except ChildFailedError as e:
+        rank, failure = e.get_first_failure()
+        print(f"error: rank {rank} of {nproc} stopped with exit code {failure.exitcode} (its message is above); "
+              "the other ranks were stopped", file=sys.stderr)
+        return failure.exitcode if failure.exitcode > 0 else 1
     return 0
 
 
@@ -181,6 +220,7 @@ def cmd_report(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    args.argv = argv
     bad = [x for x in extra if "=" not in x or x.startswith("-")]
     if bad:
         parser.error(f"unrecognized arguments: {' '.join(bad)}")
@@ -192,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     from grpo.rewards import RewardError
     from grpo.checkpoint import CheckpointError
     from grpo.run import RunFolderError, TrainingStopped
+    from grpo.distributed import DistributedError
 
     try:
         return {"train": cmd_train, "eval": cmd_eval, "report": cmd_report}[args.command](args)
@@ -200,6 +241,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except TrainingStopped as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except DistributedError as e:  # another rank failed (it prints its own error) or a collective timed out
+        print(f"stopped: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
