@@ -66,49 +66,46 @@ def one_slot():
 # --- escape and containment ---------------------------------------------------------------------
 
 DAEMON = """
-import os, time
-def daemon(body):
+import ctypes, os, signal, time
+libc = ctypes.CDLL(None)
+def daemon(body, *args):
     if os.fork() == 0:
         os.setsid()
         if os.fork() == 0:
             for fd in (0, 1, 2):
                 os.close(fd)
-            body()
+            body(*args)
         os._exit(0)
+def fight(sig, trace=False):
+    # every process of its uid that appears next (the earlier clean-up helper was one) gets `sig`
+    me, end = os.getpid(), time.time() + 20
+    while time.time() < end:
+        for p in range(me + 1, me + 300):
+            if trace:
+                libc.ptrace(16, p, 0, 0)  # PTRACE_ATTACH: control of the process
+            try:
+                os.kill(p, sig)
+            except OSError:
+                pass
 """
 
 
 @needs("uid", "pid_ns")
 def test_a_detached_grandchild_does_not_outlive_the_call():
-    code = DAEMON + "import signal\nfor s in (signal.SIGHUP, signal.SIGTERM):\n    signal.signal(s, signal.SIG_IGN)\n" \
-        "daemon(lambda: time.sleep(30))\ndef add(a, b):\n    return a + b\n"
+    code = DAEMON + "for s in (signal.SIGHUP, signal.SIGTERM):\n    signal.signal(s, signal.SIG_IGN)\n" \
+        "daemon(fight, signal.SIGKILL)\ndef add(a, b):\n    return a + b\n"
     cases, result = run_tests(code, ADD_TESTS, LIMITS)
     assert [c.passed for c in cases] == [True, True] and not result.timed_out
     # the fixture asserts that no process of the sandbox's uids is left
 
 
 @needs("uid", "pid_ns")
-def test_a_leftover_cannot_trace_or_stop_the_clean_up():
+@pytest.mark.parametrize("trace", [False, True], ids=["sigstop", "ptrace"])
+def test_a_leftover_cannot_trace_or_stop_the_clean_up(trace):
     """Leftovers used to be killed by a helper of the sandbox's uid, with the trainer's files and
     network: a leftover could PTRACE_ATTACH it (and run its own code there) or SIGSTOP it (the call
     then raised TimeoutExpired). Now every process it can see or reach is its own."""
-    attack = DAEMON + """
-import ctypes, signal
-libc = ctypes.CDLL(None)
-def hijack():
-    end = time.time() + 20
-    while time.time() < end:
-        for p in os.listdir('/proc'):
-            if p.isdigit() and int(p) != os.getpid():
-                libc.ptrace(16, int(p), 0, 0)  # PTRACE_ATTACH: control of the process
-                try:
-                    os.kill(int(p), signal.SIGSTOP)
-                except OSError:
-                    pass
-daemon(hijack)
-def add(a, b):
-    return a + b
-"""
+    attack = DAEMON + "daemon(fight, signal.SIGSTOP, %s)\n" % trace + "def add(a, b):\n    return a + b\n"
     assert code_tests(f"```python\n{attack}```", ADD_TESTS, timeout=4) == 1.0  # and it did not raise
 
 
@@ -116,21 +113,7 @@ def add(a, b):
 def test_a_leftover_cannot_tamper_with_the_next_run(one_slot):
     """The leftover of one run kills every other process of its uid (the earlier clean-up helper
     included); the next run on the same uid must still score its own solution."""
-    attack = DAEMON + """
-import signal
-def tamper():
-    end = time.time() + 20
-    while time.time() < end:
-        for p in os.listdir('/proc'):
-            if p.isdigit() and int(p) != os.getpid():
-                try:
-                    os.kill(int(p), signal.SIGKILL)
-                except OSError:
-                    pass
-daemon(tamper)
-def add(a, b):
-    return 0
-"""
+    attack = DAEMON + "daemon(fight, signal.SIGKILL)\ndef add(a, b):\n    return 0\n"
     assert code_tests(attack, ADD_TESTS, timeout=3) == 0.0
     assert code_tests("def add(a, b):\n    return a + b\n", ADD_TESTS, timeout=3) == 1.0
 
