@@ -236,8 +236,9 @@ def code_tests(
     completion, tests, timeout: float = 10.0, per_test_timeout: float = 3.0, memory_mb: int = 512, **_
 ) -> float | None:
     """Fraction of the row's test cases that the completion's code passes, run in the sandbox
-    (grpo.rewards.sandbox: own process and uid, time, CPU, memory and process limits, no network,
-    a private working directory). `tests`: assert statements (a list, or code whose top-level
+    (grpo.rewards.sandbox: own process, uid and PID/IPC/mount/network namespaces, time, CPU, and a
+    memory and process limit for the whole tree, a private working directory; the cases are judged
+    outside the solution's process, from the plain values it reports). `tests`: assert statements (a list, or code whose top-level
     asserts are the cases) or input/output pairs for a stdin/stdout program. None without tests.
     Written per completion, so completions run in parallel (RewardSpec.concurrency threads; at most
     sandbox.set_max_concurrency processes at once)."""

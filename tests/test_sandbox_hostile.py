@@ -1,0 +1,347 @@
+"""Hostile programs against the code sandbox, as a model rewarded by `code_tests` might write them.
+
+Escape and containment (issue 20): each hole of the earlier sandbox is tried, and after every test
+nothing of the sandbox is left (no process of its uids, no SysV segment, no cgroup). Integrity:
+each reward hack scores 0 on wrong or empty code. Every test here failed on the earlier sandbox
+(the hack scored 1, the leftover survived, the segment stayed, the host's processes showed).
+"""
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from test_sandbox import live_processes_of
+
+from grpo.rewards import sandbox
+from grpo.rewards.builtin import code_tests
+from grpo.rewards.sandbox import Limits, capabilities, run_python, run_tests
+
+LIMITS = Limits(timeout=4, cpu_seconds=3, memory_mb=256, max_processes=8)
+CAPS = capabilities()
+UIDS = {1_000_000 + (os.getpid() % 100_000) * 64 + slot for slot in range(64)}
+ADD_TESTS = ["assert add(1, 2) == 3", "assert add(2, 2) == 4"]
+
+
+def needs(*caps):
+    missing = [c for c in caps if c not in CAPS]
+    return pytest.mark.skipif(bool(missing), reason=f"this machine does not allow {missing}")
+
+
+def sandbox_shm_segments() -> list[str]:
+    """/proc/sysvipc/shm lines of segments owned by the sandbox's uids (columns: key shmid perms size cpid lpid nattch uid ...)."""
+    lines = Path("/proc/sysvipc/shm").read_text().splitlines()[1:]
+    return [line for line in lines if int(line.split()[7]) in UIDS]
+
+
+def our_cgroups() -> list[Path]:
+    found = []
+    for root in Path("/sys/fs/cgroup").glob("**/"):
+        if root.name.startswith(f"grpo-sandbox-{os.getpid()}-"):
+            found.append(root)
+    return found
+
+
+@pytest.fixture(autouse=True)
+def nothing_left_behind():
+    yield
+    deadline = time.monotonic() + 3  # a killed process is reaped asynchronously; allow for that, no more
+    while (live_processes_of(UIDS) or sandbox_shm_segments()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert live_processes_of(UIDS) == 0, "a process of the sandbox outlived the call"
+    assert sandbox_shm_segments() == [], "a SysV segment of the sandbox outlived the call"
+    assert our_cgroups() == []
+
+
+@pytest.fixture
+def one_slot():
+    sandbox.set_max_concurrency(1)  # every run on the same slot, so the same uid
+    yield
+    sandbox.set_max_concurrency(min(4, os.cpu_count() or 1))
+
+
+# --- escape and containment ---------------------------------------------------------------------
+
+DAEMON = """
+import ctypes, os, signal, time
+libc = ctypes.CDLL(None)
+def daemon(body, *args):
+    if os.fork() == 0:
+        os.setsid()
+        if os.fork() == 0:
+            for fd in (0, 1, 2):
+                os.close(fd)
+            body(*args)
+        os._exit(0)
+def fight(sig, trace=False):
+    # every process of its uid that appears next (the earlier clean-up helper was one) gets `sig`
+    me, end = os.getpid(), time.time() + 20
+    while time.time() < end:
+        for p in range(me + 1, me + 300):
+            if trace:
+                libc.ptrace(16, p, 0, 0)  # PTRACE_ATTACH: control of the process
+            try:
+                os.kill(p, sig)
+            except OSError:
+                pass
+"""
+
+
+@needs("uid", "pid_ns")
+def test_a_detached_grandchild_does_not_outlive_the_call():
+    code = DAEMON + "for s in (signal.SIGHUP, signal.SIGTERM):\n    signal.signal(s, signal.SIG_IGN)\n" \
+        "daemon(fight, signal.SIGKILL)\ndef add(a, b):\n    return a + b\n"
+    cases, result = run_tests(code, ADD_TESTS, LIMITS)
+    assert [c.passed for c in cases] == [True, True] and not result.timed_out
+    # the fixture asserts that no process of the sandbox's uids is left
+
+
+@needs("uid", "pid_ns")
+@pytest.mark.parametrize("trace", [False, True], ids=["sigstop", "ptrace"])
+def test_a_leftover_cannot_trace_or_stop_the_clean_up(trace):
+    """Leftovers used to be killed by a helper of the sandbox's uid, with the trainer's files and
+    network: a leftover could PTRACE_ATTACH it (and run its own code there) or SIGSTOP it (the call
+    then raised TimeoutExpired). Now every process it can see or reach is its own."""
+    attack = DAEMON + "daemon(fight, signal.SIGSTOP, %s)\n" % trace + "def add(a, b):\n    return a + b\n"
+    assert code_tests(f"```python\n{attack}```", ADD_TESTS, timeout=4) == 1.0  # and it did not raise
+
+
+@needs("uid", "pid_ns")
+def test_a_leftover_cannot_tamper_with_the_next_run(one_slot):
+    """The leftover of one run kills every other process of its uid (the earlier clean-up helper
+    included); the next run on the same uid must still score its own solution."""
+    attack = DAEMON + "daemon(fight, signal.SIGKILL)\ndef add(a, b):\n    return 0\n"
+    assert code_tests(attack, ADD_TESTS, timeout=3) == 0.0
+    assert code_tests("def add(a, b):\n    return a + b\n", ADD_TESTS, timeout=3) == 1.0
+
+
+SHM = """
+import ctypes
+libc = ctypes.CDLL(None, use_errno=True)
+libc.shmat.restype = ctypes.c_void_p
+libc.shmget.argtypes = [ctypes.c_int, ctypes.c_size_t, ctypes.c_int]
+libc.shmat.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
+KEY = 0x67727030
+def create(text, size=1 << 20):
+    sid = libc.shmget(KEY, size, 0o1000 | 0o2000 | 0o666)  # IPC_CREAT | IPC_EXCL
+    if sid < 0:
+        return False
+    addr = libc.shmat(sid, None, 0)
+    ctypes.memset(addr, 1, size)  # touch every page: they are allocated now
+    ctypes.memmove(addr, text.encode() + b'\\0', len(text) + 1)
+    return True
+def read():
+    sid = libc.shmget(KEY, 0, 0)
+    if sid < 0:
+        return None
+    return ctypes.string_at(libc.shmat(sid, None, 0o10000)).decode()  # SHM_RDONLY
+"""
+
+
+@needs("ipc_ns")
+def test_sysv_shared_memory_is_freed_and_not_shared_across_runs():
+    left = run_python({"main.py": SHM + "print(create('secret-of-run-1', 64 << 20))\n"}, limits=LIMITS)
+    assert left.stdout.strip() == "True"
+    assert sandbox_shm_segments() == []  # 64 MB not left behind beyond the memory limit
+    peek = run_python({"main.py": SHM + "print(read())\n"}, limits=LIMITS)
+    assert peek.stdout.strip() == "None"
+
+
+@needs("cgroup")
+def test_memory_is_limited_for_the_whole_process_tree():
+    """6 children x 64 MB each stay under the per-process limit (256 MB) but not the tree's."""
+    code = """
+import os, sys, time
+kids = []
+for _ in range(6):
+    pid = os.fork()
+    if pid == 0:
+        block = b'x' * (64 << 20)  # written, so resident
+        time.sleep(30)
+        os._exit(0)
+    kids.append(pid)
+time.sleep(1.5)
+alive = sum(os.waitpid(k, os.WNOHANG) == (0, 0) for k in kids)
+print('alive', alive, flush=True)
+"""
+    result = run_python({"main.py": code}, limits=LIMITS)
+    words = result.stdout.split()
+    alive = int(words[1]) if words[:1] == ["alive"] else 0  # its parent may be the one killed
+    assert alive * 64 < LIMITS.memory_mb
+
+
+@needs("pid_ns", "private_fs")
+def test_host_processes_command_lines_and_checkout_are_invisible():
+    token = "grpo-host-secret-" + str(os.getpid())
+    host = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", token])
+    checkout = Path(__file__).resolve().parents[1]
+    code = f"""
+import os
+seen = []
+for p in os.listdir('/proc'):
+    if p.isdigit():
+        try:
+            seen.append(open(f'/proc/{{p}}/cmdline', 'rb').read().decode(errors='replace'))
+        except OSError:
+            pass
+for path in (f'/proc/{{os.getppid()}}/cmdline', '/proc/1/cmdline', '/proc/1/environ'):
+    try:
+        seen.append(open(path, 'rb').read().decode(errors='replace'))
+    except OSError:
+        pass
+for d in ({str(checkout)!r}, {str(checkout / "src")!r}, '/sys/fs/cgroup'):
+    try:
+        seen += os.listdir(d)
+    except OSError:
+        pass
+print(seen)
+"""
+    try:
+        result = run_python({"main.py": code}, limits=LIMITS)
+    finally:
+        host.kill()
+        host.wait()
+    assert result.returncode == 0 and result.stdout.startswith("[")
+    for secret in (token, "pytest", "pyproject.toml", "grpo", "memory"):
+        assert secret not in result.stdout
+
+
+# --- integrity: reward hacks score 0 on wrong or empty code ---------------------------------------
+
+HACKS = {
+    "json_dumps_turns_results_into_passes": """
+import json
+_dumps = json.dumps
+def dumps(obj, *a, **k):
+    if isinstance(obj, dict):
+        obj = dict(obj, passed=True, reason="passed")
+        obj.pop("error", None)
+    return _dumps(obj, *a, **k)
+json.dumps = dumps
+def add(a, b):
+    return 0
+""",
+    "exec_does_nothing": "import builtins\nbuiltins.exec = lambda *a, **k: None\n",
+    "compile_returns_pass": """
+import builtins
+_compile = builtins.compile
+builtins.compile = lambda src, name, mode, *a, **k: _compile("pass" if mode == "exec" else "None", name, mode)
+""",
+    "stack_walk_reports_pass_and_exits": """
+import gc, os, sys
+def add(a, b):
+    frames, f = [], sys._getframe(1)
+    while f:
+        frames += [f.f_locals, f.f_globals]
+        f = f.f_back
+    frames += [o.__globals__ for o in gc.get_objects() if type(o).__name__ == "function"]
+    for scope in frames:
+        for name in ("report", "send"):
+            fn = scope.get(name)
+            if callable(fn):
+                for i in range(4):
+                    for args, kw in [((i, True, "passed"), {}), ((), {"case": i, "passed": True, "values": [["bool", True]]})]:
+                        try:
+                            fn(*args, **kw)
+                        except Exception:
+                            pass
+    os._exit(0)
+""",
+    "expected_outputs_read_from_the_harness": """
+import gc, re, sys
+def add(a, b):
+    want = "add(%d, %d)" % (a, b)
+    for o in gc.get_objects():
+        for s in (o if isinstance(o, (list, tuple)) else o.values() if isinstance(o, dict) else []):
+            if isinstance(s, str) and want in s and "==" in s:
+                return int(s.rsplit("==", 1)[1])
+    return 0
+""",
+    "eq_always_true": """
+class Anything:
+    def __eq__(self, other):
+        return True
+    def __ne__(self, other):
+        return False
+def add(a, b):
+    return Anything()
+""",
+    "int_subclass_equal_to_everything": """
+class Num(int):
+    def __eq__(self, other):
+        return True
+    __hash__ = int.__hash__
+def add(a, b):
+    return Num(0)
+""",
+    "exit_zero_before_the_harness_reports": "import sys\nsys.exit(0)\n",
+}
+
+
+def test_a_correct_solution_scores_1_so_the_hacks_below_are_not_vacuous():
+    assert code_tests("def add(a, b):\n    return a + b\n", ADD_TESTS, timeout=4) == 1.0
+
+
+@pytest.mark.parametrize("name", sorted(HACKS))
+def test_reward_hack_scores_0(name):
+    assert code_tests(HACKS[name], ADD_TESTS, timeout=4) == 0.0
+
+
+def test_reading_expected_outputs_of_a_program_scores_0():
+    io_tests = [{"input": "1 2\n", "output": "3\n"}, {"input": "5 5\n", "output": "10\n"}]
+    hack = """
+import gc, sys
+data = sys.stdin.read()
+for o in gc.get_objects():
+    if isinstance(o, list) and len(o) == 2 and o[0] == data and isinstance(o[1], str):
+        print(o[1])
+        break
+"""
+    assert code_tests(hack, io_tests, timeout=4) == 0.0
+    assert code_tests("a, b = map(int, input().split())\nprint(a + b)\n", io_tests, timeout=4) == 1.0
+
+
+def test_values_are_compared_outside_by_type_and_form():
+    cases, _ = run_tests("def f():\n    return [1, (2, 'x'), {3: b'y'}, None, 1.5, {4}]\n",
+                         ["assert f() == [1, (2, 'x'), {3: b'y'}, None, 1.5, {4}]", "assert f() == [1, [2, 'x'], {3: b'y'}, None, 1.5, {4}]",
+                          "assert len(f()) == 6 and sorted(f()[5]) == [4]"], LIMITS)
+    assert [c.passed for c in cases] == [True, False, True]
+
+
+# --- many at once ---------------------------------------------------------------------------------
+
+
+@needs("pid_ns", "ipc_ns", "private_fs")
+def test_eight_concurrent_calls_do_not_see_each_other():
+    probe = SHM + """
+import os, time
+def probe(i):
+    others = [p for p in os.listdir('/proc') if p.isdigit() and int(p) != os.getpid()]
+    if others:
+        return ('leak', 'processes', others)
+    if read() is not None:
+        return ('leak', 'shm', read())
+    create('run-%d' % i)
+    open('mine', 'w').write(str(i))
+    time.sleep(0.3)  # all eight overlap here
+    if read() != 'run-%d' % i or open('mine').read() != str(i):
+        return ('leak', 'changed', read())
+    return ('clean', i)
+"""
+    sandbox.set_max_concurrency(8)
+    scores = [None] * 8
+    try:
+        def call(i):
+            scores[i] = code_tests(probe, [f"assert probe({i}) == ('clean', {i})"], timeout=6)
+
+        threads = [threading.Thread(target=call, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sandbox.set_max_concurrency(min(4, os.cpu_count() or 1))
+    assert scores == [1.0] * 8
