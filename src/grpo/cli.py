@@ -173,7 +173,7 @@ def launch(nproc: int, argv: list[str]) -> int:
             skip = True
         elif not a.startswith("--nproc="):
             args.append(a)
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)  # no per-worker chatter
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # we name the failed rank below
     launcher = get_args_parser().parse_args(["--standalone", f"--nproc_per_node={nproc}", "-m", "grpo", *args])
     try:
         run(launcher)

@@ -16,9 +16,9 @@ import torch
 
 from grpo import checkpoint
 from grpo.backend import make_backend
-from grpo.config import Config, dump_config
+from grpo.config import Config, ConfigError, dump_config
 from grpo.data import DataError, PromptSampler, encode_rows, load_task
-from grpo.distributed import SINGLE, World
+from grpo.distributed import SINGLE, World, close_world, init_world
 from grpo.evaluate import check_eval, evaluate, format_table, no_eval_split, summary
 from grpo.logging.console import format_duration, make_console
 from grpo.logging.metrics import sample_records
@@ -159,7 +159,11 @@ def stop_requested():
         signal.signal(signal.SIGINT, previous)
 
 
-def save(run_dir: Path, config: Config, trainer: Trainer, tokenizer, console) -> checkpoint.Checkpoint:
+def save(run_dir: Path, config: Config, trainer: Trainer, tokenizer, console) -> checkpoint.Checkpoint | None:
+    """A checkpoint of the run's whole state, written by rank 0 (the others have the same weights and state
+    under DDP; under FSDP2 they first gather theirs to rank 0: see grpo.parallel)."""
+    if not trainer.world.is_main:
+        return None
     write = lambda folder: checkpoint.write_checkpoint(folder, config, trainer, tokenizer)  # noqa: E731
     ckpt = checkpoint.save_checkpoint(run_dir, trainer.step_count, write, config.output.keep_checkpoints)
     console.info(f"saved checkpoint {ckpt.path}")
@@ -168,13 +172,16 @@ def save(run_dir: Path, config: Config, trainer: Trainer, tokenizer, console) ->
 
 def train_loop(trainer: Trainer, config: Config, log: RunLog, console, run_dir: Path, tokenizer) -> str:
     """Steps until trainer.steps, a checkpoint every output.checkpoint_every steps and at the end.
-    Returns how it ended: "done", "interrupted" (Ctrl-C) or "guard" (too many bad steps in a row)."""
+    Returns how it ended: "done", "interrupted" (Ctrl-C) or "guard" (too many bad steps in a row).
+    Under several ranks only rank 0 logs and saves (`log` is None elsewhere), and a Ctrl-C on any rank stops all
+    after the same step."""
     t, every, saved = config.trainer, config.output.checkpoint_every, -1
-    ending = "done"
+    ending, world = "done", trainer.world
     with console.training(), stop_requested() as stop:
         while trainer.step_count < t.steps:
             m, batch = trainer.step()
-            log.step(trainer.step_count, m, lambda: sample_records(trainer.step_count, batch, t.samples_per_step))
+            if log is not None:
+                log.step(trainer.step_count, m, lambda: sample_records(trainer.step_count, batch, t.samples_per_step))
             console.step(trainer.step_count, m)
             if trainer.skip_reason:
                 console.info(f"step {trainer.step_count}: update skipped: {trainer.skip_reason} "
@@ -182,7 +189,9 @@ def train_loop(trainer: Trainer, config: Config, log: RunLog, console, run_dir: 
             if trainer.bad_steps >= t.max_bad_steps:
                 ending = "guard"
                 break
-            if stop() and trainer.step_count < t.steps:
+            with world.during("stop request"):
+                stopping = world.any(stop())
+            if stopping and trainer.step_count < t.steps:
                 ending = "interrupted"
                 break
             if every and trainer.step_count % every == 0:
@@ -243,8 +252,33 @@ def build_trainer(config: Config, model, tokenizer, engine, train_rows: list[dic
 
 def train(config: Config, quiet: bool = False, console_mode: str = "auto", resume: bool = False) -> dict:
     """Run GRPO as configured; returns {"before": eval, "after": eval, "run_dir": ...}. With resume, continue
-    the run in output.dir from its newest checkpoint, exactly as if it had not stopped."""
-    console = make_console("quiet" if quiet else console_mode, config.trainer.steps)
+    the run in output.dir from its newest checkpoint, exactly as if it had not stopped. Under torchrun this is
+    one rank of the run: rank 0 alone prints, evaluates and writes the run folder."""
+    world = start_world(config)
+    try:
+        return _train(config, world, quiet, console_mode, resume)
+    finally:
+        close_world(world)
+
+
+def start_world(config: Config) -> World:
+    """This process's place in the run (one process: rank 0 of 1), with the batch checked to split into whole
+    groups per rank."""
+    from grpo.models import pick_device
+
+    world = init_world(pick_device(config.model.device).type, config.trainer.dist_timeout_s)
+    if config.prompts_per_step % world.size:
+        close_world(world)
+        raise ConfigError(
+            f"trainer.batch_size={config.trainer.batch_size} is {config.prompts_per_step} groups of "
+            f"sampling.group_size={config.sampling.group_size}, which do not split evenly over {world.size} ranks "
+            f"(each rank samples whole groups); use a batch_size of {world.size * config.sampling.group_size} x k"
+        )
+    return world
+
+
+def _train(config: Config, world: World, quiet: bool, console_mode: str, resume: bool) -> dict:
+    console = make_console("quiet" if quiet or not world.is_main else console_mode, config.trainer.steps)
     task = load_task(config.data, needed_columns(config))  # data errors before any model loads
     if config.eval.before or config.eval.after:  # and what evaluation cannot do
         if task.eval:
@@ -252,20 +286,26 @@ def train(config: Config, quiet: bool = False, console_mode: str = "auto", resum
         else:
             console.info(f"training without held-out evaluation: {no_eval_split(config.data)}")
     run_dir = Path(config.output.dir).expanduser()
-    ckpt = resume_point(run_dir, config) if resume else None
-    if ckpt is None:
+    ckpt = (resume_point(run_dir, config) if world.is_main else None) if resume else None
+    ckpt = world.broadcast(ckpt)  # rank 0 reads the run folder; the others may be on other machines
+    if ckpt is None and world.is_main:
         check_run_dir(config)
     set_threads(config)
     torch.manual_seed(config.trainer.seed)
     with console.phase("loading the model"):
-        model, tokenizer, folder, engine, ref_model = load_for_training(config, log=console.info)
+        model, tokenizer, folder, engine, ref_model = load_for_training(config, log=console.info, world=world)
     check_prompt_lengths(config, task, tokenizer, model)
+    if not world.is_main:
+        return _follow(config, world, console, task, model, tokenizer, engine, ref_model, ckpt)
     if ckpt is None:
         create_run_dir(config, run_dir)
     else:
         reopen_run_dir(run_dir, config, ckpt)
     console.info(f"run folder: {run_dir}")
     console.info(f"model: {folder} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {model.device})")
+    if world.distributed:
+        console.info(f"ranks: {world.size} ({config.trainer.parallel}), {config.prompts_per_step // world.size} "
+                     "groups each a step")
     results: dict = {"run_dir": str(run_dir)}
 
     def run_eval(name: str):
@@ -283,11 +323,11 @@ def train(config: Config, quiet: bool = False, console_mode: str = "auto", resum
             run_eval("before")
         elif (run_dir / "eval_before.json").is_file():  # a resumed run does not evaluate "before" again
             results["before"] = json.loads((run_dir / "eval_before.json").read_text())
-        trainer = build_trainer(config, model, tokenizer, engine, task.train, ref_model=ref_model)
+        world.barrier()  # the other ranks waited for the evaluation
+        trainer = build_trainer(config, model, tokenizer, engine, task.train, ref_model=ref_model, world=world)
         console.info(f"backend: {trainer.backend.name}")
         if ckpt is not None:
-            checkpoint.restore(ckpt, trainer)
-            engine.sync_weights(model)  # an engine that samples from a copy must see the restored weights
+            restore(ckpt, trainer)
             console.info(f"resumed from {ckpt.path} at step {ckpt.step}")
         ending = train_loop(trainer, config, log, console, run_dir, tokenizer)
         if ending == "guard":
@@ -306,6 +346,7 @@ def train(config: Config, quiet: bool = False, console_mode: str = "auto", resum
         if config.lora.enabled and config.lora.save_merged:
             checkpoint.save_policy(model.merge_and_unload(), tokenizer, run_dir / "model-merged")
             console.info(f"saved the model with the adapter merged in to {run_dir / 'model-merged'}")
+        world.barrier()  # the other ranks waited for the final model and evaluation
     finally:
         report = log.close()  # the report also covers a run that stopped early
     evals = {k: results[k] for k in ("before", "after") if k in results}
@@ -314,6 +355,40 @@ def train(config: Config, quiet: bool = False, console_mode: str = "auto", resum
     if report:
         console.info(f"report: {report}")
     return results
+
+
+def restore(ckpt: checkpoint.Checkpoint, trainer: Trainer) -> None:
+    """Put the trainer back to the checkpoint: rank 0 reads it, and under several ranks sends the weights and
+    the trainer's state to the others (they may be on machines that cannot see the run folder). The checkpoint
+    holds whole weights and optimizer state, so any world size resumes it."""
+    world = trainer.world
+    if world.is_main:
+        checkpoint.restore(ckpt, trainer)
+    if world.distributed:
+        with world.during("resume"):
+            state = world.broadcast((trainer.model.state_dict(), trainer.state_dict(),
+                                     trainer.ref_model.state_dict() if trainer.ref_model is not None else None))
+        if not world.is_main:
+            trainer.model.load_state_dict(state[0])
+            trainer.load_state_dict(state[1])
+            if state[2] is not None:
+                trainer.ref_model.load_state_dict(state[2])
+    trainer.engine.sync_weights(trainer.model)  # an engine that samples from a copy must see the restored weights
+
+
+def _follow(config: Config, world: World, console, task, model, tokenizer, engine, ref_model, ckpt) -> dict:
+    """A rank other than 0: the same steps as rank 0 (its share of each batch, every collective), no files."""
+    world.barrier()  # rank 0 evaluates before training
+    trainer = build_trainer(config, model, tokenizer, engine, task.train, ref_model=ref_model, world=world)
+    if ckpt is not None:
+        restore(ckpt, trainer)
+    ending = train_loop(trainer, config, None, console, Path(config.output.dir), tokenizer)
+    if ending == "guard":
+        raise TrainingStopped(f"rank {world.rank}: stopped with rank 0 (the numerics guard)")
+    if ending == "interrupted":
+        raise KeyboardInterrupt
+    world.barrier()  # rank 0 saves the model and evaluates after training
+    return {"run_dir": config.output.dir}
 
 
 def eval_only(config: Config, model_path: str | None, output: Path | None, quiet: bool = False, console_mode: str = "auto") -> dict:
