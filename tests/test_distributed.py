@@ -164,16 +164,18 @@ def test_two_nodes_on_localhost(single_run, tiny_model_dir, reward_file, tmp_pat
     assert_same_run(single_run, out)
 
 
-@pytest.mark.parametrize("first, then", [(2, 1), (1, 2)])
-def test_a_checkpoint_resumes_on_another_world_size(single_run, tiny_model_dir, reward_file, tmp_path, first, then):
+@pytest.mark.parametrize("first, then, parallel", [(2, 1, "ddp"), (1, 2, "ddp"), (2, 1, "fsdp"), (1, 2, "fsdp")])
+def test_a_checkpoint_resumes_on_another_world_size(single_run, tiny_model_dir, reward_file, tmp_path, first, then,
+                                                     parallel):
     """Stopped after its step-2 checkpoint on `first` ranks, resumed on `then`: the same run as one that never
-    stopped (the checkpoint holds whole weights and optimizer state, whatever the world size)."""
+    stopped (the checkpoint holds whole weights and optimizer state keyed by name, whatever the world size and
+    the sharding)."""
     out = tmp_path / "run"
     common = [f"model.path={tiny_model_dir}", f"output.dir={out}", *RUN, "output.checkpoint_every=2",
-              f"rewards=[{{name: {reward_file}:vowels}}]"]
+              f"rewards=[{{name: {reward_file}:vowels}}]", f"trainer.parallel={parallel}"]
     proc = grpo("train", *common, "trainer.steps=2", nproc=first)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    proc = grpo("train", "--resume", out, "trainer.steps=3", nproc=then)
+    proc = grpo("train", "--resume", out, "trainer.steps=3", f"trainer.parallel={parallel}", nproc=then)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_same_run(single_run, out)
 

@@ -87,6 +87,56 @@ def full_state_dict(model) -> dict[str, torch.Tensor]:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
 
 
+def is_sharded(model) -> bool:
+    """Whether FSDP2 sharded `model` (its parameters are DTensors)."""
+    p = next(model.parameters(), None)
+    return p is not None and hasattr(p, "full_tensor")
+
+
+def optimizer_state(model, optimizer) -> dict:
+    """The whole optimizer state keyed by parameter name, the same for one process, DDP and FSDP2 (under FSDP2
+    every rank takes part), so a checkpoint resumes on any world size."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True))
+
+
+def load_optimizer_state(model, optimizer, state: dict) -> None:
+    """Load `optimizer_state`'s whole state (each FSDP2 rank keeps its shards); a state keyed by parameter index
+    (checkpoints written before names were used) loads as it is."""
+    if all(isinstance(k, int) for k in state.get("state", {})) and state.get("state"):
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
+def load_whole_weights(model, weights: dict[str, torch.Tensor]) -> None:
+    """Whole weights into a (possibly sharded) model: each FSDP2 rank keeps its shards."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True))
+
+
+class Snapshot:
+    """The trainer as a checkpoint sees it under FSDP2: the whole policy (the rollout engine's copy, refreshed
+    after every update) and the whole optimizer state gathered beforehand by every rank; what the checkpoint
+    loads is kept in `state` until every rank takes it (grpo.run.restore). Everything else is the trainer's."""
+
+    def __init__(self, trainer, model, state: dict | None = None):
+        self._trainer, self.model, self.state, self.ref_model = trainer, model, state, None
+
+    def state_dict(self) -> dict:
+        return self.state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.state = state
+
+    def __getattr__(self, name):
+        return getattr(self._trainer, name)
+
+
 class FullCopyEngine:
     """A rollout engine on a whole copy of a sharded policy: `sync_weights` gathers the shards into the copy
     (every rank takes part), and the inner engine samples from the copy. Its log-probs are the copy's, the

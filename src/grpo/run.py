@@ -25,7 +25,7 @@ from grpo.logging.metrics import sample_records
 from grpo.logging.run import RunLog, write_json
 from grpo.models import apply_lora, frozen_copy, load_model_and_tokenizer
 from grpo.optim import make_optimizer, make_scheduler
-from grpo.parallel import FullCopyEngine, shard, wrap_policy
+from grpo.parallel import FullCopyEngine, Snapshot, is_sharded, load_whole_weights, shard, wrap_policy
 from grpo.rewards import build_rewards, get_reward, required_columns
 from grpo.rollout import make_engine
 from grpo.trainer import Trainer
@@ -162,9 +162,10 @@ def stop_requested():
 def save(run_dir: Path, config: Config, trainer: Trainer, tokenizer, console) -> checkpoint.Checkpoint | None:
     """A checkpoint of the run's whole state, written by rank 0 (the others have the same weights and state
     under DDP; under FSDP2 they first gather theirs to rank 0: see grpo.parallel)."""
+    view = Snapshot(trainer, trainer.engine.copy, trainer.state_dict()) if is_sharded(trainer.model) else trainer
     if not trainer.world.is_main:
         return None
-    write = lambda folder: checkpoint.write_checkpoint(folder, config, trainer, tokenizer)  # noqa: E731
+    write = lambda folder: checkpoint.write_checkpoint(folder, config, view, tokenizer)  # noqa: E731
     ckpt = checkpoint.save_checkpoint(run_dir, trainer.step_count, write, config.output.keep_checkpoints)
     console.info(f"saved checkpoint {ckpt.path}")
     return ckpt
@@ -267,6 +268,10 @@ def start_world(config: Config) -> World:
     from grpo.models import pick_device
 
     world = init_world(pick_device(config.model.device).type, config.trainer.dist_timeout_s)
+    if world.distributed and config.trainer.parallel == "fsdp" and config.algorithm.ref_reset_steps is not None:
+        close_world(world)
+        raise ConfigError("algorithm.ref_reset_steps is not supported with trainer.parallel=fsdp yet (a checkpoint "
+                          "would need the whole reset reference); use trainer.parallel=ddp or ref_reset_steps=null")
     if config.prompts_per_step % world.size:
         close_world(world)
         raise ConfigError(
@@ -337,14 +342,15 @@ def _train(config: Config, world: World, quiet: bool, console_mode: str, resume:
             raise KeyboardInterrupt
         done = config.trainer.steps - (ckpt.step if ckpt else 0)
         console.info(f"trained {done} steps in {format_duration(time.perf_counter() - console.start)}")
+        whole = trainer.engine.copy if is_sharded(model) else model  # FSDP2: the engine's whole copy of the policy
         if config.output.save_model:
-            checkpoint.save_policy(model, tokenizer, run_dir / "model")
+            checkpoint.save_policy(whole, tokenizer, run_dir / "model")
             what = "the LoRA adapter" if config.lora.enabled else "the model"
             console.info(f"saved {what} to {run_dir / 'model'}")
         if config.eval.after:
             run_eval("after")
         if config.lora.enabled and config.lora.save_merged:
-            checkpoint.save_policy(model.merge_and_unload(), tokenizer, run_dir / "model-merged")
+            checkpoint.save_policy(whole.merge_and_unload(), tokenizer, run_dir / "model-merged")
             console.info(f"saved the model with the adapter merged in to {run_dir / 'model-merged'}")
         world.barrier()  # the other ranks waited for the final model and evaluation
     finally:
@@ -362,6 +368,16 @@ def restore(ckpt: checkpoint.Checkpoint, trainer: Trainer) -> None:
     the trainer's state to the others (they may be on machines that cannot see the run folder). The checkpoint
     holds whole weights and optimizer state, so any world size resumes it."""
     world = trainer.world
+    if is_sharded(trainer.model):  # FSDP2: rank 0 reads whole weights and state, every rank keeps its shards
+        view = Snapshot(trainer, trainer.engine.copy)
+        if world.is_main:
+            checkpoint.restore(ckpt, view)
+        with world.during("resume"):
+            weights, state = world.broadcast((view.model.state_dict(), view.state) if world.is_main else None)
+        load_whole_weights(trainer.model, weights)
+        trainer.load_state_dict(state)
+        trainer.engine.sync_weights(trainer.model)
+        return
     if world.is_main:
         checkpoint.restore(ckpt, trainer)
     if world.distributed:

@@ -47,7 +47,7 @@ from grpo.data import PromptSampler, encode_rows
 from grpo.distributed import SINGLE, World
 from grpo.logging.metrics import Phases, step_metrics
 from grpo.models import is_lora, pad_token_id
-from grpo.parallel import grad_sync
+from grpo.parallel import grad_sync, load_optimizer_state, optimizer_state
 from grpo.rewards import Reward, reward_columns, score
 from grpo.rewards.process import step_table
 from grpo.rollout.base import LogprobKind, Rollout, RolloutEngine, SamplingParams, group_seed
@@ -92,7 +92,7 @@ class Trainer:
     def state_dict(self) -> dict:
         return {
             "step": self.step_count,
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": optimizer_state(self.model, self.optimizer),  # by parameter name, whole (FSDP2: gathered)
             "scheduler": self.scheduler.state_dict(),
             "sampler": self.sampler.state(),
             "bad_steps": self.bad_steps,
@@ -102,7 +102,7 @@ class Trainer:
 
     def load_state_dict(self, state: dict) -> None:
         self.step_count = state["step"]
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(self.model, self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.sampler.load_state(state["sampler"])
         self.bad_steps, self.skipped_steps = state["bad_steps"], state["skipped_steps"]
