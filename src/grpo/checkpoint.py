@@ -320,18 +320,21 @@ def publish_policy(model, tokenizer, folder: Path, run_dir: Path) -> None:
     `folder`; a kill or a full disk leaves the previous folder (or none), never a partial one."""
     folder = Path(folder)
     tmp, old = folder.with_name(f".tmp-{folder.name}-{os.getpid()}"), None
+    for stale in [*folder.parent.glob(f".tmp-{folder.name}-*"), *folder.parent.glob(f".trash-{folder.name}-*")]:
+        shutil.rmtree(stale, ignore_errors=True)  # left by a kill
     try:
-        shutil.rmtree(tmp, ignore_errors=True)
         save_policy(model, tokenizer, tmp)
         fsync_tree(tmp)
         old = _hide(folder) if folder.exists() else None
         tmp.rename(folder)
         fsync_dir(folder.parent)
-    except WRITE_ERRORS as e:
+    except BaseException as e:  # a full disk, or Ctrl-C: no temporary folder stays, the previous one is back
         shutil.rmtree(tmp, ignore_errors=True)
         if old is not None and not folder.exists():
             old.rename(folder)
-        raise CheckpointError(f"could not write {folder}: {why_not_written(e)}. {how_to_continue(run_dir, e)}") from None
+        if isinstance(e, WRITE_ERRORS):
+            raise CheckpointError(f"could not write {folder}: {why_not_written(e)}. {how_to_continue(run_dir, e)}") from None
+        raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
