@@ -93,8 +93,8 @@ def test_a_prompt_longer_than_the_context_is_refused_before_training(tmp_path, t
     data = jsonl(tmp_path / "d.jsonl", [{"prompt": "1+1?", "answer": "2"}, {"prompt": "x" * 500, "answer": "4"}])
     code, err = train(f"model.path={tiny_model_dir}", "data.task=file", f"data.train_file={data}", f"output.dir={tmp_path / 'r'}",
                       *QUICK, "sampling.max_new_tokens=16")
-    refused(code, err, "d.jsonl: row 2: the prompt alone is 519 tokens, 8 more than the model's context of 512 tokens",
-            "shorten or drop that prompt")
+    refused(code, err, "d.jsonl: row 2: the prompt alone is 519 tokens and the model's context is 512",
+            "shorten that prompt by at least 8 tokens, or drop it")
     assert "max_new_tokens" not in err  # no number of new tokens makes it fit
     code, err = train(f"model.path={tiny_model_dir}", "data.digits=1", f"output.dir={tmp_path / 'r'}", *QUICK,
                       "sampling.max_new_tokens=490")

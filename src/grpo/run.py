@@ -205,8 +205,8 @@ def check_prompt_lengths(config: Config, task, tokenizer, model) -> None:
 def prompt_too_long(where: str, n: int, max_new: int, context: int, split: str) -> str:
     """n prompt tokens + max_new new ones exceed the context: the fix depends on whether the prompt alone does."""
     if n >= context:  # no max_new_tokens helps: not even one new token fits
-        return (f"{where}: the prompt alone is {n} tokens, {n - context + 1} more than the model's context of "
-                f"{context} tokens leaves room for (with at least one new token); shorten or drop that prompt")
+        return (f"{where}: the prompt alone is {n} tokens and the model's context is {context}, so not even one new "
+                f"token fits; shorten that prompt by at least {n - context + 1} tokens, or drop it")
     return (f"{where}: the prompt is {n} tokens, and with {max_new} new tokens it does not fit the model's context "
             f"of {context} tokens; shorten or drop that prompt, or lower "
             f"{'sampling' if split == 'train' else 'eval'}.max_new_tokens to at most {context - n}")
