@@ -112,6 +112,29 @@ def test_resume_refuses_when_every_checkpoint_is_damaged(args, tmp_path):
     assert weights.is_file()  # nothing moved or deleted
 
 
+def test_damage_is_found_also_in_checkpoints_saved_without_file_sizes(tmp_path):
+    """Checkpoints written before meta.json recorded sizes: the safetensors header and torch's zip directory."""
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "step-000001"
+    (folder / "model").mkdir(parents=True)
+    (folder / "model" / "config.json").write_text("{}")
+    save_file({"w": torch.ones(64)}, folder / "model" / "model.safetensors")
+    for name in ("trainer.pt", "rng.pt"):
+        torch.save({"step": 1, "x": torch.ones(64)}, folder / name)
+    (folder / "meta.json").write_text('{"step": 1, "files": ["model", "rng.pt", "trainer.pt"]}')
+    ckpt = checkpoint.Checkpoint(folder, 1)
+    assert checkpoint.checkpoint_damage(ckpt) is None
+    data = (folder / "trainer.pt").read_bytes()
+    (folder / "trainer.pt").write_bytes(data[: len(data) - 30])
+    assert checkpoint.checkpoint_damage(ckpt).startswith(f"{folder / 'trainer.pt'} is unreadable")
+    (folder / "trainer.pt").write_bytes(data)
+    weights = folder / "model" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-4])
+    assert checkpoint.checkpoint_damage(ckpt) == f"{weights} is {weights.stat().st_size} bytes where its header needs " \
+        f"{weights.stat().st_size + 4} (cut short?)"
+
+
 # --- 3. a full disk -----------------------------------------------------------------------------
 
 
