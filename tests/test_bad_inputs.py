@@ -83,13 +83,19 @@ def test_rows_without_the_needed_columns(tmp_path, tiny_model_dir):
 
 
 def test_a_prompt_longer_than_the_context_is_refused_before_training(tmp_path, tiny_model_dir):
-    """The tiny model's context is 512 tokens (one a character)."""
+    """The tiny model's context is 512 tokens (one a character; the chat template adds 19)."""
+    data = jsonl(tmp_path / "d.jsonl", [{"prompt": "1+1?", "answer": "2"}, {"prompt": "x" * 490, "answer": "4"}])
+    code, err = train(f"model.path={tiny_model_dir}", "data.task=file", f"data.train_file={data}", f"output.dir={tmp_path / 'r'}",
+                      *QUICK, "sampling.max_new_tokens=16")
+    refused(code, err, "d.jsonl: row 2: the prompt is 509 tokens", "context of 512 tokens",
+            "lower sampling.max_new_tokens to at most 3")
+    assert not (tmp_path / "r").exists()
     data = jsonl(tmp_path / "d.jsonl", [{"prompt": "1+1?", "answer": "2"}, {"prompt": "x" * 500, "answer": "4"}])
     code, err = train(f"model.path={tiny_model_dir}", "data.task=file", f"data.train_file={data}", f"output.dir={tmp_path / 'r'}",
                       *QUICK, "sampling.max_new_tokens=16")
-    refused(code, err, "d.jsonl: row 2: the prompt is 5", "context of 512 tokens",
-            "lower sampling.max_new_tokens to at most")
-    assert not (tmp_path / "r").exists()
+    refused(code, err, "d.jsonl: row 2: the prompt alone is 519 tokens and the model's context is 512",
+            "shorten that prompt by at least 8 tokens, or drop it")
+    assert "max_new_tokens" not in err  # no number of new tokens makes it fit
     code, err = train(f"model.path={tiny_model_dir}", "data.digits=1", f"output.dir={tmp_path / 'r'}", *QUICK,
                       "sampling.max_new_tokens=490")
     refused(code, err, "data.task=arithmetic (train problems): row 1: the prompt is")

@@ -7,12 +7,16 @@ A checkpoint is one folder, RUN_DIR/checkpoints/step-000004/:
   trainer.pt      the Trainer's own state: step, optimizer, scheduler, prompt position
   rng.pt          every global RNG state: python random, numpy, torch CPU and CUDA
   config.yaml     the resolved config of the run that wrote it
-  meta.json       written last: {"step": 4, "files": [...]}; a folder without it is not a checkpoint
+  meta.json       written last: {"step": 4, "files": [...], "sizes": {path: bytes}}; a folder without it is
+                  not a checkpoint, and one whose files do not match it is damaged (resume skips it)
 
 It is written to a hidden temporary folder, every file and the folder are fsynced, then the folder
 is renamed into place and its parent fsynced: a kill at any instant leaves the previous checkpoint intact
 (at worst a temporary folder, removed by the next save). Old checkpoints are renamed away before
 they are deleted, so a kill during pruning never leaves a half-deleted folder that looks complete.
+A resume takes the newest intact checkpoint: a damaged one (a file cut short or unreadable, say by
+a disk that failed under it) is renamed to step-000004.damaged and the previous one is used.
+The run's final `model/` is published the same way (`publish_policy`).
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ import os
 import random
 import re
 import shutil
+import struct
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +38,8 @@ import yaml
 from safetensors import SafetensorError
 
 from grpo.config import Config, dump_config
-from grpo.models import is_lora
+from grpo.files import write_text_atomic
+from grpo.models import is_lora, no_progress_bars
 
 CHECKPOINTS = "checkpoints"
 NAME = re.compile(r"^step-(\d{6,})$")
@@ -79,6 +86,95 @@ def latest_checkpoint(run_dir: Path) -> Checkpoint | None:
     return found[-1] if found else None
 
 
+# --- damage -----------------------------------------------------------------------------------
+
+
+def latest_intact_checkpoint(run_dir: Path) -> tuple[Checkpoint | None, list[tuple[Checkpoint, str]]]:
+    """The newest checkpoint whose files are whole, and the newer damaged ones with what is wrong with each."""
+    damaged = []
+    for ckpt in reversed(list_checkpoints(run_dir)):
+        why = checkpoint_damage(ckpt)
+        if why is None:
+            return ckpt, damaged
+        damaged.append((ckpt, why))
+    return None, damaged
+
+
+def checkpoint_damage(ckpt: Checkpoint) -> str | None:
+    """What is wrong with a checkpoint's files (sizes against meta.json, safetensors headers, the zip
+    archives torch.save writes), or None when they are whole. Reads headers only, not the weights."""
+    try:
+        meta = json.loads((ckpt.path / "meta.json").read_text())
+    except (OSError, ValueError) as e:
+        return f"{ckpt.path / 'meta.json'} is unreadable ({e})"
+    for rel, size in meta.get("sizes", {}).items():  # checkpoints before sizes were recorded: none
+        f = ckpt.path / rel
+        if not f.is_file():
+            return f"{f} is missing"
+        if f.stat().st_size != size:
+            return f"{f} is {f.stat().st_size} bytes, {size} when it was saved (cut short?)"
+    if not (ckpt.path / "model").is_dir():
+        return f"{ckpt.path / 'model'} is missing"
+    for name in ("trainer.pt", "rng.pt"):
+        if why := torch_file_damage(ckpt.path / name):
+            return why
+    if (ckpt.path / "reference.safetensors").exists() and (why := safetensors_damage(ckpt.path / "reference.safetensors")):
+        return why
+    return policy_damage(ckpt.path / "model")
+
+
+def policy_damage(folder: Path) -> str | None:
+    """What is wrong with a saved policy folder (missing, no weights, a cut-short weights file), or None."""
+    if not folder.is_dir():
+        return f"{folder} is missing"
+    if not ((folder / "config.json").is_file() or (folder / "adapter_config.json").is_file()):
+        return f"{folder} has no config.json"
+    weights = sorted(folder.glob("*.safetensors"))
+    if not weights:
+        return f"{folder} has no .safetensors weights"
+    for f in weights:
+        if why := safetensors_damage(f):
+            return why
+    return None
+
+
+def safetensors_damage(path: Path) -> str | None:
+    """A safetensors file is an 8-byte header length, a JSON header, then the tensors: its size must be
+    exactly what the header says."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > size:
+                raise ValueError("the header is longer than the file")
+            header = json.loads(f.read(n))
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    except (OSError, struct.error, ValueError, KeyError, TypeError, IndexError) as e:
+        return f"{path} is unreadable ({type(e).__name__}: {e})"
+    if size != 8 + n + end:
+        return f"{path} is {size} bytes where its header needs {8 + n + end} (cut short?)"
+    return None
+
+
+def torch_file_damage(path: Path) -> str | None:
+    """torch.save writes a zip archive, whose directory sits at its end: a cut-short file has none."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            z.namelist()
+    except (OSError, zipfile.BadZipFile) as e:
+        return f"{path} is unreadable ({type(e).__name__}: {e})"
+    return None
+
+
+def set_aside(ckpt: Checkpoint) -> Path:
+    """Rename a damaged checkpoint out of the listing (kept for inspection, never loaded)."""
+    target = ckpt.path.with_name(ckpt.path.name + ".damaged")
+    if target.exists():
+        target = ckpt.path.with_name(f"{ckpt.path.name}.damaged-{os.getpid()}")
+    ckpt.path.rename(target)
+    return target
+
+
 # --- atomic writing ---------------------------------------------------------------------------
 
 
@@ -123,7 +219,8 @@ def save_checkpoint(run_dir: Path, step: int, write, keep: int | None = None) ->
         remove_stale(run_dir)
         tmp.mkdir()
         write(tmp)
-        meta = {"step": step, "files": sorted(p.name for p in tmp.iterdir())}
+        sizes = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
+        meta = {"step": step, "files": sorted(p.name for p in tmp.iterdir()), "sizes": sizes}
         (tmp / "meta.json").write_text(json.dumps(meta) + "\n")
         fsync_tree(tmp)
         old = _hide(target) if target.exists() else None  # a checkpoint of this step: replaced whole
@@ -145,16 +242,38 @@ def save_checkpoint(run_dir: Path, step: int, write, keep: int | None = None) ->
 WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
 
 
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def disk_full(e: BaseException) -> bool:
+    if isinstance(e, OSError) and e.errno is not None:
+        return e.errno in DISK_FULL
+    return "space" in str(e).lower() or "StorageFull" in str(e)  # torch's and safetensors' own errors
+
+
 def write_error(run_dir: Path, step: int, e: Exception) -> CheckpointError:
     previous = latest_checkpoint(run_dir)
     kept = f"the previous checkpoint {previous.path} is intact" if previous else "no earlier checkpoint exists"
-    why = e.strerror if isinstance(e, OSError) and e.strerror else f"{type(e).__name__}: {e}"
-    full = (isinstance(e, OSError) and e.errno == errno.ENOSPC) or "space" in str(e).lower() or "StorageFull" in str(e)
-    fix = "free disk space (or set output.dir to a disk with room)" if full else f"check that {run_dir} can be written"
     return CheckpointError(
-        f"could not write the checkpoint of step {step} in {checkpoints_dir(run_dir)}: {why}; {kept}. "
-        f"To continue, {fix} and resume with: grpo train --resume {run_dir}"
+        f"could not write the checkpoint of step {step} in {checkpoints_dir(run_dir)}: {why_not_written(e)}; "
+        f"{kept}. {how_to_continue(run_dir, e)}"
     )
+
+
+def why_not_written(e: BaseException) -> str:
+    if disk_full(e):
+        return "no space left on device"
+    return e.strerror if isinstance(e, OSError) and e.strerror else f"{type(e).__name__}: {e}"
+
+
+def how_to_continue(run_dir: Path, e: BaseException) -> str:
+    """The fix for a failed write, then the command that continues the run: a resume only where a
+    checkpoint exists (a resume without one is refused)."""
+    fix = "free disk space (or set output.dir to a disk with room)" if disk_full(e) else f"check that {run_dir} can be written"
+    if latest_checkpoint(run_dir) is not None:
+        return f"To continue, {fix} and resume with: grpo train --resume {run_dir}"
+    return (f"No checkpoint was saved, so there is nothing to resume: {fix} and run the same command again "
+            "with --overwrite (or --resume auto)")
 
 
 def _hide(path: Path) -> Path:
@@ -191,16 +310,33 @@ def set_rng_state(state: dict) -> None:
 def save_policy(model, tokenizer, folder: Path) -> None:
     """The policy as a Hugging Face folder; for a LoRA (peft) policy only the adapter
     (adapter_config.json, adapter_model.safetensors), which load_policy reads back."""
-    from transformers.utils import logging as hf_logging
-
-    shown = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # no "Writing model shards" bar in the training output
-    try:
+    with no_progress_bars():  # no "Writing model shards" bar in the training output
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
-    finally:
-        if shown:
-            hf_logging.enable_progress_bar()
+
+
+def publish_policy(model, tokenizer, folder: Path, run_dir: Path) -> None:
+    """save_policy, atomically as a checkpoint: a hidden temporary folder, flushed, then renamed over
+    `folder`; a kill or a full disk leaves the previous folder (or none), never a partial one."""
+    folder = Path(folder)
+    tmp, old = folder.with_name(f".tmp-{folder.name}-{os.getpid()}"), None
+    for stale in [*folder.parent.glob(f".tmp-{folder.name}-*"), *folder.parent.glob(f".trash-{folder.name}-*")]:
+        shutil.rmtree(stale, ignore_errors=True)  # left by a kill
+    try:
+        save_policy(model, tokenizer, tmp)
+        fsync_tree(tmp)
+        old = _hide(folder) if folder.exists() else None
+        tmp.rename(folder)
+        fsync_dir(folder.parent)
+    except BaseException as e:  # a full disk, or Ctrl-C: no temporary folder stays, the previous one is back
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not folder.exists():
+            old.rename(folder)
+        if isinstance(e, WRITE_ERRORS):
+            raise CheckpointError(f"could not write {folder}: {why_not_written(e)}. {how_to_continue(run_dir, e)}") from None
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def load_policy(model, folder: Path) -> None:
@@ -268,8 +404,11 @@ def restore(checkpoint: Checkpoint, trainer) -> None:
         set_rng_state(torch.load(path / "rng.pt", weights_only=False))
     except CheckpointError:
         raise
-    except (OSError, RuntimeError, KeyError) as e:
-        raise CheckpointError(f"cannot load the checkpoint {path}: {type(e).__name__}: {e}") from None
+    except (OSError, RuntimeError, KeyError, ValueError, SafetensorError, zipfile.BadZipFile) as e:
+        raise CheckpointError(
+            f"cannot load the checkpoint {path}: {type(e).__name__}: {e}. It is damaged: move it away "
+            f"(mv {path} {path}.damaged) and resume again to continue from the checkpoint before it"
+        ) from None
 
 
 # --- resuming: which config, and is it the same run -------------------------------------------
@@ -299,6 +438,13 @@ def config_diff(saved: dict, new: dict) -> list[str]:
 
 def check_resume(checkpoint: Checkpoint, config: Config) -> None:
     """Refuse a resume that would not continue the same run, or that has nothing left to train."""
+    check_same_run(checkpoint, config)
+    if checkpoint.step >= config.trainer.steps:
+        raise nothing_to_train(checkpoint, config)
+
+
+def check_same_run(checkpoint: Checkpoint, config: Config) -> None:
+    """Refuse a resume whose config changes what the remaining steps compute."""
     saved = yaml.safe_load((checkpoint.path / "config.yaml").read_text())
     diffs = config_diff(saved, config.model_dump(mode="json"))
     if diffs:
@@ -308,12 +454,29 @@ def check_resume(checkpoint: Checkpoint, config: Config) -> None:
             + "\n  (a resume may change trainer.steps, output.*, eval.* and logging fields; "
             "start a new run (another output.dir) to change the others)"
         )
-    if checkpoint.step >= config.trainer.steps:
-        raise CheckpointError(
-            f"nothing to train: the checkpoint {checkpoint.path.name} is at step {checkpoint.step} and "
-            f"trainer.steps is {config.trainer.steps}; to train more, raise it, e.g. "
-            f"grpo train --resume {checkpoint.path.parent.parent} trainer.steps={checkpoint.step + config.trainer.steps}"
-        )
+
+
+def nothing_to_train(checkpoint: Checkpoint, config: Config) -> CheckpointError:
+    return CheckpointError(
+        f"nothing to train: the checkpoint {checkpoint.path.name} is at step {checkpoint.step} and "
+        f"trainer.steps is {config.trainer.steps}; to train more, raise it, e.g. "
+        f"grpo train --resume {checkpoint.path.parent.parent} trainer.steps={checkpoint.step + config.trainer.steps}"
+    )
+
+
+def logged_steps(path: Path) -> list[int]:
+    """The steps of a metrics file's complete lines (a line cut by a kill is not a step)."""
+    if not path.is_file():
+        return []
+    steps = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            steps.append(record["step"])
+    return steps
 
 
 def truncate_jsonl(path: Path, step: int) -> None:
@@ -329,6 +492,4 @@ def truncate_jsonl(path: Path, step: int) -> None:
             continue
         if isinstance(record, dict) and record.get("step", 0) <= step:
             kept.append(line + "\n")
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(kept), encoding="utf-8")
-    tmp.replace(path)
+    write_text_atomic(path, "".join(kept))

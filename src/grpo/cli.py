@@ -102,7 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 RESUME_HELP = (
     "continue a run from its newest checkpoint, exactly as if it had not stopped: RUN_DIR (its config.yaml, or the "
-    "given config file, with output.dir=RUN_DIR), or auto (output.dir, when it has a checkpoint; else a new run). "
+    "given config file, with output.dir=RUN_DIR), or auto (output.dir, when it has a checkpoint; else a new run, "
+    "also over a run folder whose run stopped before its first checkpoint). A damaged newest checkpoint is set aside "
+    "and the one before it used; a finished run whose model/ or eval_after.json is missing or damaged gets them "
+    "written again from its last checkpoint. "
     "Overrides may change trainer.steps (to extend the run), output.*, eval.* and logging fields"
 )
 
@@ -125,15 +128,13 @@ def split_overrides(first: str | None, rest: list[str]) -> tuple[str | None, lis
     return first, rest
 
 
-def train_config(resume: str | None, path: str | None, overrides: list[str]) -> tuple[Config, bool]:
-    """The config to train with, and whether it continues a run (see RESUME_HELP)."""
-    from grpo.checkpoint import latest_checkpoint
-
+def train_config(resume: str | None, path: str | None, overrides: list[str]) -> tuple[Config, bool | str]:
+    """The config to train with, and whether it continues a run: True, False, or "auto" (continue it where
+    output.dir has a checkpoint, else start it; see RESUME_HELP)."""
     if resume is None:
         return load_config(path, overrides), False
     if resume == "auto":
-        config = load_config(path, overrides)
-        return config, latest_checkpoint(Path(config.output.dir).expanduser()) is not None
+        return load_config(path, overrides), "auto"
     run_dir = Path(resume)
     if not (run_dir / "config.yaml").is_file():
         raise ConfigError(f"--resume {run_dir}: not a run folder (no config.yaml); give the output.dir of a run")
@@ -142,6 +143,7 @@ def train_config(resume: str | None, path: str | None, overrides: list[str]) -> 
 
 def cmd_train(args) -> int:
     from grpo import run
+    from grpo.checkpoint import CheckpointError, disk_full, how_to_continue
     from grpo.distributed import launched
 
     path, overrides = split_overrides(args.config, args.overrides)
@@ -152,7 +154,14 @@ def cmd_train(args) -> int:
     config, resume = train_config(args.resume, path, overrides)  # a bad config fails here, before launching
     if args.nproc is not None and args.nproc > 1 and not launched():
         return launch(args.nproc, sys.argv[1:] if args.argv is None else args.argv)
-    run.train(config, quiet=args.quiet, console_mode=args.log_format, resume=resume)
+    try:
+        run.train(config, quiet=args.quiet, console_mode=args.log_format, resume=resume)
+    except OSError as e:  # a log, result or report file that could not be written (checkpoints say it themselves)
+        if not disk_full(e):
+            raise
+        run_dir = Path(config.output.dir).expanduser()
+        raise CheckpointError(f"could not write {e.filename or run_dir}: no space left on device. "
+                              + how_to_continue(run_dir, e)) from None
     return 0
 
 

@@ -52,13 +52,31 @@ def resolve_model_folder(path: str | None, log=print) -> Path:
     if path is None:
         return convert_gguf(default_gguf_path(), log)
     p = Path(path).expanduser()
-    if p.is_file() and p.suffix == ".gguf":
+    if p.is_file() and (p.suffix == ".gguf" or is_gguf(p)):
+        check_gguf(p)
         return convert_gguf(p, log)
     if p.is_dir():
         if not (p / "config.json").is_file():
             raise ModelError(f"{p} is not a Hugging Face model folder (no config.json)")
         return p
     raise ModelError(f"model.path {path!r}: expected a Hugging Face model folder or a .gguf file")
+
+
+GGUF_MAGIC = b"GGUF"
+
+
+def is_gguf(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == GGUF_MAGIC
+
+
+def check_gguf(path: Path) -> None:
+    """A .gguf file must start with the GGUF magic bytes (checked before any conversion starts)."""
+    if not is_gguf(path):
+        raise ModelError(
+            f"model.path {path}: not a GGUF file (it does not start with the bytes 'GGUF'); give a .gguf model "
+            "file or a Hugging Face model folder (a damaged download: download it again)"
+        )
 
 
 def convert_gguf(gguf: Path, log=print) -> Path:
@@ -73,17 +91,41 @@ def convert_gguf(gguf: Path, log=print) -> Path:
     log(f"converting {gguf.name} to a float safetensors folder (once; cached in {target})")
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    try:
+        with no_progress_bars():
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    except Exception as e:  # noqa: BLE001  (a cut-off file fails deep in the parser: a reshape, an index, a struct error)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ModelError(
+            f"cannot read the GGUF file {gguf} ({stat.st_size} bytes): {type(e).__name__}: {e}. The file is damaged "
+            "or truncated (an interrupted download or copy?): download or copy it again"
+        ) from None
     # transformers refuses to save a model loaded from GGUF until its quantizer marker is cleared
     model.hf_quantizer = None
     model.is_quantized = False
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    model.save_pretrained(tmp)
+    with no_progress_bars():
+        model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     tmp.replace(target) if not target.exists() else shutil.rmtree(tmp)  # atomic publish
     return target
+
+
+@contextmanager
+def no_progress_bars():
+    """Within this block transformers draws no progress bars ("Loading weights", "Writing model shards"):
+    the run's console says what is happening, and --quiet and --log-format jsonl must stay clean."""
+    from transformers.utils import logging as hf_logging
+
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
 
 
 def pick_device(name: str) -> torch.device:
@@ -114,7 +156,8 @@ def pad_token_id(tokenizer) -> int:
 def load_model(folder: Path, dtype: str = "float32", device: str | torch.device = "cpu"):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPES[dtype])
+    with no_progress_bars():
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPES[dtype])
     return model.to(device)
 
 
@@ -185,7 +228,7 @@ def load_adapter(model, folder: Path):
     """`model` with the saved LoRA adapter of `folder` on it (frozen, for eval)."""
     from peft import PeftModel
 
-    with _quiet_peft():
+    with _quiet_peft(), no_progress_bars():
         return PeftModel.from_pretrained(model, folder)
 
 

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+import yaml
 
 from grpo import checkpoint
 from grpo.backend import make_backend
@@ -20,6 +21,7 @@ from grpo.config import Config, ConfigError, dump_config
 from grpo.data import DataError, PromptSampler, encode_rows, load_task
 from grpo.distributed import SINGLE, World, close_world, init_world
 from grpo.evaluate import check_eval, evaluate, format_table, no_eval_split, summary
+from grpo.files import write_text_atomic
 from grpo.logging.console import format_duration, make_console
 from grpo.logging.metrics import sample_records
 from grpo.logging.run import RunLog, write_json
@@ -39,32 +41,81 @@ class TrainingStopped(RuntimeError):
     """The run stopped itself (the numerics guard); the message says why and what was saved."""
 
 
-def check_run_dir(config: Config) -> Path:
+def check_run_dir(config: Config, auto: bool = False) -> str | None:
     """Refuse, before anything loads, a run folder that holds an earlier run (unless output.overwrite)
-    or that cannot be created."""
+    or that cannot be created. A folder that holds only a run stopped before its first step (with
+    `auto`, --resume auto: before its first checkpoint) is started again: returns why, to be said."""
     run_dir = Path(config.output.dir).expanduser()
     if run_dir.exists() and not run_dir.is_dir():
         raise RunFolderError(f"output.dir {run_dir} is a file, not a folder; choose another output.dir")
+    restart = None
     if run_dir.is_dir() and any(run_dir.iterdir()) and not config.output.overwrite:
-        hint = f", or continue it with --resume {run_dir}" if checkpoint.list_checkpoints(run_dir) else ""
-        raise RunFolderError(
-            f"run folder {run_dir} already exists and is not empty; choose another output.dir "
-            f"or pass --overwrite (output.overwrite=true) to replace it{hint}"
-        )
+        restart = restartable(run_dir, auto)
+        if restart is None:
+            hint = f", or continue it with --resume {run_dir}" if checkpoint.list_checkpoints(run_dir) else ""
+            raise RunFolderError(
+                f"run folder {run_dir} already exists and is not empty; choose another output.dir "
+                f"or pass --overwrite (output.overwrite=true) to replace it{hint}"
+            )
+    check_writable(run_dir)
+    return restart
+
+
+def check_writable(run_dir: Path) -> None:
+    """Create (and remove) a folder where the run folder will be made: the only sure test (permissions,
+    a read-only disk, a folder like /proc that takes no new entries)."""
     parent = run_dir
     while not parent.exists():
         parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK):
+    if not parent.is_dir():
         raise RunFolderError(
             f"cannot write the run folder {run_dir}: {parent} is not a writable folder; choose another output.dir"
         )
-    return run_dir
-
-
-def create_run_dir(config: Config, run_dir: Path) -> None:
-    """Make the (checked) run folder, replacing an earlier run when output.overwrite is set."""
     try:
-        if run_dir.exists() and config.output.overwrite:
+        Path(tempfile.mkdtemp(prefix=".grpo-write-test-", dir=parent)).rmdir()
+    except OSError as e:
+        raise RunFolderError(
+            f"cannot write the run folder {run_dir}: a folder cannot be created in {parent} ({e.strerror}); "
+            "choose another output.dir"
+        ) from None
+
+
+# What a run writes before its first checkpoint; a folder holding only these may be started again.
+RUN_FILES = {"config.yaml", "metrics.jsonl", "samples.jsonl", "tensorboard", "report.html", "eval_before.json",
+             "checkpoints"}
+
+
+def restartable(run_dir: Path, auto: bool) -> str | None:
+    """Why run_dir may be replaced without --overwrite, or None: it holds only a run (its config.yaml)
+    that stopped before its first step, or, with `auto`, before its first checkpoint (nothing to resume)."""
+    names = {p.name.removesuffix(".tmp") for p in run_dir.iterdir()}
+    ckpts = checkpoint.checkpoints_dir(run_dir)
+    if names - RUN_FILES or not is_run_config(run_dir / "config.yaml"):
+        return None
+    if ckpts.is_dir() and any(not p.name.startswith(".") for p in ckpts.iterdir()):  # checkpoints, set-aside ones
+        return None
+    steps = len(checkpoint.logged_steps(run_dir / "metrics.jsonl"))
+    if steps == 0:
+        return f"{run_dir} holds a run that stopped before its first step: starting it again in that folder"
+    if auto:
+        return (f"{run_dir} holds a run that stopped after {steps} step(s) but before its first checkpoint, so "
+                "there is nothing to resume (--resume auto): starting it again in that folder")
+    return None
+
+
+def is_run_config(path: Path) -> bool:
+    """config.yaml as `grpo train` writes it (not a user's own file that happens to have that name)."""
+    try:
+        tree = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return False
+    return isinstance(tree, dict) and {"trainer", "sampling", "output"} <= set(tree)
+
+
+def create_run_dir(config: Config, run_dir: Path, replace: bool = False) -> None:
+    """Make the (checked) run folder, replacing an earlier run when output.overwrite (or `replace`) is set."""
+    try:
+        if run_dir.exists() and (config.output.overwrite or replace):
             shutil.rmtree(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         write_config(run_dir, config)
@@ -74,27 +125,55 @@ def create_run_dir(config: Config, run_dir: Path) -> None:
 
 def prepare_run_dir(config: Config) -> Path:
     """Check and create the run folder (both steps at once)."""
-    run_dir = check_run_dir(config)
-    create_run_dir(config, run_dir)
+    restart = check_run_dir(config)
+    run_dir = Path(config.output.dir).expanduser()
+    create_run_dir(config, run_dir, replace=restart is not None)
     return run_dir
 
 
 def write_config(run_dir: Path, config: Config) -> None:
-    tmp = run_dir / "config.yaml.tmp"
-    tmp.write_text(dump_config(config))
-    tmp.replace(run_dir / "config.yaml")
+    write_text_atomic(run_dir / "config.yaml", dump_config(config))
 
 
-def resume_point(run_dir: Path, config: Config) -> checkpoint.Checkpoint:
-    """The newest complete checkpoint of run_dir, checked against the config (or a CheckpointError)."""
-    ckpt = checkpoint.latest_checkpoint(run_dir)
+def resume_point(run_dir: Path, config: Config, task, info=print, auto: bool = False) -> checkpoint.Checkpoint | None:
+    """The newest intact checkpoint of run_dir, checked against the config (or a CheckpointError); newer
+    damaged ones are set aside, saying so. None for --resume auto (`auto`) when there is no checkpoint.
+    A finished run (the checkpoint at trainer.steps) is resumed only to repair its final outputs."""
+    ckpt, damaged = checkpoint.latest_intact_checkpoint(run_dir)
+    if ckpt is None and damaged:
+        raise checkpoint.CheckpointError(
+            f"cannot resume {run_dir}: every checkpoint is damaged: " + "; ".join(why for _, why in damaged)
+            + ". Start the run again with --overwrite"
+        )
     if ckpt is None:
+        if auto:
+            return None
         raise checkpoint.CheckpointError(
             f"cannot resume {run_dir}: no complete checkpoint in {checkpoint.checkpoints_dir(run_dir)}; "
-            "start the run again (with --overwrite to replace the folder)"
+            "start the run again (with --overwrite to replace the folder, or --resume auto)"
         )
-    checkpoint.check_resume(ckpt, config)
+    checkpoint.check_same_run(ckpt, config)
+    if ckpt.step >= config.trainer.steps:
+        missing = unfinished_outputs(run_dir, config, task) if ckpt.step == config.trainer.steps else []
+        if not missing:
+            raise checkpoint.nothing_to_train(ckpt, config)
+        info(f"the run finished training, but {'; '.join(missing)}: writing the final outputs again from {ckpt.path}")
+    for bad, why in damaged:
+        info(f"damaged checkpoint: {why}; resuming from {ckpt.path.name} instead "
+             f"(the damaged one is kept as {checkpoint.set_aside(bad)})")
     return ckpt
+
+
+def unfinished_outputs(run_dir: Path, config: Config, task) -> list[str]:
+    """What a finished run should have written after its last step and has not (a kill while saving)."""
+    missing = []
+    if config.output.save_model and (why := checkpoint.policy_damage(run_dir / "model")):
+        missing.append(why)
+    if config.lora.enabled and config.lora.save_merged and (why := checkpoint.policy_damage(run_dir / "model-merged")):
+        missing.append(why)
+    if config.eval.after and task.eval and not (run_dir / "eval_after.json").is_file():
+        missing.append(f"{run_dir / 'eval_after.json'} is missing")
+    return missing
 
 
 def reopen_run_dir(run_dir: Path, config: Config, ckpt: checkpoint.Checkpoint) -> None:
@@ -124,12 +203,18 @@ def check_prompt_lengths(config: Config, task, tokenizer, model) -> None:
         for i, ids in enumerate(encode_rows(tokenizer, rows, data), start=1):
             n = len(ids)
             if context and n + max_new > context:
-                where = path or f"data.task={data.task} ({split} problems)"
-                raise DataError(
-                    f"{where}: row {i}: the prompt is {n} tokens, and with {max_new} new tokens it does not fit "
-                    f"the model's context of {context} tokens; shorten or drop that prompt, or lower "
-                    f"{'sampling' if split == 'train' else 'eval'}.max_new_tokens to at most {max(context - n, 0)}"
-                )
+                where = f"{path or f'data.task={data.task} ({split} problems)'}: row {i}"
+                raise DataError(prompt_too_long(where, n, max_new, context, split))
+
+
+def prompt_too_long(where: str, n: int, max_new: int, context: int, split: str) -> str:
+    """n prompt tokens + max_new new ones exceed the context: the fix depends on whether the prompt alone does."""
+    if n >= context:  # no max_new_tokens helps: not even one new token fits
+        return (f"{where}: the prompt alone is {n} tokens and the model's context is {context}, so not even one new "
+                f"token fits; shorten that prompt by at least {n - context + 1} tokens, or drop it")
+    return (f"{where}: the prompt is {n} tokens, and with {max_new} new tokens it does not fit the model's context "
+            f"of {context} tokens; shorten or drop that prompt, or lower "
+            f"{'sampling' if split == 'train' else 'eval'}.max_new_tokens to at most {context - n}")
 
 
 def set_threads(config: Config) -> None:
@@ -152,11 +237,12 @@ def stop_requested():
     if threading.current_thread() is not threading.main_thread():  # signals reach only the main thread
         yield lambda: False
         return
-    previous = signal.signal(signal.SIGINT, handler)
+    previous = signal.signal(signal.SIGINT, handler)  # also over SIG_IGN (nohup, `cmd &`): a SIGINT sent still stops
     try:
         yield lambda: bool(asked)
     finally:
-        signal.signal(signal.SIGINT, previous)
+        if previous is not None:  # None: a handler not installed from Python, which cannot be put back
+            signal.signal(signal.SIGINT, previous)  # whatever was there: default, SIG_IGN, a caller's own
 
 
 def save(run_dir: Path, config: Config, trainer: Trainer, tokenizer, console) -> checkpoint.Checkpoint | None:
@@ -176,7 +262,7 @@ def train_loop(trainer: Trainer, config: Config, log: RunLog, console, run_dir: 
     Returns how it ended: "done", "interrupted" (Ctrl-C) or "guard" (too many bad steps in a row).
     Under several ranks only rank 0 logs and saves (`log` is None elsewhere), and a Ctrl-C on any rank stops all
     after the same step."""
-    t, every, saved = config.trainer, config.output.checkpoint_every, -1
+    t, every, saved = config.trainer, config.output.checkpoint_every, trainer.step_count  # the start is saved
     ending, world = "done", trainer.world
     with console.training(), stop_requested() as stop:
         while trainer.step_count < t.steps:
@@ -251,10 +337,11 @@ def build_trainer(config: Config, model, tokenizer, engine, train_rows: list[dic
                    build_rewards(config.rewards), ref_model=ref_model, policy=policy, world=world)
 
 
-def train(config: Config, quiet: bool = False, console_mode: str = "auto", resume: bool = False) -> dict:
+def train(config: Config, quiet: bool = False, console_mode: str = "auto", resume: bool | str = False) -> dict:
     """Run GRPO as configured; returns {"before": eval, "after": eval, "run_dir": ...}. With resume, continue
-    the run in output.dir from its newest checkpoint, exactly as if it had not stopped. Under torchrun this is
-    one rank of the run: rank 0 alone prints, evaluates and writes the run folder."""
+    the run in output.dir from its newest checkpoint, exactly as if it had not stopped; resume="auto" starts
+    a new run where there is no checkpoint. Under torchrun this is one rank of the run: rank 0 alone prints,
+    evaluates and writes the run folder."""
     world = start_world(config)
     try:
         return _train(config, world, quiet, console_mode, resume)
@@ -282,7 +369,7 @@ def start_world(config: Config) -> World:
     return world
 
 
-def _train(config: Config, world: World, quiet: bool, console_mode: str, resume: bool) -> dict:
+def _train(config: Config, world: World, quiet: bool, console_mode: str, resume: bool | str) -> dict:
     console = make_console("quiet" if quiet or not world.is_main else console_mode, config.trainer.steps)
     task = load_task(config.data, needed_columns(config))  # data errors before any model loads
     if config.eval.before or config.eval.after:  # and what evaluation cannot do
@@ -291,10 +378,14 @@ def _train(config: Config, world: World, quiet: bool, console_mode: str, resume:
         else:
             console.info(f"training without held-out evaluation: {no_eval_split(config.data)}")
     run_dir = Path(config.output.dir).expanduser()
-    ckpt = (resume_point(run_dir, config) if world.is_main else None) if resume else None
-    ckpt = world.broadcast(ckpt)  # rank 0 reads the run folder; the others may be on other machines
-    if ckpt is None and world.is_main:
-        check_run_dir(config)
+    auto = resume == "auto"
+    ckpt = restart = None
+    if world.is_main:  # rank 0 reads the run folder; the others may be on other machines
+        ckpt = resume_point(run_dir, config, task, console.info, auto) if resume else None
+        restart = check_run_dir(config, auto) if ckpt is None else None
+        if restart:
+            console.info(restart)
+    ckpt = world.broadcast(ckpt)
     set_threads(config)
     torch.manual_seed(config.trainer.seed)
     with console.phase("loading the model"):
@@ -303,7 +394,7 @@ def _train(config: Config, world: World, quiet: bool, console_mode: str, resume:
     if not world.is_main:
         return _follow(config, world, console, task, model, tokenizer, engine, ref_model, ckpt)
     if ckpt is None:
-        create_run_dir(config, run_dir)
+        create_run_dir(config, run_dir, replace=restart is not None)
     else:
         reopen_run_dir(run_dir, config, ckpt)
     console.info(f"run folder: {run_dir}")
@@ -341,16 +432,17 @@ def _train(config: Config, world: World, quiet: bool, console_mode: str, resume:
             console.info(f"interrupted at step {trainer.step_count}; resume with: grpo train --resume {run_dir}")
             raise KeyboardInterrupt
         done = config.trainer.steps - (ckpt.step if ckpt else 0)
-        console.info(f"trained {done} steps in {format_duration(time.perf_counter() - console.start)}")
+        if done:
+            console.info(f"trained {done} steps in {format_duration(time.perf_counter() - console.start)}")
         whole = trainer.engine.copy if is_sharded(model) else model  # FSDP2: the engine's whole copy of the policy
         if config.output.save_model:
-            checkpoint.save_policy(whole, tokenizer, run_dir / "model")
+            checkpoint.publish_policy(whole, tokenizer, run_dir / "model", run_dir)
             what = "the LoRA adapter" if config.lora.enabled else "the model"
             console.info(f"saved {what} to {run_dir / 'model'}")
         if config.eval.after:
             run_eval("after")
         if config.lora.enabled and config.lora.save_merged:
-            checkpoint.save_policy(whole.merge_and_unload(), tokenizer, run_dir / "model-merged")
+            checkpoint.publish_policy(whole.merge_and_unload(), tokenizer, run_dir / "model-merged", run_dir)
             console.info(f"saved the model with the adapter merged in to {run_dir / 'model-merged'}")
         world.barrier()  # the other ranks waited for the final model and evaluation
     finally:
@@ -422,5 +514,5 @@ def eval_only(config: Config, model_path: str | None, output: Path | None, quiet
     result["model"] = str(folder)
     if output:
         write_json(output, result)
-    console.info(format_table({"eval": result}))
+    console.result(format_table({"eval": result}))
     return result

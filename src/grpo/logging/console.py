@@ -3,6 +3,7 @@ pipes, one JSON object per step for scripts, or nothing.
 
 Every console has the same few verbs:
     info(text)                       a message line
+    result(text)                     what the command was run for (a table): shown even when quiet
     phase(text)                      context manager around a long step with no count (model conversion)
     progress(text, total)            context manager yielding update(done, total) (evaluation)
     training()                       context manager around the training loop
@@ -59,6 +60,14 @@ class PlainConsole:
     def info(self, text: str) -> None:
         if not self.quiet:
             print(text, file=self.stream, flush=True)
+
+    def result(self, text: str) -> None:
+        """What the command was run for (grpo eval's table): printed in every mode, --quiet included."""
+        quiet, self.quiet = self.quiet, False
+        try:
+            self.info(text)
+        finally:
+            self.quiet = quiet
 
     @contextmanager
     def phase(self, text: str):

@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 from typing import Callable
 
+from grpo.files import write_text_atomic
 from grpo.logging.console import ConsoleLine, format_duration  # noqa: F401  (their earlier home)
 
 
@@ -35,9 +36,7 @@ class JsonlWriter:
 
 
 def write_json(path: Path, data) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
 class RunLog:

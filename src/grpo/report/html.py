@@ -20,6 +20,7 @@ from pathlib import Path
 
 import yaml
 
+from grpo.files import write_text_atomic
 from grpo.report.svg import fmt, line_chart
 
 REPORT_NAME = "report.html"
@@ -336,9 +337,7 @@ def write_report(run_dir: str | Path, path: str | Path | None = None) -> Path:
     """Write <run_dir>/report.html (or `path`) atomically, so a browser never sees half a file."""
     run_dir = Path(run_dir)
     path = Path(path) if path else run_dir / REPORT_NAME
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(build_report(run_dir), encoding="utf-8")
-    tmp.replace(path)
+    write_text_atomic(path, build_report(run_dir))
     return path
 
 
