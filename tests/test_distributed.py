@@ -190,3 +190,25 @@ def test_a_rank_that_raises_stops_the_job_with_its_error_once(tiny_model_dir, re
     assert "Traceback" not in proc.stderr.split("rank 1's reward failed")[0][-2000:]
     assert (out / "checkpoints" / "step-000001").is_dir()  # what was saved before the failure is kept
     assert len(metrics(out)) == 1
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_lora_on_two_ranks_matches_one_process(tiny_model_dir, reward_file, tmp_path, parallel):
+    """LoRA adapters under DDP and FSDP2 (the reference is the base with the adapters off): the one-process
+    run's metrics and adapter; under FSDP2 model/ is the whole copy's adapter."""
+    common = [f"model.path={tiny_model_dir}", *RUN, "trainer.steps=2", "lora.enabled=true", "lora.r=4",
+              "trainer.lr=1e-2", "output.checkpoint_every=0", f"rewards=[{{name: {reward_file}:vowels}}]"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert grpo("train", *common, f"output.dir={one}").returncode == 0
+    proc = grpo("train", *common, f"output.dir={two}", f"trainer.parallel={parallel}", nproc=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from safetensors.torch import load_file
+
+    a = load_file(one / "model" / "adapter_model.safetensors")
+    b = load_file(two / "model" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and a
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=5e-5, msg=name)
+    for x, y in zip(metrics(one), metrics(two)):
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-4, abs=1e-7)
+        assert y["kl/mean"] == pytest.approx(x["kl/mean"], rel=1e-4, abs=1e-7)
