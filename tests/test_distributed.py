@@ -212,3 +212,17 @@ def test_lora_on_two_ranks_matches_one_process(tiny_model_dir, reward_file, tmp_
     for x, y in zip(metrics(one), metrics(two)):
         assert y["loss"] == pytest.approx(x["loss"], rel=1e-4, abs=1e-7)
         assert y["kl/mean"] == pytest.approx(x["kl/mean"], rel=1e-4, abs=1e-7)
+
+
+def test_dynamic_sampling_on_two_ranks_fills_every_rank_s_share(tmp_path):
+    """DAPO's dynamic sampling: each round draws the groups all ranks still need (every rank's prompt sampler
+    stays in the same place), a rank that needs none still takes part; the batch is whole on every step."""
+    path = tmp_path / "dyn.pt"
+    proc = torchrun(str(WORKER), str(path), "ddp", "dapo", "algorithm.dynamic_sampling=true",
+                    "algorithm.max_sampling_rounds=3", "rewards=[{name: format}, {name: length, args: {target: 6}}]")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for step in torch.load(path)["steps"]:
+        assert len(step["completions"]) == 16
+        kept, filled = step["dynamic_sampling/groups_kept"], step["dynamic_sampling/groups_filled"]
+        assert kept + filled == 4 and step["dynamic_sampling/groups_drawn"] >= 4
+        assert 1 <= step["dynamic_sampling/rounds"] <= 3

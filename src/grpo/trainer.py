@@ -1,7 +1,8 @@
 """The GRPO loop (SPEC.md section 1). Orchestration only: the math lives in grpo.core.
 
 One step:
-  1. draw B prompts; the engine samples G completions each      (rollout)
+  1. draw B prompts (under torchrun each rank keeps its own whole groups); the engine samples G
+     completions each, every group from its own seeded stream      (rollout)
   2. score every completion with the reward functions            (rewards)
      dynamic sampling (DAPO): repeat 1-2, keeping groups whose rewards differ, until B groups
   3. group-relative advantages, outcome [N] or process [N, T]    (core.advantages)
@@ -17,9 +18,10 @@ The parts come in built (grpo.run): the model and reference, the rollout engine,
 computes log-probs and gradients on this device, the optimizer and scheduler, the prompt sampler and
 the reward functions. The trainer reads the config for the algorithm and the step's shape only.
 
-Departures from the paper, on purpose: the policy's log-probs use the sampling
-temperature (as TRL does), and the model runs without dropout so that with
-mu = 1 the ratio is exactly 1.
+Departures from the paper, on purpose: the policy's and the reference's log-probs use the sampling
+temperature (as TRL does), and the model runs without dropout so that with mu = 1 the ratio is
+exactly 1. Under several ranks every normalizer, metric and guard decision is reduced over all of them
+(grpo.distributed), so the update is the single-process one.
 
 The numerics guard: a NaN/inf loss or gradient norm, or a reward function that returned NaN/inf
 (None is fine: "does not apply"), skips that optimizer update: the gradients are dropped and the
