@@ -419,7 +419,8 @@ def _train(config: Config, world: World, quiet: bool, console_mode: str, resume:
             run_eval("before")
         elif (run_dir / "eval_before.json").is_file():  # a resumed run does not evaluate "before" again
             results["before"] = json.loads((run_dir / "eval_before.json").read_text())
-        world.barrier()  # the other ranks waited for the evaluation
+        with world.during("rank 0's evaluation before training"):
+            world.barrier()  # the other ranks wait for it
         trainer = build_trainer(config, model, tokenizer, engine, task.train, ref_model=ref_model, world=world)
         console.info(f"backend: {trainer.backend.name}")
         if ckpt is not None:
@@ -444,7 +445,8 @@ def _train(config: Config, world: World, quiet: bool, console_mode: str, resume:
         if config.lora.enabled and config.lora.save_merged:
             checkpoint.publish_policy(whole.merge_and_unload(), tokenizer, run_dir / "model-merged", run_dir)
             console.info(f"saved the model with the adapter merged in to {run_dir / 'model-merged'}")
-        world.barrier()  # the other ranks waited for the final model and evaluation
+        with world.during("rank 0's saving and evaluation after training"):
+            world.barrier()  # the other ranks wait for them
     finally:
         report = log.close()  # the report also covers a run that stopped early
     evals = {k: results[k] for k in ("before", "after") if k in results}
@@ -486,7 +488,8 @@ def restore(ckpt: checkpoint.Checkpoint, trainer: Trainer) -> None:
 
 def _follow(config: Config, world: World, console, task, model, tokenizer, engine, ref_model, ckpt) -> dict:
     """A rank other than 0: the same steps as rank 0 (its share of each batch, every collective), no files."""
-    world.barrier()  # rank 0 evaluates before training
+    with world.during("rank 0's evaluation before training"):
+        world.barrier()
     trainer = build_trainer(config, model, tokenizer, engine, task.train, ref_model=ref_model, world=world)
     if ckpt is not None:
         restore(ckpt, trainer)
@@ -495,7 +498,8 @@ def _follow(config: Config, world: World, console, task, model, tokenizer, engin
         raise TrainingStopped(f"rank {world.rank}: stopped with rank 0 (the numerics guard)")
     if ending == "interrupted":
         raise KeyboardInterrupt
-    world.barrier()  # rank 0 saves the model and evaluates after training
+    with world.during("rank 0's saving and evaluation after training"):
+        world.barrier()
     return {"run_dir": config.output.dir}
 
 
