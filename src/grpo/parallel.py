@@ -31,7 +31,7 @@ def decoder_layers(model) -> list[torch.nn.Module]:
     return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
 
 
-def shard(model, device: torch.device, trainable: bool = True) -> torch.nn.Module:
+def shard(model, device: torch.device) -> torch.nn.Module:
     """FSDP2 in place: each decoder layer, then the root (embeddings, final norm, output head)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -54,11 +54,6 @@ def wrap_policy(model, parallel: Parallel, device: torch.device) -> torch.nn.Mod
 
     ids = [device.index] if device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=ids)
-
-
-def unwrap(policy) -> torch.nn.Module:
-    """The model inside a DDP wrapper (an FSDP2 model is its own module)."""
-    return getattr(policy, "module", policy) if type(policy).__name__ == "DistributedDataParallel" else policy
 
 
 @contextmanager
