@@ -38,7 +38,7 @@ import yaml
 from safetensors import SafetensorError
 
 from grpo.config import Config, dump_config
-from grpo.files import write_text_atomic
+from grpo.files import read_jsonl, write_text_atomic
 from grpo.models import is_lora, no_progress_bars
 
 CHECKPOINTS = "checkpoints"
@@ -466,17 +466,7 @@ def nothing_to_train(checkpoint: Checkpoint, config: Config) -> CheckpointError:
 
 def logged_steps(path: Path) -> list[int]:
     """The steps of a metrics file's complete lines (a line cut by a kill is not a step)."""
-    if not path.is_file():
-        return []
-    steps = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict) and isinstance(record.get("step"), int):
-            steps.append(record["step"])
-    return steps
+    return [r["step"] for r in read_jsonl(path) if isinstance(r, dict) and isinstance(r.get("step"), int)]
 
 
 def truncate_jsonl(path: Path, step: int) -> None:

@@ -4,6 +4,7 @@ its temporary file."""
 from __future__ import annotations
 
 import contextlib
+import json
 from pathlib import Path
 
 
@@ -18,3 +19,18 @@ def write_text_atomic(path: str | Path, text: str, encoding: str = "utf-8") -> N
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
         raise
+
+
+def read_jsonl(path: str | Path) -> list:
+    """The records of a JSON-lines file (none when it does not exist); a line that is not whole JSON (the one a
+    running or killed writer left cut) is skipped."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows

@@ -258,8 +258,7 @@ class CpuFastBackend(PlainBackend):
 
     def logprobs(self, model, batch: SequenceBatch, temperature: float, with_entropy: bool = False,
                  entropy_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        with torch.autocast("cuda", torch.bfloat16, enabled=self.autocast):
-            return completion_logprobs(model, batch, temperature, with_entropy, entropy_grad, self.chunk_tokens)
+        return completion_logprobs(model, batch, temperature, with_entropy, entropy_grad, self.chunk_tokens)
 
     def _grad_extras(self, stack: ExitStack, model) -> None:
         stack.enter_context(sparse_embedding_grad(model))

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-from grpo.files import write_text_atomic
+from grpo.files import read_jsonl, write_text_atomic
 from grpo.report.svg import fmt, line_chart
 
 REPORT_NAME = "report.html"
@@ -48,18 +48,6 @@ CHARTS: list[tuple[str, list[str], str]] = [
 
 
 # --- reading the run folder ------------------------------------------------------------------
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # the line a running training is writing right now
-    return rows
 
 
 def read_json(path: Path) -> dict | None:
