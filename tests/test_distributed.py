@@ -168,16 +168,50 @@ def test_two_nodes_on_localhost(single_run, tiny_model_dir, reward_file, tmp_pat
 def test_a_checkpoint_resumes_on_another_world_size(single_run, tiny_model_dir, reward_file, tmp_path, first, then,
                                                      parallel):
     """Stopped after its step-2 checkpoint on `first` ranks, resumed on `then`: the same run as one that never
-    stopped (the checkpoint holds whole weights and optimizer state keyed by name, whatever the world size and
-    the sharding)."""
+    stopped. Two ranks write a sharded checkpoint (torch.distributed.checkpoint, a file per rank), one process a
+    whole one; either resumes on the other world size and sharding. With DDP from two ranks the step-2
+    checkpoint is damaged (a rank's file cut short): the resume sets it aside and continues from step 1."""
     out = tmp_path / "run"
-    common = [f"model.path={tiny_model_dir}", f"output.dir={out}", *RUN, "output.checkpoint_every=2",
+    damage = first == 2 and parallel == "ddp"
+    common = [f"model.path={tiny_model_dir}", f"output.dir={out}", *RUN, f"output.checkpoint_every={1 if damage else 2}",
               f"rewards=[{{name: {reward_file}:vowels}}]", f"trainer.parallel={parallel}"]
     proc = grpo("train", *common, "trainer.steps=2", nproc=first)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    state = out / "checkpoints" / "step-000002" / "state"
+    if first == 2:
+        assert {".metadata", "__0_0.distcp", "__1_0.distcp"} <= {p.name for p in state.iterdir()}
+        assert not (state.parent / "model").exists()  # the weights are in state/, once
+    else:
+        assert not state.exists() and (state.parent / "model" / "model.safetensors").is_file()
+    if damage:
+        shard = state / "__1_0.distcp"
+        shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     proc = grpo("train", "--resume", out, "trainer.steps=3", f"trainer.parallel={parallel}", nproc=then)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    if damage:
+        assert "damaged checkpoint" in proc.stdout and "resuming from step-000001" in proc.stdout, proc.stdout
+        assert (out / "checkpoints" / "step-000002.damaged").is_dir()
     assert_same_run(single_run, out)
+
+
+def test_a_reset_reference_is_sharded_and_resumed_under_fsdp(tiny_model_dir, reward_file, tmp_path):
+    """ref_reset_steps under FSDP2: the sharded reference is reset from the sharded policy, saved in the sharded
+    checkpoint and restored: 2 ranks stopped at the reset and resumed give the one-process run."""
+    common = [f"model.path={tiny_model_dir}", *RUN, "algorithm.beta=0.04", "algorithm.ref_reset_steps=2",
+              "output.checkpoint_every=2", f"rewards=[{{name: {reward_file}:vowels}}]", "trainer.parallel=fsdp"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    proc = grpo("train", *common, f"output.dir={one}", "trainer.steps=3")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = grpo("train", *common, f"output.dir={two}", "trainer.steps=2", nproc=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    saved = {p.name for p in (two / "checkpoints" / "step-000002" / "state").iterdir()}
+    assert "__1_0.distcp" in saved
+    proc = grpo("train", "--resume", two, "trainer.steps=3", nproc=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [m["ref_reset"] for m in metrics(one)] == [0.0, 1.0, 0.0]
+    kl = [m["kl/mean"] for m in metrics(one)]
+    assert kl[1] > 1e-6 and kl[2] == pytest.approx(0, abs=1e-9)  # after the reset the reference is the policy
+    assert_same_run(one, two)
 
 
 def test_a_rank_that_raises_stops_the_job_with_its_error_once(tiny_model_dir, reward_file, tmp_path):
@@ -226,3 +260,17 @@ def test_dynamic_sampling_on_two_ranks_fills_every_rank_s_share(tmp_path):
         kept, filled = step["dynamic_sampling/groups_kept"], step["dynamic_sampling/groups_filled"]
         assert kept + filled == 4 and step["dynamic_sampling/groups_drawn"] >= 4
         assert 1 <= step["dynamic_sampling/rounds"] <= 3
+
+
+def test_the_whole_copy_of_a_bf16_sharded_policy_is_not_pi_old():
+    """On CUDA FSDP2 runs the policy's forward in bfloat16 while the engine's whole copy stays in float32: the
+    copy's log-probs are then another precision's, and the trainer must compute pi_old itself."""
+    from grpo.parallel import FullCopyEngine
+    from grpo.rollout import HFGenerateEngine, LogprobKind, SamplingParams
+    from grpo.testing import tiny_model_and_tokenizer
+
+    model, tok = tiny_model_and_tokenizer(seed=0)
+    params = SamplingParams(max_new_tokens=4)
+    assert FullCopyEngine(HFGenerateEngine(model, tok), model).logprob_kind(params) is LogprobKind.POLICY
+    engine = FullCopyEngine(HFGenerateEngine(model, tok), model, reduced_precision=True)
+    assert engine.logprob_kind(params) is LogprobKind.OTHER

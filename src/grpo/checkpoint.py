@@ -1,6 +1,6 @@
 """Checkpoints of a run: atomic save, listing, pruning, exact resume, and the config check of a resume.
 
-A checkpoint is one folder, RUN_DIR/checkpoints/step-000004/:
+A checkpoint is one folder, RUN_DIR/checkpoints/step-000004/. A run in one process writes it whole:
   model/          the policy as a Hugging Face folder (`transformers` loads it); LoRA: the adapter only
   reference.safetensors   the reference weights, only once ref_reset_steps has replaced them
                   (otherwise the reference is rebuilt from the start weights, as at the start of the run)
@@ -9,6 +9,16 @@ A checkpoint is one folder, RUN_DIR/checkpoints/step-000004/:
   config.yaml     the resolved config of the run that wrote it
   meta.json       written last: {"step": 4, "files": [...], "sizes": {path: bytes}}; a folder without it is
                   not a checkpoint, and one whose files do not match it is damaged (resume skips it)
+
+A run on several ranks writes it sharded, with torch.distributed.checkpoint (every rank its own part, at once):
+  state/          .metadata and a __R_0.distcp file per rank: the policy's trainable weights (LoRA: the adapter)
+                  and AdamW state as each rank holds them (FSDP2: its shards; DDP: whole tensors, each written
+                  once), and the reference once ref_reset_steps has replaced it
+  trainer.pt      the Trainer's state without the optimizer; rng.pt, config.yaml and meta.json as above (rank 0)
+Both kinds resume on any number of ranks: a whole one is read by rank 0 and sent to the others; a sharded one
+is read by every rank, torch.distributed.checkpoint cutting it to the new sharding (one process reads it all).
+So a run on several machines needs output.dir on a filesystem they all see, as every DCP checkpoint does; a
+save checks that rank 0's folder holds every rank's file.
 
 It is written to a hidden temporary folder, every file and the folder are fsynced, then the folder
 is renamed into place and its parent fsynced: a kill at any instant leaves the previous checkpoint intact
@@ -38,17 +48,20 @@ import yaml
 from safetensors import SafetensorError
 
 from grpo.config import Config, dump_config
+from grpo.distributed import SINGLE, World
 from grpo.files import read_jsonl, write_text_atomic
 from grpo.models import is_lora, no_progress_bars
+from grpo.parallel import load_rank_state, load_weights_state, rank_state, weights_state
 
 CHECKPOINTS = "checkpoints"
 NAME = re.compile(r"^step-(\d{6,})$")
-FILES = ["model", "trainer.pt", "rng.pt", "config.yaml"]
+SHARDED = "state"  # the torch.distributed.checkpoint folder of a sharded checkpoint
 
-# Config fields a resume may change: the length of the run, where and how it is logged, and eval.
-# Everything else changes what the remaining steps compute, so a resume refuses it.
+# Config fields a resume may change: the length of the run, where and how it is logged, eval, and the device
+# (another machine may continue a run; under torchrun each rank's GPU is its own). Everything else changes what
+# the remaining steps compute, so a resume refuses it.
 RESUMABLE = ("trainer.steps", "trainer.samples_per_step", "trainer.samples_every", "trainer.max_bad_steps",
-             "model.threads", "output.", "eval.")
+             "model.threads", "model.device", "output.", "eval.")
 
 
 class CheckpointError(RuntimeError):
@@ -113,11 +126,13 @@ def checkpoint_damage(ckpt: Checkpoint) -> str | None:
             return f"{f} is missing"
         if f.stat().st_size != size:
             return f"{f} is {f.stat().st_size} bytes, {size} when it was saved (cut short?)"
-    if not (ckpt.path / "model").is_dir():
-        return f"{ckpt.path / 'model'} is missing"
     for name in ("trainer.pt", "rng.pt"):
         if why := torch_file_damage(ckpt.path / name):
             return why
+    if is_sharded_checkpoint(ckpt):
+        return sharded_damage(ckpt.path / SHARDED)
+    if not (ckpt.path / "model").is_dir():
+        return f"{ckpt.path / 'model'} is missing"
     if (ckpt.path / "reference.safetensors").exists() and (why := safetensors_damage(ckpt.path / "reference.safetensors")):
         return why
     return policy_damage(ckpt.path / "model")
@@ -153,6 +168,31 @@ def safetensors_damage(path: Path) -> str | None:
         return f"{path} is unreadable ({type(e).__name__}: {e})"
     if size != 8 + n + end:
         return f"{path} is {size} bytes where its header needs {8 + n + end} (cut short?)"
+    return None
+
+
+def is_sharded_checkpoint(ckpt: Checkpoint) -> bool:
+    return (ckpt.path / SHARDED).is_dir()
+
+
+def sharded_damage(folder: Path) -> str | None:
+    """A torch.distributed.checkpoint folder: its .metadata must load, and every file it names must be there and
+    long enough for the pieces it holds (rank 0 finds here what the other ranks wrote, or not)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        metadata = FileSystemReader(str(folder)).read_metadata()
+    except Exception as e:  # noqa: BLE001 - a pickle cut short raises anything
+        return f"{folder / '.metadata'} is unreadable ({type(e).__name__}: {e})"
+    ends: dict[str, int] = {}
+    for info in metadata.storage_data.values():
+        ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
+    for name, end in sorted(ends.items()):
+        f = folder / name
+        if not f.is_file():
+            return f"{f} is missing"
+        if f.stat().st_size < end:
+            return f"{f} is {f.stat().st_size} bytes where its pieces need {end} (cut short?)"
     return None
 
 
@@ -208,34 +248,67 @@ def remove_stale(run_dir: Path) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
-def save_checkpoint(run_dir: Path, step: int, write, keep: int | None = None) -> Checkpoint:
+def save_checkpoint(run_dir: Path, step: int, write, keep: int | None = None, world: World = SINGLE) -> Checkpoint:
     """Atomically publish RUN_DIR/checkpoints/step-<step>: `write(tmp_folder)` fills a temporary folder,
-    which is flushed and renamed into place; then all but the newest `keep` are removed."""
+    which is flushed and renamed into place; then all but the newest `keep` are removed.
+    Under several ranks every rank calls it: rank 0 makes the folder, every rank writes its part, and rank 0
+    publishes it once all have; a failure on any rank leaves the previous checkpoint and raises on every rank."""
     folder = checkpoints_dir(run_dir)
     target = folder / f"step-{step:06d}"
-    tmp, old = folder / f".tmp-{target.name}-{os.getpid()}", None
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        remove_stale(run_dir)
-        tmp.mkdir()
-        write(tmp)
-        sizes = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
-        meta = {"step": step, "files": sorted(p.name for p in tmp.iterdir()), "sizes": sizes}
-        (tmp / "meta.json").write_text(json.dumps(meta) + "\n")
-        fsync_tree(tmp)
-        old = _hide(target) if target.exists() else None  # a checkpoint of this step: replaced whole
-        tmp.rename(target)
-        fsync_dir(folder)
-    except WRITE_ERRORS as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and not target.exists():
-            old.rename(target)
-        raise write_error(run_dir, step, e) from None
+    with world.during("saving a checkpoint"):
+        tmp = world.broadcast(folder / f".tmp-{target.name}-{os.getpid()}")  # rank 0's name
+    old = error = None
+    if world.is_main:
+        error = _attempt(lambda: (folder.mkdir(parents=True, exist_ok=True), remove_stale(run_dir), tmp.mkdir()))
+    if (error := _any_failed(world, error)) is None:
+        error = _any_failed(world, _attempt(lambda: write(tmp)))
+    if error is None and world.is_main:
+        def publish():
+            nonlocal old
+            sizes = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
+            meta = {"step": step, "files": sorted(p.name for p in tmp.iterdir()), "sizes": sizes}
+            (tmp / "meta.json").write_text(json.dumps(meta) + "\n")
+            fsync_tree(tmp)
+            old = _hide(target) if target.exists() else None  # a checkpoint of this step: replaced whole
+            tmp.rename(target)
+            fsync_dir(folder)
+
+        error = _attempt(publish)
+    if world.distributed:
+        error = _any_failed(world, error)
+    if error is not None:
+        if world.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if old is not None and not target.exists():
+                old.rename(target)
+        raise write_error(run_dir, step, error) from None
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-    if keep:
+    if keep and world.is_main:
         prune(run_dir, keep)
     return Checkpoint(target, step)
+
+
+def _attempt(fn) -> BaseException | None:
+    """Run `fn`; the write error it raised (a full disk, a folder that cannot be written), or None."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        fn()
+    except (*WRITE_ERRORS, CheckpointException, CheckpointError) as e:
+        return e
+    return None
+
+
+def _any_failed(world: World, error: BaseException | None) -> BaseException | None:
+    """Whether any rank failed, on every rank: one process keeps its own error; under several ranks the first
+    failed rank's, naming it."""
+    if not world.distributed:
+        return error
+    with world.during("saving a checkpoint"):
+        words = world.gather(None if error is None else why_not_written(error))
+    failed = [(rank, w) for rank, w in enumerate(words) if w]
+    return RuntimeError(f"rank {failed[0][0]}: {failed[0][1]}") if failed else None
 
 
 # torch.save reports a failed write (a full disk) as RuntimeError, safetensors as SafetensorError
@@ -380,15 +453,80 @@ def load_lora_policy(model, folder: Path) -> None:
 
 
 def write_checkpoint(folder: Path, config: Config, trainer, tokenizer) -> None:
-    """Fill a (temporary) checkpoint folder: everything a run needs to continue exactly."""
+    """Fill a (temporary) checkpoint folder: everything a run needs to continue exactly. Under several ranks every
+    rank calls it and the checkpoint is sharded (`write_sharded`)."""
     from safetensors.torch import save_model
 
+    if trainer.world.distributed:
+        return write_sharded(folder, config, trainer)
     save_policy(trainer.model, tokenizer, folder / "model")
     torch.save(trainer.state_dict(), folder / "trainer.pt")
     torch.save(rng_state(), folder / "rng.pt")
     if trainer.ref_model is not None and trainer.ref_reset_step is not None:
         save_model(trainer.ref_model, str(folder / "reference.safetensors"))
     (folder / "config.yaml").write_text(dump_config(config))
+
+
+def write_sharded(folder: Path, config: Config, trainer) -> None:
+    """Every rank writes its part of the policy, the optimizer and a reset reference (torch.distributed.checkpoint);
+    rank 0 then the trainer's state, the RNG and the config, after checking that every rank's file reached its
+    folder (they do not where output.dir is not shared by every machine)."""
+    import torch.distributed.checkpoint as dcp
+
+    state = sharded_state(trainer, with_reference=trainer.ref_reset_step is not None)
+    dcp.save(state, checkpoint_id=str(folder / SHARDED))
+    if not trainer.world.is_main:
+        return
+    if why := sharded_damage(folder / SHARDED):
+        raise CheckpointError(f"{why}: the ranks wrote their parts of the checkpoint where rank 0 cannot see them; "
+                              "output.dir must be on a filesystem every machine of the run shares")
+    torch.save(trainer.state_dict(optimizer=False), folder / "trainer.pt")
+    torch.save(rng_state(), folder / "rng.pt")
+    (folder / "config.yaml").write_text(dump_config(config))
+
+
+def sharded_state(trainer, with_reference: bool) -> dict:
+    """What a sharded checkpoint holds, as this rank holds it (the dict torch.distributed.checkpoint saves or
+    loads in place)."""
+    state = {"policy": rank_state(trainer.model, trainer.optimizer)}
+    if with_reference and trainer.ref_model is not None:
+        state["reference"] = weights_state(trainer.ref_model)
+    return state
+
+
+def restore_sharded(checkpoint: Checkpoint, trainer) -> None:
+    """Every rank (or the one process): its part of a sharded checkpoint, cut to this run's world size and
+    sharding, then the trainer's state and the RNG."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    path = checkpoint.path
+    try:
+        own = torch.load(path / "trainer.pt", weights_only=False)
+        state = sharded_state(trainer, with_reference=own["ref_reset_step"] is not None)
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.filterwarnings("ignore", message=".*load in a single process.*")
+            dcp.load(state, checkpoint_id=str(path / SHARDED))
+        load_rank_state(trainer.model, trainer.optimizer, state["policy"])
+        if "reference" in state:
+            load_weights_state(trainer.ref_model, state["reference"])
+        trainer.load_state_dict(own)
+        set_rng_state(torch.load(path / "rng.pt", weights_only=False))
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - torch.distributed.checkpoint wraps what a rank met
+        raise CheckpointError(
+            f"cannot load the checkpoint {path}: {type(e).__name__}: {str(e)[:500]}. If it is damaged, move it "
+            f"away (mv {path} {path}.damaged) and resume again to continue from the checkpoint before it"
+        ) from None
+
+
+def saved_reference(checkpoint: Checkpoint) -> dict[str, torch.Tensor] | None:
+    """A whole checkpoint's reset reference weights (None: the reference is the start weights)."""
+    from safetensors.torch import load_file
+
+    path = checkpoint.path / "reference.safetensors"
+    return load_file(path) if path.is_file() else None
 
 
 def restore(checkpoint: Checkpoint, trainer) -> None:
@@ -451,7 +589,7 @@ def check_same_run(checkpoint: Checkpoint, config: Config) -> None:
         raise CheckpointError(
             f"cannot resume from {checkpoint.path}: the config differs in ways that change the training:\n"
             + "\n".join(diffs)
-            + "\n  (a resume may change trainer.steps, output.*, eval.* and logging fields; "
+            + "\n  (a resume may change trainer.steps, model.device, output.*, eval.* and logging fields; "
             "start a new run (another output.dir) to change the others)"
         )
 

@@ -114,10 +114,49 @@ def load_whole_weights(model, weights: dict[str, torch.Tensor]) -> None:
     set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True))
 
 
+def rank_state(model, optimizer) -> dict:
+    """{"model": ..., "optimizer": ...} as this rank holds them, trainable parameters only (for LoRA: the adapter),
+    for torch.distributed.checkpoint: under FSDP2 each rank's shards (DTensors), under DDP and in one process whole
+    tensors (which a multi-rank save writes once, split over the ranks). Keyed by parameter name, so any world size
+    and either wrapper loads it (grpo.checkpoint)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    return {"model": get_model_state_dict(model, options=_trainable()),
+            "optimizer": get_optimizer_state_dict(model, optimizer, options=_trainable())}
+
+
+def load_rank_state(model, optimizer, state: dict) -> None:
+    """Put `rank_state`'s dict (filled by torch.distributed.checkpoint.load) into the model and the optimizer."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    set_model_state_dict(model, state["model"], options=_trainable())
+    set_optimizer_state_dict(model, optimizer, state["optimizer"], options=_trainable())
+
+
+def weights_state(model) -> dict:
+    """A frozen model's weights as this rank holds them (the reference after a reset), for
+    torch.distributed.checkpoint; `load_weights_state` puts them back."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return get_model_state_dict(model)
+
+
+def load_weights_state(model, state: dict) -> None:
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+    set_model_state_dict(model, state)
+
+
+def _trainable():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(ignore_frozen_params=True)
+
+
 class Snapshot:
-    """The trainer as a checkpoint sees it under FSDP2: the whole policy (the rollout engine's copy, refreshed
-    after every update) and the whole optimizer state gathered beforehand by every rank; what the checkpoint
-    loads is kept in `state` until every rank takes it (grpo.run.restore). Everything else is the trainer's."""
+    """The trainer as a whole checkpoint (one process wrote it) sees it when rank 0 restores it into an FSDP2 run:
+    the whole policy is the rollout engine's copy, and what the checkpoint loads is kept in `state` until every
+    rank takes its shards (grpo.run.restore). Everything else is the trainer's."""
 
     def __init__(self, trainer, model, state: dict | None = None):
         self._trainer, self.model, self.state, self.ref_model = trainer, model, state, None
@@ -134,11 +173,12 @@ class Snapshot:
 
 class FullCopyEngine:
     """A rollout engine on a whole copy of a sharded policy: `sync_weights` gathers the shards into the copy
-    (every rank takes part), and the inner engine samples from the copy. Its log-probs are the copy's, the
-    policy's own up to rounding."""
+    (every rank takes part), and the inner engine samples from the copy. Its log-probs are the copy's: the
+    policy's own up to rounding on the CPU; on CUDA, where FSDP2 runs the policy's forward in bfloat16 and the
+    copy stays in float32, another precision's (LogprobKind.OTHER: the trainer computes pi_old itself)."""
 
-    def __init__(self, inner, copy_model):
-        self.inner, self.copy = inner, copy_model
+    def __init__(self, inner, copy_model, reduced_precision: bool = False):
+        self.inner, self.copy, self.reduced_precision = inner, copy_model, reduced_precision
 
     @classmethod
     def around(cls, make_engine, model):
@@ -146,13 +186,16 @@ class FullCopyEngine:
         full = copy.deepcopy(model).eval()
         for p in full.parameters():
             p.requires_grad_(False)
-        return cls(make_engine(full), full)
+        device = next(model.parameters()).device
+        return cls(make_engine(full), full, reduced_precision=device.type == "cuda")  # as `shard` sets it
 
     def generate(self, *args, **kwargs):
         return self.inner.generate(*args, **kwargs)
 
     def logprob_kind(self, params):
-        return self.inner.logprob_kind(params)
+        from grpo.rollout.base import LogprobKind
+
+        return LogprobKind.OTHER if self.reduced_precision else self.inner.logprob_kind(params)
 
     def sync_weights(self, model) -> None:
         state = full_state_dict(model)

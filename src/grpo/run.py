@@ -245,14 +245,12 @@ def stop_requested():
             signal.signal(signal.SIGINT, previous)  # whatever was there: default, SIG_IGN, a caller's own
 
 
-def save(run_dir: Path, config: Config, trainer: Trainer, tokenizer, console) -> checkpoint.Checkpoint | None:
-    """A checkpoint of the run's whole state, written by rank 0 (the others have the same weights and state
-    under DDP; under FSDP2 they first gather theirs to rank 0: see grpo.parallel)."""
-    view = Snapshot(trainer, trainer.engine.copy, trainer.state_dict()) if is_sharded(trainer.model) else trainer
-    if not trainer.world.is_main:
-        return None
-    write = lambda folder: checkpoint.write_checkpoint(folder, config, view, tokenizer)  # noqa: E731
-    ckpt = checkpoint.save_checkpoint(run_dir, trainer.step_count, write, config.output.keep_checkpoints)
+def save(run_dir: Path, config: Config, trainer: Trainer, tokenizer, console) -> checkpoint.Checkpoint:
+    """A checkpoint of the run's whole state: whole in one process, sharded under several ranks (each rank writes
+    its part; rank 0 the rest): see grpo.checkpoint."""
+    write = lambda folder: checkpoint.write_checkpoint(folder, config, trainer, tokenizer)  # noqa: E731
+    ckpt = checkpoint.save_checkpoint(run_dir, trainer.step_count, write, config.output.keep_checkpoints,
+                                      trainer.world)
     console.info(f"saved checkpoint {ckpt.path}")
     return ckpt
 
@@ -343,6 +341,8 @@ def train(config: Config, quiet: bool = False, console_mode: str = "auto", resum
     a new run where there is no checkpoint. Under torchrun this is one rank of the run: rank 0 alone prints,
     evaluates and writes the run folder."""
     world = start_world(config)
+    if world.device.type == "cuda" and config.model.device != str(world.device):  # each rank on its own GPU
+        config = config.model_copy(update={"model": config.model.model_copy(update={"device": str(world.device)})})
     try:
         return _train(config, world, quiet, console_mode, resume)
     finally:
@@ -355,10 +355,6 @@ def start_world(config: Config) -> World:
     from grpo.models import pick_device
 
     world = init_world(pick_device(config.model.device).type, config.trainer.dist_timeout_s)
-    if world.distributed and config.trainer.parallel == "fsdp" and config.algorithm.ref_reset_steps is not None:
-        close_world(world)
-        raise ConfigError("algorithm.ref_reset_steps is not supported with trainer.parallel=fsdp yet (a checkpoint "
-                          "would need the whole reset reference); use trainer.parallel=ddp or ref_reset_steps=null")
     if config.prompts_per_step % world.size:
         close_world(world)
         raise ConfigError(
@@ -458,20 +454,32 @@ def _train(config: Config, world: World, quiet: bool, console_mode: str, resume:
 
 
 def restore(ckpt: checkpoint.Checkpoint, trainer: Trainer) -> None:
-    """Put the trainer back to the checkpoint: rank 0 reads it, and under several ranks sends the weights and
-    the trainer's state to the others (they may be on machines that cannot see the run folder). The checkpoint
-    holds whole weights and optimizer state, so any world size resumes it."""
+    """Put the trainer back to the checkpoint, whatever world size wrote it. A sharded one (written by several
+    ranks) is read by every rank. A whole one (one process) is read by rank 0, which sends the weights and the
+    trainer's state to the others (they may be on machines that cannot see the run folder)."""
     world = trainer.world
-    if is_sharded(trainer.model):  # FSDP2: rank 0 reads whole weights and state, every rank keeps its shards
+    if checkpoint.is_sharded_checkpoint(ckpt):
+        with world.during("resume"):
+            checkpoint.restore_sharded(ckpt, trainer)
+    elif is_sharded(trainer.model):  # FSDP2 from a whole checkpoint: every rank keeps its shards of rank 0's
         view = Snapshot(trainer, trainer.engine.copy)
         if world.is_main:
             checkpoint.restore(ckpt, view)
         with world.during("resume"):
-            weights, state = world.broadcast((view.model.state_dict(), view.state) if world.is_main else None)
+            weights, state, ref = world.broadcast((view.model.state_dict(), view.state, checkpoint.saved_reference(ckpt))
+                                                  if world.is_main else None)
         load_whole_weights(trainer.model, weights)
+        if ref is not None and trainer.ref_model is not None:
+            load_whole_weights(trainer.ref_model, ref)
         trainer.load_state_dict(state)
-        trainer.engine.sync_weights(trainer.model)
-        return
+    else:
+        _restore_whole(ckpt, trainer)
+    trainer.engine.sync_weights(trainer.model)  # an engine that samples from a copy must see the restored weights
+
+
+def _restore_whole(ckpt: checkpoint.Checkpoint, trainer: Trainer) -> None:
+    """A whole checkpoint into a policy every rank holds whole (one process, DDP)."""
+    world = trainer.world
     if world.is_main:
         checkpoint.restore(ckpt, trainer)
     if world.distributed:
@@ -483,7 +491,6 @@ def restore(ckpt: checkpoint.Checkpoint, trainer: Trainer) -> None:
             trainer.load_state_dict(state[1])
             if state[2] is not None:
                 trainer.ref_model.load_state_dict(state[2])
-    trainer.engine.sync_weights(trainer.model)  # an engine that samples from a copy must see the restored weights
 
 
 def _follow(config: Config, world: World, console, task, model, tokenizer, engine, ref_model, ckpt) -> dict:

@@ -91,10 +91,12 @@ class Trainer:
         self.last_lr = scheduler.get_last_lr()[0]
 
     # -- resume: the Trainer's own state (weights and global RNGs: grpo.checkpoint) -------------
-    def state_dict(self) -> dict:
+    def state_dict(self, optimizer: bool = True) -> dict:
+        """The trainer's own state; the optimizer's whole (FSDP2: gathered) unless `optimizer` is False (a sharded
+        checkpoint writes it apart, grpo.parallel.rank_state)."""
         return {
             "step": self.step_count,
-            "optimizer": optimizer_state(self.model, self.optimizer),  # by parameter name, whole (FSDP2: gathered)
+            **({"optimizer": optimizer_state(self.model, self.optimizer)} if optimizer else {}),  # by parameter name
             "scheduler": self.scheduler.state_dict(),
             "sampler": self.sampler.state(),
             "bad_steps": self.bad_steps,
@@ -104,7 +106,8 @@ class Trainer:
 
     def load_state_dict(self, state: dict) -> None:
         self.step_count = state["step"]
-        load_optimizer_state(self.model, self.optimizer, state["optimizer"])
+        if "optimizer" in state:
+            load_optimizer_state(self.model, self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.sampler.load_state(state["sampler"])
         self.bad_steps, self.skipped_steps = state["bad_steps"], state["skipped_steps"]
