@@ -8,6 +8,7 @@ import io
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -144,6 +145,11 @@ def test_checkpoint_folder_loads_with_transformers_and_keeps_the_last_k(args, tm
     final = weights(run / "model")
     assert all(torch.equal(t, final[k]) for k, t in model.state_dict().items() if k in final)
     assert {"trainer.pt", "rng.pt", "config.yaml", "meta.json", "model"} <= {p.name for p in ckpt.path.iterdir()}
+    # the run's model/ shares its files with the last checkpoint's (hard links), and outlives it
+    shared, own = run / "model" / "model.safetensors", ckpt.path / "model" / "model.safetensors"
+    assert shared.stat().st_ino == own.stat().st_ino and shared.stat().st_nlink == 2
+    shutil.rmtree(ckpt.path)
+    assert shared.stat().st_nlink == 1 and checkpoint.policy_damage(run / "model") is None
 
 
 def test_resume_refuses_a_changed_config_and_zero_steps(args, tmp_path):

@@ -388,15 +388,19 @@ def save_policy(model, tokenizer, folder: Path) -> None:
         tokenizer.save_pretrained(folder)
 
 
-def publish_policy(model, tokenizer, folder: Path, run_dir: Path) -> None:
+def publish_policy(model, tokenizer, folder: Path, run_dir: Path, same_as: Path | None = None) -> None:
     """save_policy, atomically as a checkpoint: a hidden temporary folder, flushed, then renamed over
-    `folder`; a kill or a full disk leaves the previous folder (or none), never a partial one."""
+    `folder`; a kill or a full disk leaves the previous folder (or none), never a partial one.
+    `same_as`: a saved policy folder of these very weights (the final checkpoint's model/), whose files are
+    hard-linked instead of written again, so the run's model/ and its last checkpoint share the disk space
+    (each stays whole when the other is deleted); written anew where links are refused."""
     folder = Path(folder)
     tmp, old = folder.with_name(f".tmp-{folder.name}-{os.getpid()}"), None
     for stale in [*folder.parent.glob(f".tmp-{folder.name}-*"), *folder.parent.glob(f".trash-{folder.name}-*")]:
         shutil.rmtree(stale, ignore_errors=True)  # left by a kill
     try:
-        save_policy(model, tokenizer, tmp)
+        if not (same_as is not None and link_folder(Path(same_as), tmp)):
+            save_policy(model, tokenizer, tmp)
         fsync_tree(tmp)
         old = _hide(folder) if folder.exists() else None
         tmp.rename(folder)
@@ -410,6 +414,21 @@ def publish_policy(model, tokenizer, folder: Path, run_dir: Path) -> None:
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def link_folder(source: Path, target: Path) -> bool:
+    """Hard-link every file of a whole saved policy folder into a new folder `target`; False (and no `target`)
+    where the source is damaged or the filesystem refuses links."""
+    if policy_damage(source) is not None or any(p.is_dir() for p in source.iterdir()):
+        return False
+    target.mkdir()
+    try:
+        for f in source.iterdir():
+            os.link(f, target / f.name)
+    except OSError:  # another filesystem, or links not supported: the caller writes the files
+        shutil.rmtree(target, ignore_errors=True)
+        return False
+    return True
 
 
 def load_policy(model, folder: Path) -> None:

@@ -433,7 +433,9 @@ def _train(config: Config, world: World, quiet: bool, console_mode: str, resume:
             console.info(f"trained {done} steps in {format_duration(time.perf_counter() - console.start)}")
         whole = trainer.engine.copy if is_sharded(model) else model  # FSDP2: the engine's whole copy of the policy
         if config.output.save_model:
-            checkpoint.publish_policy(whole, tokenizer, run_dir / "model", run_dir)
+            last = checkpoint.latest_checkpoint(run_dir)  # of this step: its model/ holds these weights
+            same = last.path / "model" if last is not None and last.step == trainer.step_count else None
+            checkpoint.publish_policy(whole, tokenizer, run_dir / "model", run_dir, same_as=same)
             what = "the LoRA adapter" if config.lora.enabled else "the model"
             console.info(f"saved {what} to {run_dir / 'model'}")
         if config.eval.after:
