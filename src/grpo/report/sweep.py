@@ -28,15 +28,16 @@ def seed_curves(summary: dict) -> tuple[dict[str, list], dict[str, list]]:
 def _table(summary: dict) -> str:
     pct = summary["value"] == "accuracy"
     cell = (lambda v: f"{100 * v:.1f}%") if pct else (lambda v: fmt(round(v, 4)))  # noqa: E731
+    gain = lambda g: f'<td class="{"pos" if g > 0 else "neg" if g < 0 else ""}">{"+" if g >= 0 else ""}{cell(g)}</td>'  # noqa: E731
     rows = []
     for r in summary["runs"]:
         link = Path(r["run_dir"]).name + "/" + REPORT_NAME
         rows.append(f'<tr><th><a href="{e(link)}">seed {e(r["seed"])}</a></th><td>{cell(r["before"])}</td>'
-                    f'<td>{cell(r["after"])}</td><td class="{"pos" if r["gain"] > 0 else "neg"}">{"+" if r["gain"] >= 0 else ""}'
-                    f'{cell(r["gain"])}</td><td>{r["train_seconds"] / 60:.1f} min</td></tr>')
+                    f'<td>{cell(r["after"])}</td>{gain(r["gain"])}<td>{r["train_seconds"] / 60:.1f} min</td></tr>')
     for stat in ("mean", "std", "min", "max"):
         b, a, g, t = (summary[k][stat] for k in ("before", "after", "gain", "train_seconds"))
-        rows.append(f"<tr><th>{stat}</th><td>{cell(b)}</td><td>{cell(a)}</td><td>{cell(g)}</td><td>{t / 60:.1f} min</td></tr>")
+        g_cell = f"<td>{cell(g)}</td>" if stat == "std" else gain(g)
+        rows.append(f"<tr><th>{stat}</th><td>{cell(b)}</td><td>{cell(a)}</td>{g_cell}<td>{t / 60:.1f} min</td></tr>")
     return ('<table class="num"><thead><tr><th></th><th>before</th><th>after</th><th>gain</th><th>training time</th>'
             f'</tr></thead><tbody>{"".join(rows)}</tbody></table>')
 
