@@ -153,13 +153,13 @@ def test_tagged_answer_without_a_reference_does_not_apply_and_other_tags_work():
 
 
 def test_answer_format_recipe_orders_the_behaviours():
-    """configs/answer_format.yaml's weighted total: tagged and right > tagged, wrong > untagged, right > neither."""
+    """configs/answer_format.yaml's weighted total: tagged and right > tagged, wrong > some tags > no tags, right
+    or wrong alike (answer_accuracy is reported with weight 0, so a group without tags has no gradient)."""
     from grpo.config import load_config
     from grpo.rewards import build_rewards, score
 
     cfg = load_config(Path(__file__).parents[1] / "configs" / "answer_format.yaml")
-    texts = ["<answer>7</answer>", "<answer>8</answer>", "3 + 4 = 7", "<answer>", "no idea"]
+    texts = ["<answer>7</answer>", "<answer>8</answer>", "<answer>7", "3 + 4 = 7", "no idea"]
     result = score(build_rewards(cfg.rewards), ["What is 3 + 4?"] * 5, texts, {"answer": ["7"] * 5})
-    total = result.total.tolist()
-    assert total == sorted(total, reverse=True) and len(set(total)) == 5
-    assert total[0] == pytest.approx(1.5, abs=1e-12) and total[-1] == 0.0
+    assert result.total.tolist() == pytest.approx([1.5, 0.5, 0.125, 0.0, 0.0], rel=0, abs=1e-12)
+    assert result.per_function["answer_accuracy"].tolist() == [1.0, 0.0, 1.0, 1.0, 0.0]  # still measured
