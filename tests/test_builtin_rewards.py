@@ -126,10 +126,11 @@ TAGGED = [
     ("<answer>7</answer>", "7", 1.0, 1.0),
     ("3 + 4 = 7\n<answer> 7. </answer>", "7", 1.0, 1.0),  # text around, spaces and a full stop inside
     ("<answer>8</answer>", "7", 0.0, 1.0),  # the format, the wrong number
-    ("<answer>3 + 4</answer>", "7", 0.0, 0.75),  # an expression is not the number
-    ("<answer>7", "7", 0.0, 0.25),  # only the opening tag
-    ("</answer> then <answer>", "7", 0.0, 0.25),  # the closing tag before the opening one
-    ("<answer>7</answer><answer>7</answer>", "7", 0.0, 0.5),  # twice: not exactly one
+    ("<answer>3 + 4</answer>", "7", 0.0, 1 / 3),  # an expression is not the number: only "<answer>3"
+    ("<answer>7", "7", 0.0, 1 / 3),  # opened with a number, never closed
+    ("Put it inside <answer></answer>: 7", "7", 0.0, 0.0),  # empty tags (an echoed instruction) earn nothing
+    ("inside <answer></answer> like this: <answer>7</answer>", "7", 0.0, 2 / 3),  # a pair, but the tags twice
+    ("<answer>7</answer><answer>7</answer>", "7", 0.0, 2 / 3),  # twice: not exactly one
     ("7", "7", 0.0, 0.0),
     ("<answer>-3</answer>", "-3", 1.0, 1.0),
     ("<answer>1,234</answer>", "1234", 1.0, 1.0),
@@ -141,7 +142,7 @@ def test_tagged_answer_and_tag_pieces(text, ref, strict, pieces):
     from grpo.rewards.builtin import tag_pieces, tagged_answer
 
     assert tagged_answer([text], [ref]) == [strict]
-    assert tag_pieces([text]) == [pieces]
+    assert tag_pieces([text]) == pytest.approx([pieces], rel=0, abs=1e-12)
 
 
 def test_tagged_answer_without_a_reference_does_not_apply_and_other_tags_work():
@@ -161,5 +162,5 @@ def test_answer_format_recipe_orders_the_behaviours():
     cfg = load_config(Path(__file__).parents[1] / "configs" / "answer_format.yaml")
     texts = ["<answer>7</answer>", "<answer>8</answer>", "<answer>7", "3 + 4 = 7", "no idea"]
     result = score(build_rewards(cfg.rewards), ["What is 3 + 4?"] * 5, texts, {"answer": ["7"] * 5})
-    assert result.total.tolist() == pytest.approx([1.5, 0.5, 0.125, 0.0, 0.0], rel=0, abs=1e-12)
+    assert result.total.tolist() == pytest.approx([1.5, 0.5, 0.5 / 3, 0.0, 0.0], rel=0, abs=1e-12)
     assert result.per_function["answer_accuracy"].tolist() == [1.0, 0.0, 1.0, 1.0, 0.0]  # still measured

@@ -134,18 +134,18 @@ def tagged_answer(completions, answer, tag: str = "answer", **_) -> list[float |
 
 @register_reward("tag_pieces")
 def tag_pieces(completions, tag: str = "answer", **_) -> list[float]:
-    """Partial credit for a tag format, a quarter for each piece: <tag> is written, </tag> is written after it,
-    exactly one well-formed <tag>...</tag>, and its content is a plain number. Shaping for a model that writes
-    the tags in a few samples in a hundred: a group where one sample writes only <tag> already has rewards that
-    differ, so it carries a gradient towards the format long before any sample gets it all right."""
+    """Partial credit for the format <tag>N</tag>, a third for each piece: <tag> followed by a number, that number
+    closed by </tag>, and the tags written exactly once each. 1.0 exactly when tagged_answer's format holds
+    (whatever the number). Shaping for a model that writes the tags in a few samples in a hundred: a sample with
+    only "<tag>7" already differs from its group. Empty tags score nothing, so echoing an instruction that shows
+    "<tag></tag>" earns no credit."""
+    number = rf"\s*(?:{_NUMBER.pattern})"
+    opened, closed = re.compile(rf"<{tag}>{number}"), re.compile(rf"<{tag}>{number}\.?\s*</{tag}>")
     out = []
     for text in completions:
-        start = text.find(f"<{tag}>")
-        inside = _tag_contents(text, tag)
-        once = len(inside) == 1 and text.count(f"<{tag}>") == 1 and text.count(f"</{tag}>") == 1
-        pieces = [start >= 0, start >= 0 and text.find(f"</{tag}>", start) >= 0, once,
-                  once and _plain_number(inside[0]) is not None]
-        out.append(sum(pieces) / 4)
+        pair = bool(closed.search(text))
+        once = pair and text.count(f"<{tag}>") == 1 and text.count(f"</{tag}>") == 1
+        out.append((bool(opened.search(text)) + pair + once) / 3)
     return out
 
 
