@@ -118,3 +118,49 @@ def test_code_sample_runs_with_code_tests():
     answers = {"add": "def add(a, b):\n    return a + b", "io": "a, b = map(int, input().split())\nprint(a + b)"}
     assert code_tests(f"```python\n{answers['add']}\n```", rows[0]["tests"]) == 1.0
     assert code_tests(f"```python\n{answers['io']}\n```", rows[8]["tests"]) == 1.0
+
+
+# --- the answer-format rewards (configs/answer_format.yaml) -----------------------------------------------------
+
+TAGGED = [
+    ("<answer>7</answer>", "7", 1.0, 1.0),
+    ("3 + 4 = 7\n<answer> 7. </answer>", "7", 1.0, 1.0),  # text around, spaces and a full stop inside
+    ("<answer>8</answer>", "7", 0.0, 1.0),  # the format, the wrong number
+    ("<answer>3 + 4</answer>", "7", 0.0, 1 / 3),  # an expression is not the number: only "<answer>3"
+    ("<answer>7", "7", 0.0, 1 / 3),  # opened with a number, never closed
+    ("Put it inside <answer></answer>: 7", "7", 0.0, 0.0),  # empty tags (an echoed instruction) earn nothing
+    ("inside <answer></answer> like this: <answer>7</answer>", "7", 0.0, 2 / 3),  # a pair, but the tags twice
+    ("<answer>7</answer><answer>7</answer>", "7", 0.0, 2 / 3),  # twice: not exactly one
+    ("7", "7", 0.0, 0.0),
+    ("<answer>-3</answer>", "-3", 1.0, 1.0),
+    ("<answer>1,234</answer>", "1234", 1.0, 1.0),
+]
+
+
+@pytest.mark.parametrize("text, ref, strict, pieces", TAGGED)
+def test_tagged_answer_and_tag_pieces(text, ref, strict, pieces):
+    from grpo.rewards.builtin import tag_pieces, tagged_answer
+
+    assert tagged_answer([text], [ref]) == [strict]
+    assert tag_pieces([text]) == pytest.approx([pieces], rel=0, abs=1e-12)
+
+
+def test_tagged_answer_without_a_reference_does_not_apply_and_other_tags_work():
+    from grpo.rewards.builtin import tag_pieces, tagged_answer
+
+    assert tagged_answer(["<answer>7</answer>", "<answer>7</answer>"], [None, "seven"]) == [None, None]
+    assert tagged_answer(["<result>7</result>"], ["7"], tag="result") == [1.0]
+    assert tag_pieces(["<result>7</result>"], tag="result") == [1.0] and tag_pieces(["<answer>7</answer>"], tag="result") == [0.0]
+
+
+def test_answer_format_recipe_orders_the_behaviours():
+    """configs/answer_format.yaml's weighted total: tagged and right > tagged, wrong > some tags > no tags, right
+    or wrong alike (answer_accuracy is reported with weight 0, so a group without tags has no gradient)."""
+    from grpo.config import load_config
+    from grpo.rewards import build_rewards, score
+
+    cfg = load_config(Path(__file__).parents[1] / "configs" / "answer_format.yaml")
+    texts = ["<answer>7</answer>", "<answer>8</answer>", "<answer>7", "3 + 4 = 7", "no idea"]
+    result = score(build_rewards(cfg.rewards), ["What is 3 + 4?"] * 5, texts, {"answer": ["7"] * 5})
+    assert result.total.tolist() == pytest.approx([1.5, 0.5, 0.5 / 3, 0.0, 0.0], rel=0, abs=1e-12)
+    assert result.per_function["answer_accuracy"].tolist() == [1.0, 0.0, 1.0, 1.0, 0.0]  # still measured

@@ -125,21 +125,26 @@ def reward_file(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def single_run(tiny_model_dir, reward_file, tmp_path_factory):
+    """3 steps, with a held-out evaluation after step 2 (eval.every): the runs compared with it that evaluate only
+    before and after show that evaluating during training changes nothing in it."""
     out = tmp_path_factory.mktemp("one") / "run"
     proc = grpo("train", f"model.path={tiny_model_dir}", f"output.dir={out}", *RUN, "trainer.steps=3",
-                "output.checkpoint_every=2", f"rewards=[{{name: {reward_file}:vowels}}]")
+                "output.checkpoint_every=2", f"rewards=[{{name: {reward_file}:vowels}}]", "eval.every=2")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
 
 
 def test_a_run_on_two_ranks_matches_the_single_process_run(single_run, tiny_model_dir, reward_file, tmp_path):
-    """`grpo train --nproc 2`: rank 0 alone writes the run folder; the metrics (reduced over ranks) and the
-    final weights are the one-process run's."""
+    """`grpo train --nproc 2`: rank 0 alone writes the run folder and evaluates (after step 2, eval.every, while
+    rank 1 waits); the metrics (reduced over ranks), the evaluation and the final weights are the one-process run's."""
     out = tmp_path / "run"
     proc = grpo("train", f"model.path={tiny_model_dir}", f"output.dir={out}", *RUN, "trainer.steps=3",
-                "output.checkpoint_every=2", f"rewards=[{{name: {reward_file}:vowels}}]", nproc=2)
+                "output.checkpoint_every=2", f"rewards=[{{name: {reward_file}:vowels}}]", "eval.every=2", nproc=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_same_run(single_run, out)
+    curve = [{k: v for k, v in m.items() if k.startswith("eval/")} for m in metrics(out)]
+    assert curve == [{k: v for k, v in m.items() if k.startswith("eval/")} for m in metrics(single_run)]
+    assert [sorted(c) for c in curve] == [[], ["eval/accuracy", "eval/reward", "eval/reward/vowels"], []]
     assert len((out / "samples.jsonl").read_text().splitlines()) == 3 * 2  # one writer: rank 0
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002", "step-000003"]
 

@@ -53,3 +53,45 @@ def test_default_model_converts_once_and_answers(tmp_path, monkeypatch):
     ids = encode_prompt(tok, [{"role": "user", "content": "What is 2 + 3? Reply with only the number."}])
     out = engine.generate([ids], 1, SamplingParams(max_new_tokens=8, temperature=0.0))
     assert "5" in tok.decode(out.completion_ids[0], skip_special_tokens=True)
+
+
+# --- a Hugging Face hub id as model.path (configs/gsm8k_gpu.yaml) -------------------------------------------------
+
+
+@pytest.mark.parametrize("path, hub", [("Qwen/Qwen2.5-0.5B-Instruct", True), ("HuggingFaceTB/SmolLM2-135M", True),
+                                       ("/no/such/model", False), ("./models/x", False), ("model", False),
+                                       ("a/b/c", False), ("Qwen/", False)])
+def test_hub_ids(path, hub):
+    assert models.is_hub_id(path) is hub
+    if hub:
+        assert load_config(None, [f"model.path={path}"]).model.path == path
+    else:
+        with pytest.raises(Exception, match="no such file or folder"):
+            load_config(None, [f"model.path={path}"])
+
+
+def test_a_local_folder_named_like_a_hub_id_is_the_folder(tiny_model_dir, tmp_path, monkeypatch):
+    (tmp_path / "Org").mkdir()
+    (tmp_path / "Org" / "Model").symlink_to(tiny_model_dir)
+    monkeypatch.chdir(tmp_path)
+    assert not models.is_hub_id("Org/Model")
+    assert resolve_model_folder("Org/Model").resolve() == tiny_model_dir.resolve()
+
+
+def test_a_hub_id_is_downloaded_once_into_the_hub_cache(tiny_model_dir, monkeypatch):
+    import huggingface_hub
+
+    asked = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo, **kw: asked.append(repo) or str(tiny_model_dir))
+    assert resolve_model_folder("Org/Model-0.5B", log=lambda *_: None) == tiny_model_dir and asked == ["Org/Model-0.5B"]
+
+
+def test_a_hub_id_that_cannot_be_downloaded_says_how_to_get_it(monkeypatch):
+    import huggingface_hub
+
+    def offline(repo, **kw):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(ModelError, match=r"huggingface-cli download Org/Model --local-dir DIR.*model.path=DIR"):
+        resolve_model_folder("Org/Model", log=lambda *_: None)

