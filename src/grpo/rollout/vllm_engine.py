@@ -170,20 +170,23 @@ class VLLMEngine:
                 raise ValueError(f"got {len(seeds)} group seeds for {len(prompt_ids)} prompts")
         start = time.perf_counter()
         self._wake()
-        common = dict(n=group_size, max_tokens=params.max_new_tokens, logprobs=0, stop_token_ids=sorted(self.eos_ids),
+        common = dict(max_tokens=params.max_new_tokens, logprobs=0, stop_token_ids=sorted(self.eos_ids),
                       stop=list(params.stop) or None, include_stop_str_in_output=True, detokenize=bool(params.stop))
-        if params.greedy:
-            requests = [VSamplingParams(temperature=0.0, **common)] * len(prompt_ids)
+        if params.greedy:  # vLLM takes n = 1 only: one completion per prompt, repeated G times below
+            requests = [VSamplingParams(n=1, temperature=0.0, **common)] * len(prompt_ids)
         else:
-            requests = [VSamplingParams(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
-                                        min_p=params.min_p, seed=int(s) % SEED_RANGE, **common) for s in seeds]
+            requests = [VSamplingParams(n=group_size, temperature=params.temperature, top_p=params.top_p,
+                                        top_k=params.top_k, min_p=params.min_p, seed=int(s) % SEED_RANGE, **common)
+                        for s in seeds]
         with _process_state_kept():
             outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompt_ids], requests,
                                         use_tqdm=False)
         if self.sleep_mode:
             self.llm.sleep(level=2)
             self._asleep = self._weights_lost = True
-        rows = [c for out in outputs for c in sorted(out.outputs, key=lambda c: c.index)]  # row n = b * G + g
+        repeat = group_size if params.greedy else 1
+        rows = [c for out in outputs for c in sorted(out.outputs, key=lambda c: c.index) for _ in range(repeat)]
+        # row n = b * G + g
         width = max(1, max(len(c.token_ids) for c in rows))
         raw = torch.full((len(rows), width), self.pad_id, dtype=torch.long)  # [N, T]
         logprobs = torch.zeros((len(rows), width), dtype=torch.float32)  # [N, T]
