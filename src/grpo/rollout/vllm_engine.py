@@ -41,7 +41,7 @@ from contextlib import contextmanager
 import torch
 
 from grpo.models import is_lora, pad_token_id, plain_state_dict
-from grpo.rollout.base import LogprobKind, Rollout, SamplingParams, draw_seeds, finish_completions
+from grpo.rollout.base import LogprobKind, Rollout, SamplingParams, draw_seeds, rollout_from_raw
 from grpo.rollout.hf import eos_token_ids
 
 # vLLM's per-request seeds: each sample adds its index, so keep the sum inside a signed 64-bit integer
@@ -194,18 +194,8 @@ class VLLMEngine:
             ids = list(c.token_ids)
             raw[n, : len(ids)] = torch.tensor(ids, dtype=torch.long)
             logprobs[n, : len(ids)] = torch.tensor([float(c.logprobs[t][tok].logprob) for t, tok in enumerate(ids)])
-        completion_ids, mask, truncated = finish_completions(
-            raw, self.eos_ids, self.pad_id, params.max_new_tokens, self.tokenizer, params.stop
-        )
-        return Rollout(
-            prompt_ids=[list(p) for p in prompt_ids],
-            completion_ids=completion_ids,
-            completion_mask=mask,
-            truncated=truncated,
-            group_size=group_size,
-            sampling_logprobs=logprobs.masked_fill(~mask, 0.0),
-            stats={"generate_s": time.perf_counter() - start, "tokens": float(mask.sum())},
-        )
+        return rollout_from_raw(prompt_ids, raw, logprobs, group_size, params, self.eos_ids, self.pad_id,
+                                self.tokenizer, stats={"generate_s": time.perf_counter() - start})
 
     def _wake(self) -> None:
         """Before a generation in sleep mode: the weights back (pushed again if no sync brought them back since
