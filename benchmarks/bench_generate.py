@@ -373,6 +373,8 @@ def main() -> None:
     parser.add_argument("--vllm-python", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..",
                                                               ".venv-vllm", "bin", "python"))
     parser.add_argument("--vllm-eager", action="store_true", help="vLLM without compilation (enforce_eager)")
+    parser.add_argument("--no-bound", action="store_true",
+                        help="skip the machine's bound (roofline, matmul floor): minutes on a CPU without bf16 matmuls")
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--vllm-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -390,13 +392,14 @@ def main() -> None:
     model, tok = load(args.model, args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, model {model.config._name_or_path}")
     print(f"load average before: {os.getloadavg()[0]:.2f} (other processes on these cores distort every number)")
-    rates = machine_rates()
+    rates = None if args.no_bound else machine_rates()
     costs = model_costs(model)
-    print(
-        f"machine: {rates['matmul_gflops']:.0f} GFLOP/s fp32 matmul (2048^3), {rates['matmul_bf16_gflops']:.0f} bf16, "
-        f"{rates['read_gbs']:.1f} GB/s read; model: {costs['weight_params'] / 1e6:.0f}M matmul weights, "
-        f"{costs['flops_per_token'] / 1e9:.2f} GFLOP/token + attention, {costs['weight_bytes'] / 1e6:.0f} MB read/step"
-    )
+    if rates is not None:
+        print(
+            f"machine: {rates['matmul_gflops']:.0f} GFLOP/s fp32 matmul (2048^3), {rates['matmul_bf16_gflops']:.0f} bf16, "
+            f"{rates['read_gbs']:.1f} GB/s read; model: {costs['weight_params'] / 1e6:.0f}M matmul weights, "
+            f"{costs['flops_per_token'] / 1e9:.2f} GFLOP/token + attention, {costs['weight_bytes'] / 1e6:.0f} MB read/step"
+        )
     runners = make_runners(model, tok, names)
     rows = []
     for config in args.configs.split(","):
@@ -409,7 +412,7 @@ def main() -> None:
         fast = results["fast"][0] / results["fast"][1] if isinstance(results.get("fast"), tuple) else None
         n = b * g
         context = sum(map(len, prompts)) / b + t / 2
-        floors = {dt: n / decode_matmul_floor(model, n, dt) for dt in (torch.float32, torch.bfloat16)}
+        floors = {} if rates is None else {dt: n / decode_matmul_floor(model, n, dt) for dt in (torch.float32, torch.bfloat16)}
         for name, result in results.items():
             if isinstance(result, str):  # this engine failed here
                 rows.append({"config": config, "engine": name, "error": result})
@@ -423,7 +426,8 @@ def main() -> None:
                     "config": config, "engine": name, "tokens_per_s": rate, "seconds": seconds / args.repeats,
                     "mean_len": tokens / (n * args.repeats), "vs_generate": rate / base if base else float("nan"),
                     "vs_fast": rate / fast if fast else float("nan"),
-                    "roofline": roofline_tokens_per_s(costs, rates, n, context, dtype), "matmul_floor": floors[dtype],
+                    "roofline": roofline_tokens_per_s(costs, rates, n, context, dtype) if rates else float("nan"),
+                    "matmul_floor": floors.get(dtype, float("nan")),
                 }
             )  # fmt: skip
             print(json.dumps(rows[-1]), flush=True)
@@ -453,6 +457,8 @@ def print_speed(rows, rates, costs) -> None:
             f"| {r['mean_len']:.0f} | {r['seconds']:.1f} | {r['roofline']:.0f} / {r['matmul_floor']:.0f} "
             f"| {r['tokens_per_s'] / r['matmul_floor']:.0%} |"
         )
+    if rates is None:
+        return
     print(
         f"\nBound: {rates['matmul_gflops']:.0f} GFLOP/s fp32 and {rates['matmul_bf16_gflops']:.0f} GFLOP/s bf16 on a "
         f"2048^3 matmul (best of PyTorch's kernel and oneDNN's), {rates['read_gbs']:.1f} GB/s read (sum of 256 MiB); "
