@@ -38,6 +38,7 @@ setup-vllm: $(STAMP_VLLM)
 
 $(STAMP_VLLM): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV_VLLM)
+	$(PY_VLLM) -m pip install -q --upgrade pip
 	$(PY_VLLM) -m pip install -q --no-compile "$(TORCH)"
 	$(PY_VLLM) -m pip install -q --no-compile "$(VLLM)" "transformers<5.20"
 	$(PY_VLLM) -m pip uninstall -q -y torchvision torchaudio torchcodec
