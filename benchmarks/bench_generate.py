@@ -126,6 +126,7 @@ class VLLMChild:
         cmd += (["--model", a.model] if a.model else []) + (["--vllm-eager"] if a.vllm_eager else [])
         env = dict(os.environ, PYTHONPATH=src_path(), VLLM_CPU_NUM_OF_RESERVED_CPU="0")
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+        env.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{a.threads - 1}")  # as many cores as the other engines' threads
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
         self.error = self._reply().get("error")  # the child says "ready" once its engine is up
 
