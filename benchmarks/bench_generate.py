@@ -1,8 +1,10 @@
-"""FastEngine against plain `transformers` generate: tokens/s side by side, peak memory, and this machine's bound.
+"""FastEngine against plain `transformers` generate and vLLM: tokens/s side by side, peak memory, this machine's bound.
 
     python benchmarks/bench_generate.py                       # default model, CPU, 2 threads (~12 min)
     python benchmarks/bench_generate.py --configs 2x8x64 --repeats 1 --no-memory   # ~1 min
     python benchmarks/bench_generate.py --memory-only                        # peak memory only
+    python benchmarks/bench_generate.py --engines generate,fast,fast-bf16,vllm,vllm-bf16 \
+        --configs 2x8x64,8x8x128,32x8x128 --no-memory --generate-upto 64    # the engine table of the README
 
 A config BxGxT is B prompts x G samples x T max new tokens. `generate` is `model.generate` on each prompt
 repeated G times (left padded, do_sample, temperature 1, no top-k/top-p), the way a GRPO trainer calls it;
@@ -11,6 +13,10 @@ instead of FusedDecoder, `fused=False`; `fast-unpacked`: with no copy of the wei
 `prepack=False`; `fast-mkl`: with PyTorch's default float32 matmul kernel instead of oneDNN's);
 `fast-bf16` is FastEngine sampling from a bfloat16 copy of the
 weights, and `generate-bf16` is generate on a bfloat16 model, for a like-for-like bf16 ratio.
+`vllm` / `vllm-bf16` are our VLLMEngine (sampling.engine=vllm: a vllm.LLM, float32 / bfloat16 weights), each
+in a child process of the vLLM virtualenv (--vllm-python, default .venv-vllm: vLLM needs other package
+versions than .venv) that keeps its engine between calls, so it takes its turn with the others; --vllm-eager
+runs it without compilation (faster start, slower decode).
 Tokens/s counts real completion tokens (up to and including EOS) over wall time; engines run in turn, after
 a warm-up, with a different seed each repeat. Peak memory comes from one child process per engine.
 It prints numbers and ratios and never asserts a time.
@@ -95,6 +101,8 @@ def make_runners(model, tokenizer, names: list[str]) -> dict:
         return run
 
     makers = {
+        "vllm": lambda: VLLMChild("float32"),
+        "vllm-bf16": lambda: VLLMChild("bfloat16"),
         "generate": lambda: generate_on(model),
         "fast": lambda: fast_with(),
         "fast-unfused": lambda: fast_with(fused=False),
@@ -106,10 +114,70 @@ def make_runners(model, tokenizer, names: list[str]) -> dict:
     return {name: makers[name]() for name in names}
 
 
+class VLLMChild:
+    """VLLMEngine in a child process of the vLLM virtualenv, answering one generation per request line:
+    {"prompts", "g", "t", "seed"} -> {"tokens"} (or {"error"}). The child keeps its engine between calls."""
+
+    args = None  # the command line (set by main): model, threads, vllm python, eager
+
+    def __init__(self, dtype: str):
+        a = self.args
+        cmd = [a.vllm_python, os.path.abspath(__file__), "--vllm-child", dtype, "--threads", str(a.threads)]
+        cmd += (["--model", a.model] if a.model else []) + (["--vllm-eager"] if a.vllm_eager else [])
+        env = dict(os.environ, PYTHONPATH=src_path(), VLLM_CPU_NUM_OF_RESERVED_CPU="0")
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+        env.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{a.threads - 1}")  # as many cores as the other engines' threads
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        self.error = self._reply().get("error")  # the child says "ready" once its engine is up
+
+    def _reply(self) -> dict:
+        for line in self.proc.stdout:
+            if line.startswith("{"):
+                return json.loads(line)
+        return {"error": f"the vLLM child exited with {self.proc.wait()}"}
+
+    def __call__(self, prompts, g, t, seed) -> int:
+        if self.error:
+            raise RuntimeError(self.error)
+        self.proc.stdin.write(json.dumps({"prompts": prompts, "g": g, "t": t, "seed": seed}) + "\n")
+        self.proc.stdin.flush()
+        reply = self._reply()
+        if "error" in reply:
+            raise RuntimeError(reply["error"])
+        return reply["tokens"]
+
+
+def vllm_child(args) -> None:
+    """The child's side of VLLMChild: load the model, start VLLMEngine, answer requests from stdin."""
+    try:
+        model, tok = load(args.model, args.threads)
+        from grpo.rollout import SamplingParams, VLLMEngine
+
+        engine = VLLMEngine(model, tok, dtype=args.vllm_child, enforce_eager=args.vllm_eager)
+        print(json.dumps({"ready": engine.describe()}), flush=True)
+    except Exception as e:  # noqa: BLE001 -- reported to the parent as this engine's result
+        print(json.dumps({"error": f"{type(e).__name__}: {e}"[-500:]}), flush=True)
+        return
+    for line in sys.stdin:
+        req = json.loads(line)
+        try:
+            params = SamplingParams(max_new_tokens=req["t"], temperature=1.0)
+            rollout = engine.generate(req["prompts"], req["g"], params, torch.Generator().manual_seed(req["seed"]))
+            print(json.dumps({"tokens": int(rollout.completion_mask.sum())}), flush=True)
+        except Exception as e:  # noqa: BLE001
+            print(json.dumps({"error": f"{type(e).__name__}: {e}"[-500:]}), flush=True)
+
+
 def time_engines(runners: dict, prompts_b, g: int, t: int, repeats: int) -> dict:
-    """name -> (tokens, seconds) summed over the repeats; engines take turns within each repeat."""
-    for run in runners.values():  # warm-up: allocator, kernels, lazy init
-        run(prompts_b[:1], 2, 8, seed=0)
+    """name -> (tokens, seconds) summed over the repeats, or an error message; engines take turns within
+    each repeat."""
+    failed = {}
+    for name, run in runners.items():  # warm-up: allocator, kernels, lazy init
+        try:
+            run(prompts_b[:1], 2, 8, seed=0)
+        except RuntimeError as e:  # a vLLM child that could not start or generate (e.g. bf16 on this CPU)
+            failed[name] = str(e)
+    runners = {name: run for name, run in runners.items() if name not in failed}
     totals = {name: [0, 0.0] for name in runners}
     for r in range(repeats):
         for name, run in runners.items():
@@ -117,7 +185,7 @@ def time_engines(runners: dict, prompts_b, g: int, t: int, repeats: int) -> dict
             tokens = run(prompts_b, g, t, seed=1 + r)
             totals[name][0] += tokens
             totals[name][1] += time.perf_counter() - start
-    return {name: tuple(v) for name, v in totals.items()}
+    return {**{name: tuple(v) for name, v in totals.items()}, **failed}
 
 
 # -- peak memory: one child process per engine ---------------------------------------------------------
@@ -301,44 +369,66 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes")
     parser.add_argument("--memory-only", action="store_true", help="only the peak-memory child processes")
+    parser.add_argument("--generate-upto", type=int, default=None,
+                        help="run generate / generate-bf16 only for configs of at most this many rows B x G (slow)")
+    parser.add_argument("--vllm-python", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..",
+                                                              ".venv-vllm", "bin", "python"))
+    parser.add_argument("--vllm-eager", action="store_true", help="vLLM without compilation (enforce_eager)")
+    parser.add_argument("--no-bound", action="store_true",
+                        help="skip the machine's bound (roofline, matmul floor): minutes on a CPU without bf16 matmuls")
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--vllm-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    VLLMChild.args = args
     if args.memory_child:
         return memory_child(args)
+    if args.vllm_child:
+        return vllm_child(args)
 
     names = args.engines.split(",")
     # children first: Linux carries a parent's peak RSS into ru_maxrss across fork and exec
-    memory = {} if args.no_memory else measure_memory(args, names)
+    memory = {} if args.no_memory else measure_memory(args, [n for n in names if not n.startswith("vllm")])
     if args.memory_only:
         return print_markdown([], memory, None, None, args)
     model, tok = load(args.model, args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, model {model.config._name_or_path}")
     print(f"load average before: {os.getloadavg()[0]:.2f} (other processes on these cores distort every number)")
-    rates = machine_rates()
+    rates = None if args.no_bound else machine_rates()
     costs = model_costs(model)
-    print(
-        f"machine: {rates['matmul_gflops']:.0f} GFLOP/s fp32 matmul (2048^3), {rates['matmul_bf16_gflops']:.0f} bf16, "
-        f"{rates['read_gbs']:.1f} GB/s read; model: {costs['weight_params'] / 1e6:.0f}M matmul weights, "
-        f"{costs['flops_per_token'] / 1e9:.2f} GFLOP/token + attention, {costs['weight_bytes'] / 1e6:.0f} MB read/step"
-    )
+    if rates is not None:
+        print(
+            f"machine: {rates['matmul_gflops']:.0f} GFLOP/s fp32 matmul (2048^3), {rates['matmul_bf16_gflops']:.0f} bf16, "
+            f"{rates['read_gbs']:.1f} GB/s read; model: {costs['weight_params'] / 1e6:.0f}M matmul weights, "
+            f"{costs['flops_per_token'] / 1e9:.2f} GFLOP/token + attention, {costs['weight_bytes'] / 1e6:.0f} MB read/step"
+        )
     runners = make_runners(model, tok, names)
     rows = []
     for config in args.configs.split(","):
         b, g, t = parse_config(config)
         prompts = prompts_for(tok, b)
-        results = time_engines(runners, prompts, g, t, args.repeats)
+        slow = args.generate_upto is not None and b * g > args.generate_upto
+        results = time_engines({k: v for k, v in runners.items() if not (slow and k.startswith("generate"))},
+                               prompts, g, t, args.repeats)
         base = results["generate"][0] / results["generate"][1] if "generate" in results else None
+        fast = results["fast"][0] / results["fast"][1] if isinstance(results.get("fast"), tuple) else None
         n = b * g
         context = sum(map(len, prompts)) / b + t / 2
-        floors = {dt: n / decode_matmul_floor(model, n, dt) for dt in (torch.float32, torch.bfloat16)}
-        for name, (tokens, seconds) in results.items():
+        floors = {} if rates is None else {dt: n / decode_matmul_floor(model, n, dt) for dt in (torch.float32, torch.bfloat16)}
+        for name, result in results.items():
+            if isinstance(result, str):  # this engine failed here
+                rows.append({"config": config, "engine": name, "error": result})
+                print(json.dumps(rows[-1]), flush=True)
+                continue
+            tokens, seconds = result
             rate = tokens / seconds
             dtype = torch.bfloat16 if name.endswith("bf16") else torch.float32
             rows.append(
                 {
                     "config": config, "engine": name, "tokens_per_s": rate, "seconds": seconds / args.repeats,
                     "mean_len": tokens / (n * args.repeats), "vs_generate": rate / base if base else float("nan"),
-                    "roofline": roofline_tokens_per_s(costs, rates, n, context, dtype), "matmul_floor": floors[dtype],
+                    "vs_fast": rate / fast if fast else float("nan"),
+                    "roofline": roofline_tokens_per_s(costs, rates, n, context, dtype) if rates else float("nan"),
+                    "matmul_floor": floors.get(dtype, float("nan")),
                 }
             )  # fmt: skip
             print(json.dumps(rows[-1]), flush=True)
@@ -355,16 +445,21 @@ def print_markdown(rows, memory, rates, costs, args) -> None:
 
 def print_speed(rows, rates, costs) -> None:
     print(
-        "\n| config BxGxT | engine | tokens/s | vs generate | mean length | s/run "
+        "\n| config BxGxT | engine | tokens/s | vs generate | vs fast | mean length | s/run "
         "| bound tokens/s: roofline / matmul floor | share of the matmul floor |"
     )
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
+        if "error" in r:
+            print(f"| {r['config']} | {r['engine']} | failed: {r['error'][-200:]} | | | | | | |")
+            continue
         print(
-            f"| {r['config']} | {r['engine']} | {r['tokens_per_s']:.0f} | {r['vs_generate']:.2f}x "
+            f"| {r['config']} | {r['engine']} | {r['tokens_per_s']:.0f} | {r['vs_generate']:.2f}x | {r['vs_fast']:.2f}x "
             f"| {r['mean_len']:.0f} | {r['seconds']:.1f} | {r['roofline']:.0f} / {r['matmul_floor']:.0f} "
             f"| {r['tokens_per_s'] / r['matmul_floor']:.0%} |"
         )
+    if rates is None:
+        return
     print(
         f"\nBound: {rates['matmul_gflops']:.0f} GFLOP/s fp32 and {rates['matmul_bf16_gflops']:.0f} GFLOP/s bf16 on a "
         f"2048^3 matmul (best of PyTorch's kernel and oneDNN's), {rates['read_gbs']:.1f} GB/s read (sum of 256 MiB); "

@@ -10,6 +10,11 @@ Then (prints the tables; it never asserts a time):
     PYTHONPATH=src .venv/bin/python benchmarks/bench_train.py --no-lora    # full fine-tuning only
     PYTHONPATH=src .venv/bin/python benchmarks/bench_train.py --only ours --markdown /tmp/train.md
     PYTHONPATH=src .venv/bin/python benchmarks/bench_train.py --steps 2 --max-new-tokens 8 --threads 1   # smoke test
+    PYTHONPATH=src .venv/bin/python benchmarks/bench_train.py --only ours --no-lora --engine vllm   # a step with vLLM
+
+With --engine vllm our side runs in the vLLM virtualenv (.venv-vllm, `make setup-vllm`; --ours-python
+overrides it): the whole step, sampling with a colocated vllm.LLM whose weights are pushed after the update
+(the phase table's "sync" column, also inside "train").
 
 Both sides train the default model (SmolLM2-135M-Instruct, its converted Hugging Face folder
 `grpo.models.resolve_model_folder(None)`) in float32 on the CPU with the same settings: G = 8 completions
@@ -120,6 +125,7 @@ def overrides_for(args, model_folder: str | None = None) -> list[str]:
         "trainer.gradient_checkpointing": bool(getattr(args, "checkpointing", False)), "trainer.lr": LR, "trainer.lr_schedule": "constant",
         "trainer.warmup_steps": 0, "trainer.weight_decay": 0.0, "trainer.max_grad_norm": MAX_GRAD_NORM,
         "trainer.seed": args.seed, "eval.before": False, "eval.after": False,
+        "sampling.enforce_eager": bool(getattr(args, "vllm_eager", False)),
         "output.dir": os.path.join(tempfile.gettempdir(), "bench_train_unused"), "output.tensorboard": False,
     }  # fmt: skip
     if getattr(args, "lora", False):
@@ -204,7 +210,7 @@ def side_ours(args) -> None:
         phases.append({
             "generate": metrics.get("time/generate", 0.0), "reward": metrics.get("time/score", 0.0),
             "reference": metrics.get("time/reference", 0.0), "train": metrics.get("time/train", 0.0),
-            "step": metrics.get("time/step", steps[-1]),
+            "step": metrics.get("time/step", steps[-1]), "sync": metrics.get("time/weight_sync", 0.0),
         })  # fmt: skip
         tokens.append(float(batch.rollout.lengths.sum()))
         log(f"ours step {i + 1}/{args.steps}: {steps[-1]:.2f} s, {tokens[-1] / batch.rollout.lengths.numel():.1f} "
@@ -450,7 +456,7 @@ def run_child(python: str, side: str, args, extra: list[str] = ()) -> dict:
     """Run one side in its own process; echo its progress lines; return its JSON line (or an error)."""
     cmd = [python, os.path.abspath(__file__), "--side", side, "--steps", str(args.steps), "--threads",
            str(args.threads), "--max-new-tokens", str(args.max_new_tokens), "--seed", str(args.seed),
-           "--engine", args.engine, "--micro-batch-tokens", str(args.micro_batch_tokens), "--lora-sampling-dtype",
+           "--engine", args.engine, *(["--vllm-eager"] if args.vllm_eager else []), "--micro-batch-tokens", str(args.micro_batch_tokens), "--lora-sampling-dtype",
            args.lora_sampling_dtype, "--prompts", args.prompts, *(["--checkpointing"] if args.checkpointing else []),
            *extra]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -521,8 +527,8 @@ def tables(results: dict, args) -> str:
         "",
         "Phase seconds (median of the timed steps) and mean completion length:",
         "",
-        "| run | side | generate | reward | reference | train | step | tokens/completion |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| run | side | generate | reward | reference | train | (of which sync) | step | tokens/completion |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for run, sides in results.items():
         for side in ("trl", "ours"):
@@ -532,7 +538,8 @@ def tables(results: dict, args) -> str:
             p = s["phases"]
             name = "TRL" if side == "trl" else f"ours ({args.engine})"
             lines.append(f"| {run} | {name} | {p['generate']:.2f} | {p['reward']:.2f} | {p['reference']:.2f} "
-                         f"| {p['train']:.2f} | {p['step']:.2f} | {s['tokens_per_completion']:.1f} |")  # fmt: skip
+                         f"| {p['train']:.2f} | {p.get('sync', 0.0):.2f} | {p['step']:.2f} "
+                         f"| {s['tokens_per_completion']:.1f} |")  # fmt: skip
     notes = []
     for run, sides in results.items():
         for side, r in sides.items():
@@ -555,8 +562,10 @@ def main() -> None:
     parser.add_argument("--only", choices=["ours", "trl"], default=None, help="run one side only")
     parser.add_argument("--no-lora", action="store_true", help="full fine-tuning only")
     parser.add_argument("--trl-python", default=os.path.join(ROOT, ".venv-bench", "bin", "python"))
-    parser.add_argument("--ours-python", default=sys.executable, help="python of our venv (default: this one)")
-    parser.add_argument("--engine", choices=["fast", "hf"], default="fast", help="our rollout engine")
+    parser.add_argument("--ours-python", default=None,
+                        help="python of our venv (default: this one; with --engine vllm, .venv-vllm's)")
+    parser.add_argument("--engine", choices=["fast", "hf", "vllm"], default="fast", help="our rollout engine")
+    parser.add_argument("--vllm-eager", action="store_true", help="--engine vllm without compilation")
     parser.add_argument("--lora-sampling-dtype", default="float32", choices=["float32", "bfloat16", ""],
                         help="ours with LoRA: sampling.dtype, a sampling copy with the adapters merged in "
                              "(float32: the policy's own numbers; empty: sample through the adapters)")
@@ -573,6 +582,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.steps < 1:
         parser.error("--steps must be at least 1")
+    if args.ours_python is None:
+        vllm_python = os.path.join(ROOT, ".venv-vllm", "bin", "python")
+        args.ours_python = vllm_python if args.engine == "vllm" and os.path.exists(vllm_python) else sys.executable
     if args.side:
         return {"ours": side_ours, "trl": side_trl, "prompts": side_prompts}[args.side](args)
 

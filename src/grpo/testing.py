@@ -70,10 +70,12 @@ def tiny_model_and_tokenizer(seed: int = 0):
     return tiny_model(len(tok), seed=seed), tok
 
 
-def save_tiny_model(path: str | Path, seed: int = 0) -> Path:
-    """Write the tiny model and tokenizer as an HF folder that `grpo` and `transformers` load."""
+def save_tiny_model(path: str | Path, seed: int = 0, hidden: int = 64) -> Path:
+    """Write the tiny model and tokenizer as an HF folder that `grpo` and `transformers` load (vLLM's CPU
+    attention needs a head size of 32 or more: hidden=128)."""
     path = Path(path)
-    model, tok = tiny_model_and_tokenizer(seed)
+    tok = tiny_tokenizer()
+    model = tiny_model(len(tok), seed=seed, hidden=hidden)
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path

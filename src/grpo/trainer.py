@@ -44,7 +44,8 @@ from grpo.batch import Scored, StepBatch, concat_scored, gather_batch
 from grpo.config import Config
 from grpo.core.advantages import outcome_advantages, process_advantages, zero_std_groups
 from grpo.core.logprobs import MicroBatch, SequenceBatch, build_sequences, micro_batch, plan_micro_batches
-from grpo.core.losses import BatchTotals, aggregate, clipped_surrogate, kl_penalty, masked_mean, per_token_loss
+from grpo.core.losses import (BatchTotals, aggregate, clipped_surrogate, kl_penalty, masked_mean, per_token_loss,
+                              truncated_importance_weights)
 from grpo.data import PromptSampler, encode_rows
 from grpo.distributed import SINGLE, World
 from grpo.logging.metrics import Phases, step_metrics
@@ -89,6 +90,7 @@ class Trainer:
         self.skip_reason: str | None = None  # why the last step was skipped (None: it was not)
         self.ref_reset_step: int | None = None  # last step at which pi_ref := pi_theta
         self.last_lr = scheduler.get_last_lr()[0]
+        self.sync_seconds = 0.0  # this step's time in engine.sync_weights (metric time/weight_sync)
 
     # -- resume: the Trainer's own state (weights and global RNGs: grpo.checkpoint) -------------
     def state_dict(self, optimizer: bool = True) -> dict:
@@ -120,8 +122,10 @@ class Trainer:
             rows = self.sampler.next(self.cfg.prompts_per_step)  # the global batch's B prompts, on every rank
             mine = self.world.shard(len(rows))  # this rank's whole groups
             batch = self.make_batch(rows[mine], phases, first_group=mine.start)  # 1-4
-            with phases.time("train"):
+            self.sync_seconds = 0.0
+            with phases.time("train"):  # includes the engine's weight sync, also reported alone
                 opt, self.skip_reason = self.optimize(batch)  # 5 (and the guard)
+            phases.seconds["weight_sync"] = self.sync_seconds
         self.step_count += 1
         skipped = self.skip_reason is not None
         self.bad_steps = self.bad_steps + 1 if skipped else 0
@@ -133,7 +137,8 @@ class Trainer:
             whole = gather_batch(batch, self.world, self.pad_id)  # every rank's groups (itself in one process)
         metrics = step_metrics(self.step_count, whole, opt, phases, self.last_lr, skipped,  # 7
                                overlong_filter=a.overlong_filter, dual_clip=a.delta is not None,
-                               ref_reset=a.ref_reset_steps is not None, kl=batch.ref_logprobs is not None)
+                               ref_reset=a.ref_reset_steps is not None, kl=batch.ref_logprobs is not None,
+                               tis=a.tis_cap is not None)
         return metrics, whole
 
     def make_batch(self, rows: list[dict], phases: Phases, first_group: int = 0) -> StepBatch:
@@ -300,8 +305,12 @@ class Trainer:
                                 a.importance_sampling_level, a.delta)
         ref = batch.ref_logprobs
         kl = kl_penalty(lp, take(ref), a.kl_estimator) if ref is not None else None
-        loss = aggregate(per_token_loss(sur.objective, kl, a.beta, entropy, a.entropy_coef), m, a.loss_type, totals)
-        return loss, m, sur, kl, entropy, lp
+        tis = None  # truncated importance sampling: the sampler's kernels are not the trainer's
+        if a.tis_cap is not None and batch.rollout.sampling_logprobs is not None:
+            tis = truncated_importance_weights(old, take(batch.rollout.sampling_logprobs), a.tis_cap)  # [n, T']
+        loss = aggregate(per_token_loss(sur.objective, kl, a.beta, entropy, a.entropy_coef, tis), m, a.loss_type,
+                         totals)
+        return loss, m, sur, kl, entropy, lp, tis
 
     def accumulate_gradients(self, batch: StepBatch, compare_rollout: bool = False) -> dict[str, float]:
         """Backward of the whole batch's loss, one micro-batch at a time; the sum of the micro-batch
@@ -314,7 +323,8 @@ class Trainer:
             n, tokens, sampled_tokens = (int(x) for x in self.world.sum([local.num_completions, local.num_tokens,
                                                                           sampled_tokens]))
         totals = BatchTotals(n, tokens, local.max_completion_length, process_tokens=local.num_tokens)
-        sums = dict.fromkeys(["loss", "kl", "clip_low", "clip_high", "clip_dual", "entropy", "ratio"], 0.0)
+        sums = dict.fromkeys(["loss", "kl", "clip_low", "clip_high", "clip_dual", "entropy", "ratio", "tis_weight",
+                              "tis_capped"], 0.0)
         sampled = batch.rollout.sampling_logprobs if compare_rollout else None  # [N, T]
         mismatch = 0.0
         plan = self.micro_batches(batch.sequences)
@@ -322,7 +332,7 @@ class Trainer:
             last = i == len(plan) - 1  # gradients are reduced over ranks in its backward pass
             with self.backend.grad_scope(self.model, self.cfg.trainer.gradient_checkpointing), \
                     grad_sync(self.policy, last), self.world.during("backward"):
-                loss, m, sur, kl, entropy, lp = self.micro_batch_loss(batch, mb, totals)
+                loss, m, sur, kl, entropy, lp, tis = self.micro_batch_loss(batch, mb, totals)
                 # DDP / FSDP average gradients over ranks; the shares already use global normalizers
                 (loss * self.world.size if self.world.distributed else loss).backward()
             if sampled is not None:  # how far the sampler's log-probs are from the policy's (SPEC.md 5)
@@ -331,7 +341,8 @@ class Trainer:
             share = int(m.sum()) / max(totals.num_tokens, 1)  # token-weighted metric averages
             sums["loss"] += float(loss.detach())
             for key, x in [("entropy", entropy), ("ratio", sur.ratio), ("clip_low", sur.clipped_low),
-                           ("clip_high", sur.clipped_high), ("clip_dual", sur.clipped_dual), ("kl", kl)]:
+                           ("clip_high", sur.clipped_high), ("clip_dual", sur.clipped_dual), ("kl", kl),
+                           ("tis_weight", tis), ("tis_capped", None if tis is None else tis >= self.cfg.algorithm.tis_cap)]:
                 if x is not None:
                     sums[key] += float(masked_mean(x.detach().float(), m)) * share
         if sampled is not None:
@@ -352,7 +363,9 @@ class Trainer:
         self.last_lr = self.scheduler.get_last_lr()[0]
         if reason is None:
             self.optimizer.step()
+            start = time.perf_counter()
             self.engine.sync_weights(self.model)  # an engine holding a copy must not sample stale weights
+            self.sync_seconds += time.perf_counter() - start
         else:
             self.optimizer.zero_grad(set_to_none=True)
         with warnings.catch_warnings():  # torch warns when the very first optimizer step was skipped

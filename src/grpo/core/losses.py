@@ -121,15 +121,31 @@ def clipped_surrogate(
     )
 
 
+def truncated_importance_weights(
+    old_logprobs: torch.Tensor,  # [N, T] pi_old (the trainer's log-probs of the policy that sampled), no grad
+    sampling_logprobs: torch.Tensor,  # [N, T] the sampler's own log-probs of the same tokens (0 at padding)
+    cap: float,
+) -> torch.Tensor:  # [N, T] weights in (0, cap], no grad
+    """Truncated importance sampling (TIS; Yao et al. 2025, "Your efficient RL framework secretly brings you
+    off-policy RL training"; TRL's `vllm_importance_sampling_correction`): min(pi_old / pi_sampler, cap) per
+    token. The sampler (vLLM, a bfloat16 copy) computes its log-probs with other kernels than the trainer, so
+    the batch is slightly off-policy; this weight on the policy term corrects for it, the cap bounds the
+    variance. Padding (0 and 0) gets weight 1."""
+    return torch.exp(old_logprobs.detach() - sampling_logprobs.detach()).clamp(max=cap)
+
+
 def per_token_loss(
     surrogate: torch.Tensor,  # [N, T]
     kl: torch.Tensor | None,  # [N, T] or None when beta == 0
     beta: float,
     entropy: torch.Tensor | None = None,  # [N, T] with grad, or None when entropy_coef == 0
     entropy_coef: float = 0.0,
+    policy_weights: torch.Tensor | None = None,  # [N, T] no grad, e.g. truncated_importance_weights; None: 1
 ) -> torch.Tensor:  # [N, T]
-    """The negative of the per-token objective: -(surrogate - beta * kl + entropy_coef * entropy)."""
-    objective = surrogate if kl is None or beta == 0 else surrogate - beta * kl
+    """The negative of the per-token objective: -(w * surrogate - beta * kl + entropy_coef * entropy), where w
+    weights the policy term only (truncated importance sampling; the KL and entropy terms are not weighted)."""
+    policy = surrogate if policy_weights is None else surrogate * policy_weights
+    objective = policy if kl is None or beta == 0 else policy - beta * kl
     if entropy is not None and entropy_coef != 0:
         objective = objective + entropy_coef * entropy
     return -objective

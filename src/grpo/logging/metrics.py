@@ -50,6 +50,7 @@ def step_metrics(
     dual_clip: bool = False,
     ref_reset: bool = False,  # reference resets are configured (opt["ref_reset"]: one happened now)
     kl: bool | None = None,  # a reference was used (None: batch.ref_logprobs says)
+    tis: bool = False,  # truncated importance sampling is on (algorithm.tis_cap)
 ) -> dict[str, float]:
     """One line of metrics.jsonl."""
     s = batch.scored
@@ -88,11 +89,15 @@ def step_metrics(
     m["ratio/mean"] = opt["ratio"]
     if "rollout_logprob_diff" in opt:  # sampler vs trainer, same tokens, before any update
         m["rollout/logprob_diff"] = opt["rollout_logprob_diff"]
+    if tis:  # the policy term's per-token weights min(pi_old / pi_sampler, cap), and how often the cap bit
+        m["tis/weight_mean"], m["tis/capped_frac"] = opt["tis_weight"], opt["tis_capped"]
     m["entropy/mean"] = opt["entropy"]
     m["grad_norm"], m["lr"] = opt["grad_norm"], lr
     m["guard/skipped"] = float(skipped)  # 1: this step's update was skipped (NaN/inf)
     for name, seconds in phases.seconds.items():  # wall time and completion tokens/s of each phase
         m[f"time/{name}"] = seconds
+        if name == "weight_sync":  # the engine taking the new weights (inside time/train): no tokens
+            continue
         m["throughput/" + ("tokens_per_s" if name == "step" else f"{name}_tokens_per_s")] = tokens / max(seconds, 1e-9)
     m["tokens/completion"] = tokens
     return m

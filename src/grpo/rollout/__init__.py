@@ -5,9 +5,10 @@ from __future__ import annotations
 from grpo.rollout.base import LogprobKind, Rollout, RolloutEngine, SamplingParams, finish_completions
 from grpo.rollout.engine import FastEngine
 from grpo.rollout.hf import HFGenerateEngine
+from grpo.rollout.vllm_engine import VLLMEngine  # imports vllm only when one is built
 
 # sampling.engine -> engine class; each builds itself from the sampling section (`from_config`)
-ENGINES: dict[str, type] = {"hf": HFGenerateEngine, "fast": FastEngine}
+ENGINES: dict[str, type] = {"hf": HFGenerateEngine, "fast": FastEngine, "vllm": VLLMEngine}
 
 
 def make_engine(sampling, model, tokenizer) -> RolloutEngine:
@@ -25,6 +26,7 @@ __all__ = [
     "Rollout",
     "RolloutEngine",
     "SamplingParams",
+    "VLLMEngine",
     "finish_completions",
     "make_engine",
 ]

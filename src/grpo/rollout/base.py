@@ -195,6 +195,33 @@ def finish_completions(
     return ids, mask, truncated
 
 
+def rollout_from_raw(
+    prompt_ids: list[list[int]],
+    raw: torch.Tensor,  # [N, T'] sampled ids as the sampler returned them, anything after the end
+    logprobs: torch.Tensor,  # [N, T'] float32 sampling log-prob of each
+    group_size: int,
+    params: SamplingParams,
+    eos_token_ids: set[int],
+    pad_token_id: int,
+    tokenizer,
+    stats: dict[str, float] | None = None,
+) -> Rollout:
+    """The Rollout of an engine that samples whole rows first (generate, vLLM): each row cut at its first EOS
+    or stop string (`finish_completions`), log-probs zeroed past the end."""
+    completion_ids, mask, truncated = finish_completions(
+        raw, eos_token_ids, pad_token_id, params.max_new_tokens, tokenizer, params.stop
+    )
+    return Rollout(
+        prompt_ids=[list(p) for p in prompt_ids],
+        completion_ids=completion_ids,
+        completion_mask=mask,
+        truncated=truncated,
+        group_size=group_size,
+        sampling_logprobs=logprobs.float().masked_fill(~mask, 0.0),
+        stats=dict(stats or {}),
+    )
+
+
 def select_groups(rollout: Rollout, groups: list[int]) -> Rollout:
     """The rollout of the given groups (prompt indices), in that order."""
     g = rollout.group_size

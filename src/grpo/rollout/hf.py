@@ -9,7 +9,7 @@ import torch
 
 from grpo.core.logprobs import left_pad  # engines pad prompts the way training does
 from grpo.models import pad_token_id
-from grpo.rollout.base import LogprobKind, Rollout, SamplingParams, draw_seeds, finish_completions
+from grpo.rollout.base import LogprobKind, Rollout, SamplingParams, draw_seeds, rollout_from_raw
 
 
 def eos_token_ids(model, tokenizer) -> set[int]:
@@ -66,17 +66,8 @@ class HFGenerateEngine:
             pad = lambda x, value: torch.nn.functional.pad(x, (0, width - x.shape[1]), value=value)  # noqa: E731
             raw = torch.cat([pad(r, self.pad_id) for r, _ in parts])
             logprobs = torch.cat([pad(lp, 0.0) for _, lp in parts])
-        completion_ids, mask, truncated = finish_completions(
-            raw, self.eos_ids, self.pad_id, params.max_new_tokens, self.tokenizer, params.stop
-        )
-        return Rollout(
-            prompt_ids=[list(p) for p in prompt_ids],
-            completion_ids=completion_ids,
-            completion_mask=mask,
-            truncated=truncated,
-            group_size=group_size,
-            sampling_logprobs=torch.where(mask, logprobs, torch.zeros_like(logprobs)),
-        )
+        return rollout_from_raw(prompt_ids, raw, logprobs, group_size, params, self.eos_ids, self.pad_id,
+                                self.tokenizer)
 
     def _generate(self, rows: list[list[int]], params: SamplingParams, seed: int | None):
         """Raw sampled ids [n, T'] and the log-prob of each under the processed scores [n, T'] (torch's global
