@@ -49,9 +49,13 @@ $(STAMP_VLLM): pyproject.toml Makefile
 train: $(STAMP)
 	$(VENV)/bin/grpo train configs/default.yaml --overwrite
 
-test: $(STAMP) $(STAMP_VLLM)
+# .venv-vllm (mostly downloads) is built while the main suite runs; its log is shown if it fails
+test: $(STAMP)
 	sh tests/install_chromium.sh
-	$(VENV)/bin/pytest -q -m "not vllm"
+	$(MAKE) -s setup-vllm > $(VENV_VLLM).log 2>&1 & vllm=$$!; \
+	$(VENV)/bin/pytest -q -m "not vllm"; status=$$?; \
+	wait $$vllm || { cat $(VENV_VLLM).log; echo "building $(VENV_VLLM) failed"; exit 1; }; \
+	[ $$status -eq 0 ] || exit $$status; \
 	$(VLLM_ENV) $(VENV_VLLM)/bin/pytest -q -m vllm tests/test_vllm.py
 
 test-fast: $(STAMP)
