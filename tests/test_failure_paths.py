@@ -270,7 +270,10 @@ def test_resume_of_a_finished_run_repairs_a_damaged_model_folder(args, tmp_path)
     run = tmp_path / "r"
     assert grpo("train", *args, "trainer.steps=2", "eval.after=true", f"output.dir={run}")[0] == 0
     saved = {k: t.clone() for k, t in load_file(run / "model" / "model.safetensors").items()}  # not a view of the file
-    (run / "model" / "model.safetensors").write_bytes(b"")  # killed while writing it: after-eval never ran
+    # a damaged model/ (after-eval never ran): model/ hard-links the last checkpoint's weights file, and a tool
+    # that writes the file anew makes a new file (damage written into the shared file would hit both)
+    (run / "model" / "model.safetensors").unlink()
+    (run / "model" / "model.safetensors").write_bytes(b"")
     (run / "eval_after.json").unlink()
     code, out, err = grpo("train", "--resume", run)
     assert code == 0, err
@@ -290,6 +293,7 @@ def test_the_final_model_is_written_atomically(args, tmp_path, monkeypatch):
     run = tmp_path / "r"
     real = checkpoint.save_policy
     monkeypatch.setattr(checkpoint, "save_policy", lambda m, t, f: real(m, t, f) if "checkpoints" in str(f) else full(m, t, f))
+    monkeypatch.setattr(checkpoint, "link_folder", lambda source, target: False)  # a filesystem without hard links
     code, _, err = grpo("train", *args, "trainer.steps=1", f"output.dir={run}")
     refused(code, err, f"could not write {run / 'model'}: no space left on device", f"grpo train --resume {run}")
     assert not (run / "model").exists() and no_temporaries(run) == []
