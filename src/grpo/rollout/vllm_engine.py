@@ -83,6 +83,8 @@ def _engine_folder(model, tokenizer) -> tempfile.TemporaryDirectory:
     return folder
 
 
+CPU_KV_CACHE_GIB = 4  # VLLM_CPU_KVCACHE_SPACE unless set: ~90k tokens of SmolLM2-135M's float32 KV cache
+
 class VLLMEngine:
     """Samples with a colocated `vllm.LLM`, its weights replaced by the policy's after every update.
 
@@ -105,6 +107,8 @@ class VLLMEngine:
         on_cpu = self.device.type == "cpu"
         if on_cpu:  # colocated: vLLM's threads are the trainer's, keep none of the cores for anything else
             os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+            # vLLM's own default KV cache on a CPU took all 24 GiB of a machine beside the trainer (OOM-killed)
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(CPU_KV_CACHE_GIB))
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process
         import vllm
 
