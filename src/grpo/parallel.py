@@ -158,11 +158,8 @@ class Snapshot:
     the whole policy is the rollout engine's copy, and what the checkpoint loads is kept in `state` until every
     rank takes its shards (grpo.run.restore). Everything else is the trainer's."""
 
-    def __init__(self, trainer, model, state: dict | None = None):
-        self._trainer, self.model, self.state, self.ref_model = trainer, model, state, None
-
-    def state_dict(self) -> dict:
-        return self.state
+    def __init__(self, trainer, model):
+        self._trainer, self.model, self.state, self.ref_model = trainer, model, None, None
 
     def load_state_dict(self, state: dict) -> None:
         self.state = state
