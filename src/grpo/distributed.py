@@ -134,8 +134,14 @@ def init_world(device_type: str, timeout_s: float) -> World:
 
 
 def close_world(world: World) -> None:
+    """Leave the process group. Objects that still hold it (a DDP wrapper in a reference cycle) are collected
+    first: left to the interpreter's exit, their gloo threads were torn down mid-finalization and the rank died
+    with "terminate called without an active exception" (SIGABRT) after a run that had finished."""
     if world.distributed:
+        import gc
+
         import torch.distributed as dist
 
         if dist.is_initialized():
+            gc.collect()
             dist.destroy_process_group()

@@ -13,6 +13,7 @@ import re
 
 from grpo.data.answers import boxed  # noqa: F401  (also a name of this module: the answer checks use it)
 from grpo.rewards.base import register_reward
+from grpo.rewards.sandbox import parse_python
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?|-?\.\d+")
 _OPS = {
@@ -66,7 +67,7 @@ def to_number(text: str | int | float | None) -> float | None:
     if not s or len(s) > 100:
         return None
     try:
-        value = _eval_node(ast.parse(s, mode="eval").body)
+        value = _eval_node(parse_python(s, mode="eval").body)
     except (SyntaxError, ValueError, ZeroDivisionError, OverflowError, TypeError, RecursionError):
         return None
     return float(value) if math.isfinite(value) else None
@@ -213,7 +214,7 @@ def countdown_value(expression: str, numbers: list[int]) -> Fraction | None:
     if len(expression) > 200:
         return None
     try:
-        tree = ast.parse(expression.strip(), mode="eval").body
+        tree = parse_python(expression.strip(), mode="eval").body
     except SyntaxError:
         return None
     available = list(numbers)

@@ -674,10 +674,21 @@ class CasePlan:
     whole: str | None = None
 
 
+_AST_LOCK = threading.Lock()
+
+
+def parse_python(source: str, mode: str = "exec") -> ast.AST:
+    """ast.parse under one lock for the process. Reward functions run on several threads at once, and on
+    CPython 3.11 two concurrent ast.parse calls can fail with "SystemError: AST constructor recursion depth
+    mismatch" (the converter's depth counter is shared by the threads): seen with 8 concurrent code_tests."""
+    with _AST_LOCK:
+        return ast.parse(source, mode=mode)
+
+
 def _defined_names(source: str) -> set[str]:
     """Names a module's top-level statements bind (defs, classes, imports, assignments)."""
     try:
-        tree = ast.parse(source)
+        tree = parse_python(source)
     except SyntaxError:
         return set()
     out = set()
@@ -694,7 +705,7 @@ def _defined_names(source: str) -> set[str]:
 def plan_case(case: str, solution: str, setup: str = "") -> CasePlan:
     """Split an assert into what needs the solution (evaluated inside) and the check (outside)."""
     try:
-        tree = ast.parse(case)
+        tree = parse_python(case)
     except SyntaxError:
         tree = None
     if tree is None or len(tree.body) != 1 or not isinstance(tree.body[0], ast.Assert):
@@ -788,7 +799,7 @@ def parse_tests(tests) -> tuple[str, list, str]:
     if isinstance(tests, list) and all(isinstance(t, str) for t in tests):
         return "asserts", list(tests), ""
     if isinstance(tests, str):
-        tree = ast.parse(tests)  # a SyntaxError here is the dataset's, not the completion's
+        tree = parse_python(tests)  # a SyntaxError here is the dataset's, not the completion's
         cases = [ast.get_source_segment(tests, s) for s in tree.body if isinstance(s, ast.Assert)]
         setup = "\n".join(ast.get_source_segment(tests, s) for s in tree.body if not isinstance(s, ast.Assert))
         return "asserts", cases, setup
