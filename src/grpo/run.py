@@ -439,6 +439,8 @@ def _train(config: Config, world: World, quiet: bool, console_mode: str, resume:
         if ckpt is not None:
             restore(ckpt, trainer)
             console.info(f"resumed from {ckpt.path} at step {ckpt.step}")
+            if trainer.schedule_note:  # an extension of a finished cosine schedule (grpo.optim.extend_schedule)
+                console.info(f"warning: {trainer.schedule_note}")
         ending = train_loop(trainer, config, log, console, run_dir, tokenizer, task.eval)
         if ending == "guard":
             raise TrainingStopped(stop_message(trainer, config, run_dir))

@@ -50,7 +50,8 @@ from grpo.data import PromptSampler, encode_rows
 from grpo.distributed import SINGLE, World
 from grpo.logging.metrics import Phases, step_metrics
 from grpo.models import is_lora, pad_token_id
-from grpo.parallel import grad_sync, load_optimizer_state, optimizer_state
+from grpo.optim import extend_schedule, load_optimizer_state_dict, optimizer_state_dict
+from grpo.parallel import grad_sync
 from grpo.rewards import Reward, reward_columns, score
 from grpo.rewards.process import step_table
 from grpo.rollout.base import LogprobKind, Rollout, RolloutEngine, SamplingParams, group_seed
@@ -91,6 +92,7 @@ class Trainer:
         self.ref_reset_step: int | None = None  # last step at which pi_ref := pi_theta
         self.last_lr = scheduler.get_last_lr()[0]
         self.sync_seconds = 0.0  # this step's time in engine.sync_weights (metric time/weight_sync)
+        self.schedule_note: str | None = None  # a resume's warning about its learning-rate schedule
 
     # -- resume: the Trainer's own state (weights and global RNGs: grpo.checkpoint) -------------
     def state_dict(self, optimizer: bool = True) -> dict:
@@ -98,7 +100,7 @@ class Trainer:
         checkpoint writes it apart, grpo.parallel.rank_state)."""
         return {
             "step": self.step_count,
-            **({"optimizer": optimizer_state(self.model, self.optimizer)} if optimizer else {}),  # by parameter name
+            **({"optimizer": optimizer_state_dict(self.model, self.optimizer)} if optimizer else {}),  # by name
             "scheduler": self.scheduler.state_dict(),
             "sampler": self.sampler.state(),
             "bad_steps": self.bad_steps,
@@ -109,8 +111,10 @@ class Trainer:
     def load_state_dict(self, state: dict) -> None:
         self.step_count = state["step"]
         if "optimizer" in state:
-            load_optimizer_state(self.model, self.optimizer, state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+            load_optimizer_state_dict(self.model, self.optimizer, state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])  # then fitted to this run's trainer.steps (grpo.optim)
+        t = self.cfg.trainer
+        self.schedule_note = extend_schedule(self.scheduler, t.steps * self.cfg.algorithm.mu, t.lr)
         self.sampler.load_state(state["sampler"])
         self.bad_steps, self.skipped_steps = state["bad_steps"], state["skipped_steps"]
         self.ref_reset_step = state["ref_reset_step"]
