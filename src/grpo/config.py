@@ -310,7 +310,8 @@ class AlgorithmConfig(Section):
 
 class TrainerConfig(Section):
     steps: int = Field(30, ge=1)
-    """Number of GRPO iterations (each: generate, score, mu optimizer steps)."""
+    """Number of GRPO iterations (each: generate, score, mu optimizer steps). A resume may change it (`grpo train
+    --resume RUN trainer.steps=60`): the learning rate goes on from the checkpoint's (see lr_schedule)."""
     batch_size: int = Field(16, ge=2)
     """Completions per step, N = prompts x group_size; must be a multiple of sampling.group_size."""
     micro_batch_size: int = Field(8, ge=1)
@@ -352,7 +353,12 @@ class TrainerConfig(Section):
     lr: float = Field(1e-6, gt=0)
     """AdamW learning rate (DeepSeekMath: 1e-6)."""
     lr_schedule: Literal["constant", "cosine"] = "constant"
-    """Learning-rate schedule after warmup."""
+    """Learning-rate schedule after warmup: constant, or a cosine from trainer.lr to 0 at the last optimizer step
+    (trainer.steps x algorithm.mu; Loshchilov & Hutter 2017, arXiv 1608.03983, without restarts). A resume that
+    changes trainer.steps fits the rest of the cosine to the new total: from the checkpoint's step, where the rate
+    is what it was (no jump), the cosine's progress goes on linearly to its end at the new last step. Extending a
+    finished cosine run therefore trains at a rate of about 0, which the resume warns about (start a new run from
+    its model/ to train more)."""
     warmup_steps: int = Field(0, ge=0)
     """Linear warmup, in optimizer steps."""
     weight_decay: float = Field(0.0, ge=0)
