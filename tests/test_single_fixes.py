@@ -115,3 +115,70 @@ def test_extending_a_finished_cosine_run_warns_that_it_trains_at_lr_zero(args, t
     assert [m["lr"] for m in metrics(run)] == [1e-3, 0.5e-3, 0.0, 0.0]  # not a cosine restarted over 4 steps
     assert "warning: the cosine learning-rate schedule had reached 0" in out
     assert "goes on from there to 0 at step 4" in out and "model.path=<run>/model" in out
+
+
+# --- 10. the hf engine samples with the run's `sampling` section only ---------------------------------
+
+FOLDER_GENERATION_CONFIG = {  # what a model folder may ask generate for (Qwen2.5-Instruct: the first three)
+    "do_sample": True, "temperature": 0.3, "top_k": 3, "top_p": 0.5, "min_p": 0.2, "repetition_penalty": 1.8,
+    "no_repeat_ngram_size": 1, "min_new_tokens": 6, "suppress_tokens": [40, 41, 42], "bos_token_id": 2,
+    "eos_token_id": 3, "pad_token_id": 1,
+}
+
+
+def test_the_hf_engine_ignores_the_folders_generation_config(tmp_path):
+    """The same seeds sample the same tokens from a folder whose generation_config.json asks for a repetition
+    penalty, top-k, top-p, ... and from one without; every reported log-prob is the policy's own at the run's
+    temperature; and tokens outside the policy's top 50 are drawn (no transformers default top_k=50 either)."""
+    from grpo.models import load_model_and_tokenizer
+    from grpo.config import ModelConfig
+    from grpo.rollout import HFGenerateEngine, SamplingParams
+    from grpo.testing import save_tiny_model
+    from rollout_helpers import reference_logprobs, rows_as_lists
+
+    plain = save_tiny_model(tmp_path / "plain")
+    folder = save_tiny_model(tmp_path / "configured")
+    (folder / "generation_config.json").write_text(json.dumps(FOLDER_GENERATION_CONFIG))
+    params = SamplingParams(max_new_tokens=10, temperature=0.7)
+    rollouts = []
+    for path in (folder, plain):
+        model, tok, _ = load_model_and_tokenizer(ModelConfig(path=str(path), device="cpu"))
+        prompts = [tok("2+2=").input_ids, tok("hello there").input_ids]
+        rollouts.append(HFGenerateEngine(model, tok).generate(prompts, 4, params, seeds=[11, 12]))
+        if path == folder:
+            assert model.generation_config.top_k == 3  # the folder's config was read
+    configured, reference = rollouts
+    outside_top_50 = 0
+    for n, row in enumerate(rows_as_lists(configured)):
+        want = reference_logprobs(model, prompts[n // 4], row, 0.7)
+        torch.testing.assert_close(configured.sampling_logprobs[n, : len(row)], want, rtol=0, atol=1e-5)
+        with torch.no_grad():
+            p = prompts[n // 4]
+            logits = model(torch.tensor([p + row])).logits[0, len(p) - 1 : len(p) + len(row) - 1]  # [T, V]
+        rank = (logits > logits.gather(1, torch.tensor(row).unsqueeze(1))).sum(dim=1)  # [T] tokens ranked above
+        outside_top_50 += int((rank >= 50).sum())
+    assert torch.equal(configured.completion_ids, reference.completion_ids)
+    assert outside_top_50 > 0
+
+
+# --- 11. truncated importance sampling with a truncating sampler -------------------------------------
+
+
+@pytest.mark.parametrize("engine", ["hf", "fast"])
+@pytest.mark.parametrize("truncation", ["sampling.top_k=5", "sampling.top_p=0.5", "sampling.min_p=0.5"])
+def test_tis_weights_are_one_when_a_truncating_sampler_is_the_policy(engine, truncation):
+    """top-k / top-p / min-p pick the tokens; the sampler's log-probs stay the policy's tempered ones, so with the
+    policy unchanged pi_old / pi_sampler is 1 (not the kept probability mass, TRL #6789)."""
+    from grpo.logging.metrics import Phases
+    from grpo.rollout import FastEngine
+
+    trainer = make_trainer("algorithm.beta=0", "algorithm.tis_cap=2", "sampling.temperature=0.8", truncation)
+    if engine == "fast":
+        trainer.engine = FastEngine(trainer.model, trainer.tokenizer)
+    batch = trainer.make_batch(trainer.sampler.next(2), Phases())
+    sums = trainer.accumulate_gradients(batch, compare_rollout=True)
+    assert sums["tis_weight"] == pytest.approx(1.0, rel=0, abs=1e-5)  # mean over the loss tokens
+    assert sums["rollout_logprob_diff"] < 1e-5
+    old = trainer.fixed_logprobs(trainer.policy, batch.sequences)  # [N, T] pi_old as the trainer computes it
+    mask = batch.rollout.completion_mask
+    assert ((old - batch.rollout.sampling_logprobs).abs() * mask).max() < 1e-5  # every token's ratio is 1
