@@ -182,3 +182,28 @@ def test_tis_weights_are_one_when_a_truncating_sampler_is_the_policy(engine, tru
     old = trainer.fixed_logprobs(trainer.policy, batch.sequences)  # [N, T] pi_old as the trainer computes it
     mask = batch.rollout.completion_mask
     assert ((old - batch.rollout.sampling_logprobs).abs() * mask).max() < 1e-5  # every token's ratio is 1
+
+
+def test_tis_with_a_truncating_vllm_sampler_is_refused(monkeypatch):
+    """vLLM reports the truncated distribution's log-probs: tis_cap with its top-k/top-p/min-p is refused."""
+    import importlib.util
+
+    from grpo.config import ConfigError, load_config
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "vllm" else find_spec(name, *a))
+    for truncation in ("sampling.top_k=50", "sampling.top_p=0.9", "sampling.min_p=0.1"):
+        with pytest.raises(ConfigError, match=r"algorithm\.tis_cap with sampling\.engine=vllm.*tis_cap=null"):
+            load_config(None, ["sampling.engine=vllm", "algorithm.tis_cap=2", truncation])
+    load_config(None, ["sampling.engine=vllm", "algorithm.tis_cap=2"])  # whole distribution: fine
+    load_config(None, ["sampling.engine=fast", "algorithm.tis_cap=2", "sampling.top_k=50"])  # reports the whole one
+
+
+# --- 9. ref_reset_steps with LoRA ----------------------------------------------------------------------
+
+
+def test_ref_reset_steps_with_lora_is_refused_naming_both_fields():
+    from grpo.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"algorithm\.ref_reset_steps .*lora\.enabled.*ref_reset_steps=null"):
+        load_config(None, ["lora.enabled=true", "algorithm.ref_reset_steps=2"])
