@@ -34,6 +34,30 @@ def test_saving_a_fresh_optimizer_leaves_it_fresh():
     assert not trainer.optimizer.state
 
 
+def test_a_sharded_checkpoint_before_the_first_update_keeps_and_restores_a_fresh_optimizer(tmp_path):
+    """The same for the checkpoint several ranks write (torch.distributed.checkpoint; one process writes and reads
+    it here): the save leaves AdamW fresh, the restore gives a fresh AdamW at the saved learning rate; after an
+    update the state round-trips."""
+    trainer = make_trainer("algorithm.beta=0", "trainer.warmup_steps=3")
+    advance(trainer, 1)  # a step the guard skipped: the schedule moved on, AdamW did not
+    folder = tmp_path / "fresh"
+    folder.mkdir()
+    checkpoint.write_sharded(folder, trainer.cfg, trainer)
+    assert not trainer.optimizer.state
+    restored = make_trainer("algorithm.beta=0", "trainer.warmup_steps=3")
+    checkpoint.restore_sharded(checkpoint.Checkpoint(folder, 1), restored)
+    assert not restored.optimizer.state and restored.optimizer.param_groups[0]["lr"] == 2 / 4 * 1e-6
+    trainer.step()  # a real update
+    folder = tmp_path / "updated"
+    folder.mkdir()
+    checkpoint.write_sharded(folder, trainer.cfg, trainer)
+    restored = make_trainer("algorithm.beta=0", "trainer.warmup_steps=3")
+    checkpoint.restore_sharded(checkpoint.Checkpoint(folder, 2), restored)
+    want, got = trainer.optimizer.state_dict(), restored.optimizer.state_dict()
+    assert int(got["state"][0]["step"]) == 1 and got["param_groups"][0]["lr"] == want["param_groups"][0]["lr"]
+    assert all(torch.equal(want["state"][i][k], got["state"][i][k]) for i in want["state"] for k in want["state"][i])
+
+
 @pytest.fixture
 def first_step_skipped(monkeypatch):
     """The guard skips the first step's update (as for a reward that returns NaN on step 1 only)."""
