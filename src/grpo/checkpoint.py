@@ -4,7 +4,9 @@ A checkpoint is one folder, RUN_DIR/checkpoints/step-000004/. A run in one proce
   model/          the policy as a Hugging Face folder (`transformers` loads it); LoRA: the adapter only
   reference.safetensors   the reference weights, only once ref_reset_steps has replaced them
                   (otherwise the reference is rebuilt from the start weights, as at the start of the run)
-  trainer.pt      the Trainer's own state: step, optimizer, scheduler, prompt position
+  trainer.pt      the Trainer's own state: step, optimizer, scheduler (with the schedule it runs), prompt
+                  position; an optimizer that has made no update yet (the guard skipped every step so far) is
+                  saved without state and left so (grpo.optim.kept_fresh): a save never changes the run
   rng.pt          every global RNG state: python random, numpy, torch CPU and CUDA
   config.yaml     the resolved config of the run that wrote it
   meta.json       written last: {"step": 4, "files": [...], "sizes": {path: bytes}}; a folder without it is
