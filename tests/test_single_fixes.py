@@ -231,3 +231,21 @@ def test_ref_reset_steps_with_lora_is_refused_naming_both_fields():
 
     with pytest.raises(ConfigError, match=r"algorithm\.ref_reset_steps .*lora\.enabled.*ref_reset_steps=null"):
         load_config(None, ["lora.enabled=true", "algorithm.ref_reset_steps=2"])
+
+
+def test_a_trainer_refuses_ref_reset_steps_it_cannot_honour():
+    """A config changed after it was read (library use) reaches the Trainer: it refuses instead of never resetting."""
+    from grpo.data.arithmetic import arithmetic_rows
+    from grpo.config import load_config
+    from grpo.models import apply_lora
+    from grpo.rollout import FastEngine
+    from grpo.run import build_trainer
+    from grpo.testing import tiny_model_and_tokenizer
+
+    cfg = load_config(None, ["lora.enabled=true", "lora.r=4", "trainer.batch_size=8", "sampling.group_size=4"])
+    cfg.algorithm.ref_reset_steps = 2  # validated alone: the LoRA check is the whole config's
+    base, tok = tiny_model_and_tokenizer(seed=0)
+    model = apply_lora(base, cfg.lora)
+    rows, _ = arithmetic_rows(1, ["+"], 40, 10, "{question}", seed=0)
+    with pytest.raises(ValueError, match=r"algorithm\.ref_reset_steps needs a reference model.*ref_reset_steps=null"):
+        build_trainer(cfg, model, tok, FastEngine(model, tok), rows, ref_model=None)

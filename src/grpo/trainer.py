@@ -78,6 +78,9 @@ class Trainer:
         if config.algorithm.beta > 0 and ref_model is None and not is_lora(model):
             raise ValueError("algorithm.beta > 0 needs a reference model (ref_model), or a LoRA policy whose base "
                              "weights are the reference")
+        if config.algorithm.ref_reset_steps is not None and ref_model is None:  # LoRA: nothing it could reset
+            raise ValueError("algorithm.ref_reset_steps needs a reference model (ref_model); with LoRA the reference "
+                             "is the base model without adapters: set algorithm.ref_reset_steps=null")
         self.cfg = config
         self.model, self.tokenizer, self.engine, self.ref_model = model, tokenizer, engine, ref_model
         self.policy, self.world = policy if policy is not None else model, world
