@@ -11,7 +11,7 @@ import torch
 
 from grpo import checkpoint
 from grpo.trainer import Trainer
-from test_checkpoint import BASE, VOWELS, assert_same_run, metrics, train  # noqa: F401 (fixtures below)
+from test_checkpoint import BASE, VOWELS, assert_same_run, metrics, train
 from trainer_helpers import make_trainer
 
 
