@@ -264,7 +264,7 @@ class Trainer:
 
     def rollout_logprobs_are_pi_old(self, rollout: Rollout) -> bool:
         """Whether the sampler's log-probs serve as pi_old's: the engine says they are the policy's own
-        (same weights and dtype, untruncated tempered distribution), and the backend computes log-probs in
+        (same weights and dtype, the whole tempered distribution), and the backend computes log-probs in
         the weights' precision (not under bf16 autocast)."""
         return (rollout.sampling_logprobs is not None
                 and self.engine.logprob_kind(self.params) is LogprobKind.POLICY
