@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 from grpo.rewards.sandbox import jail
 from grpo.rewards.sandbox.jail import Jail, Limits, SandboxResult, program_files
-from grpo.rewards.sandbox.programs.channel import ChannelError, Lines, Solution
+from grpo.rewards.sandbox.programs.channel import CLOSED, ChannelError, Lines, Solution
 
 _LAUNCH = "from programs.{} import main\nmain()\n"
 _BUILTINS = frozenset(dir(builtins))
@@ -137,11 +137,16 @@ def _start_solution(code: str, mode: str, limits: Limits, slot: int, seconds: fl
         os.close(from_w)
 
 
-def _end_solution(sandbox: Jail, deadline: float) -> tuple[SandboxResult, bool]:
-    """Its result, and whether it had ended by itself (its channel's other end is closed by now)."""
-    ended = sandbox.proc.poll() is not None
-    still = sandbox.wait(0 if ended else min(0.5, max(0.0, deadline - time.monotonic())))  # EOF ends it
+def _end_solution(sandbox: Jail, deadline: float, closed: bool) -> tuple[SandboxResult, bool]:
+    """Its result, and whether it had ended by itself: `closed`, it closed its channel (it is
+    ending: wait for it), or it had ended already. Our ends are closed by now: that ends a server."""
+    ended = closed or sandbox.proc.poll() is not None
+    still = sandbox.wait(min(2.0 if closed else 0.5, max(0.0, deadline - time.monotonic())))
     return sandbox.finish(timed_out=still and time.monotonic() >= deadline), ended
+
+
+def _closed(broken: str | None) -> bool:
+    return broken is not None and broken.startswith(CLOSED)
 
 
 def _lost(result: SandboxResult, ended: bool, broken: str | None, limits: Limits) -> CaseResult:
@@ -174,7 +179,7 @@ def _judge_here(code: str, mode: str, items: list, limits: Limits, seconds: floa
         finally:
             os.close(rfd)
             os.close(wfd)
-            result, ended = _end_solution(sandbox, deadline)
+            result, ended = _end_solution(sandbox, deadline, _closed(lines.broken))
     if load_error is not None and not lines.broken:
         return [CaseResult(False, "the solution failed before the tests: " + load_error)] * len(items), result
     lost = _lost(result, ended, lines.broken, limits)
@@ -311,11 +316,13 @@ def _judge_there(code: str, cases: list[str], setup: str, limits: Limits, second
         finally:
             os.close(rfd)
             os.close(wfd)
+        judged, verdicts = None, {}
         try:
             judged = judge.finish(judge.wait(limits.timeout + 0.5))
+            verdicts = _verdicts(judged.stdout, len(cases))
         finally:
-            result, ended = _end_solution(sandbox, deadline)
-    verdicts = _verdicts(judged.stdout, len(cases))
+            closed = any(v["lost"] and CLOSED in v["reason"] for v in verdicts.values())
+            result, ended = _end_solution(sandbox, deadline, closed)
     lost = _lost(result, ended, "the judge did not report: " + judged.reason(limits), limits)
     out = []
     for i in range(len(cases)):

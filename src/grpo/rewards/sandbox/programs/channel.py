@@ -19,6 +19,7 @@ import time
 from .codec import decode, encode
 
 MAX_LINE = 1 << 20  # bytes of one message
+CLOSED = "the other side closed the channel"
 
 
 class ChannelError(Exception):
@@ -56,7 +57,7 @@ class Lines:
                 except BlockingIOError:
                     pass
                 except OSError as e:
-                    self.fail("the other side closed the channel (%s)" % type(e).__name__)
+                    self.fail(CLOSED + " (%s)" % type(e).__name__)
 
     def receive(self, deadline=None):
         """The next message (any JSON value); ChannelError when there is none by `deadline`
@@ -79,7 +80,7 @@ class Lines:
                 except OSError as e:
                     chunk, _ = b"", e
                 if not chunk:
-                    self.fail("the other side closed the channel")
+                    self.fail(CLOSED)
                 self.buf += chunk
         line = bytes(self.buf[:end])
         del self.buf[: end + 1]
