@@ -300,7 +300,7 @@ def _names(setup: str, cases: list[str]) -> tuple[list[str], list[str]]:
             elif isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name):
                 bases.add(n.value.id)
     modules = {b for b in bases if b in sys.stdlib_module_names}
-    return sorted(loads - _BUILTINS - modules), sorted(modules)
+    return sorted(n for n in loads - _BUILTINS - modules if not n.startswith("__")), sorted(modules)
 
 
 def _judge_there(code: str, cases: list[str], setup: str, limits: Limits, seconds: float) -> tuple[list[CaseResult], SandboxResult]:
@@ -308,16 +308,16 @@ def _judge_there(code: str, cases: list[str], setup: str, limits: Limits, second
     with jail._slot() as slot:
         sandbox, rfd, wfd = _start_solution(code, "asserts", limits, slot, seconds)
         deadline = time.monotonic() + limits.timeout
+        judged, verdicts = None, {}
         try:
             job = {"setup": setup, "cases": cases, "names": names, "modules": modules, "seconds": seconds,
                    "deadline": limits.timeout, "fds": [rfd, wfd]}
             files = {"main.py": _LAUNCH.format("judge"), "job.json": json.dumps(job), **program_files()}
-            judge = Jail(files, "main.py", limits, jail.capabilities(), slot, out_kb=1024, fds=(rfd, wfd), role=1)
-        finally:
-            os.close(rfd)
-            os.close(wfd)
-        judged, verdicts = None, {}
-        try:
+            try:
+                judge = Jail(files, "main.py", limits, jail.capabilities(), slot, out_kb=1024, fds=(rfd, wfd), role=1)
+            finally:
+                os.close(rfd)
+                os.close(wfd)
             judged = judge.finish(judge.wait(limits.timeout + 0.5))
             verdicts = _verdicts(judged.stdout, len(cases))
         finally:

@@ -85,7 +85,7 @@ class Limits:
     """Largest file it may write (RLIMIT_FSIZE); with "private_fs" also its whole working directory."""
     max_open_files: int = 64
     max_output_kb: int = 64
-    """Stdout / stderr kept (the rest is dropped); run_tests keeps up to 1 MiB of reported values."""
+    """Stdout / stderr kept (the rest is dropped). (run_tests: each answer of the solution up to 1 MiB.)"""
 
 
 @dataclass
