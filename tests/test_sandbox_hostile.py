@@ -538,3 +538,26 @@ def test_more_hostile_programs_score_0(name):
     for t in (tests, "import math\n" + "\n".join(tests)):  # judged here, and by the judge process
         assert code_tests(MORE_HACKS[name], t, timeout=4, per_test_timeout=1) == 0.0
     assert time.monotonic() - start < 2 * (4 + 2.5)  # each within its time limit (and the clean-up)
+
+
+def test_colliding_keys_do_not_stall_the_trainer(monkeypatch):
+    """n int keys that all hash alike cost n**2 / 2 probes to put in a set (25000: seconds): the trainer
+    decodes at most MAX_KEYS_HERE entries per answer, and has a larger answer judged in the judge process."""
+    from grpo.rewards.sandbox import cases as cases_module
+    from grpo.rewards.sandbox.programs.codec import TooManyKeys, decode
+
+    colliding = ["set", [["int", str(k * (2 ** 61 - 1))] for k in range(1, 25001)]]
+    with pytest.raises(TooManyKeys):
+        decode(colliding, budget=[cases_module.MAX_KEYS_HERE])
+    assert decode(["dict", [[["int", "1"], ["set", [["int", "2"]]]]]], budget=[2]) == {1: {2}}
+    sent_there = []
+    judge_there = cases_module._judge_there
+    monkeypatch.setattr(cases_module, "_judge_there", lambda *a: sent_there.append(1) or judge_there(*a))
+    big = "def keys(n):\n    return {k: 1 for k in range(n)}\n"
+    assert code_tests(big, ["assert keys(6000) == {}", "assert keys(2) == {0: 1, 1: 1}"], timeout=4) == 0.5
+    assert sent_there == [1]
+    # its server rewritten to answer 25000 colliding keys without building them (under the 1 MiB limit)
+    flood = ("import sys\nM = 2 ** 61 - 1\nsys.modules['programs.serve'].encode = "
+             "lambda x, ref=None: ['set', [['int', str(k * M)] for k in range(1, 25001)]]\ndef keys(n):\n    return 0\n")
+    assert code_tests(flood, ["assert keys(1) == {1}"], timeout=8, per_test_timeout=1) == 0.0
+    assert sent_there == [1, 1]

@@ -39,8 +39,12 @@ from dataclasses import dataclass
 from grpo.rewards.sandbox import jail
 from grpo.rewards.sandbox.jail import Jail, Limits, SandboxResult, program_files
 from grpo.rewards.sandbox.programs.channel import CLOSED, ChannelError, Lines, Solution
+from grpo.rewards.sandbox.programs.codec import TooManyKeys
 
 _LAUNCH = "from programs.{} import main\nmain()\n"
+MAX_KEYS_HERE = 5000
+"""Set and dict entries per answer the trainer decodes itself (n colliding keys cost n**2 / 2 probes:
+5000, about 0.15 s); an answer with more sends the whole run to the judge process."""
 _BUILTINS = frozenset(dir(builtins))
 
 
@@ -101,7 +105,10 @@ def run_tests(code: str, tests, limits: Limits = Limits(), per_test_timeout: flo
         return _judge_here(code, "io", cases, limits, per_test_timeout)
     simple = [_simple(c) for c in cases] if not setup.strip() else []
     if all(s is not None for s in simple) and len(simple) == len(cases):
-        return _judge_here(code, "asserts", simple, limits, per_test_timeout)
+        try:
+            return _judge_here(code, "asserts", simple, limits, per_test_timeout)
+        except TooManyKeys:
+            pass  # too large to judge here: judged there
     return _judge_there(code, cases, setup, limits, per_test_timeout)
 
 
@@ -164,7 +171,7 @@ def _judge_here(code: str, mode: str, items: list, limits: Limits, seconds: floa
         sandbox, rfd, wfd = _start_solution(code, mode, limits, slot, seconds)
         deadline = time.monotonic() + limits.timeout
         lines = Lines(rfd, wfd)
-        solution = Solution(lines, seconds + 1.0, deadline)
+        solution = Solution(lines, seconds + 1.0, deadline, max_keys=MAX_KEYS_HERE)
         out: list[CaseResult | None] = []
         try:
             load_error = solution.hello()
@@ -189,7 +196,7 @@ def _judge_here(code: str, mode: str, items: list, limits: Limits, seconds: floa
 def _check_output(solution: Solution, stdin_text: str, expected: str) -> CaseResult | None:
     try:
         got = solution.ask(op="run", stdin=stdin_text)
-    except ChannelError:
+    except (ChannelError, TooManyKeys):
         return None
     except Exception as e:
         return CaseResult(False, f"{type(e).__name__}: {e}"[:300])
@@ -237,6 +244,8 @@ def _check_assert(test: ast.expr, solution: Solution, names: dict) -> CaseResult
         passed = bool(_evaluate(test, solution, names, seen))
     except ChannelError:
         return None
+    except TooManyKeys:
+        raise
     except Exception as e:  # the solution's error, or e.g. '<' between a str and an int
         return CaseResult(False, f"{type(e).__name__}: {e}"[:300])
     if passed:

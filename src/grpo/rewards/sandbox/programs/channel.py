@@ -16,9 +16,10 @@ import os
 import select
 import time
 
-from .codec import decode, encode
+from .codec import TooManyKeys, decode, encode
 
 MAX_LINE = 1 << 20  # bytes of one message
+MAX_STRAY = 64  # messages that answer no pending request, skipped before the channel counts as broken
 CLOSED = "the other side closed the channel"
 
 
@@ -34,6 +35,9 @@ class Lines:
         self.buf = bytearray()
         self.broken = None  # why the channel cannot be used any more
         os.set_blocking(wfd, False)
+        self.readable, self.writable = select.poll(), select.poll()  # (not select: fds may be over 1024)
+        self.readable.register(rfd, select.POLLIN)
+        self.writable.register(wfd, select.POLLOUT)
 
     def fail(self, why):
         self.broken = self.broken or why
@@ -50,8 +54,7 @@ class Lines:
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 self.fail("the other side did not read within the time limit")
-            _, ready, _ = select.select([], [self.wfd], [], left)
-            if ready:
+            if self.writable.poll(None if left is None else max(1, int(left * 1000))):
                 try:
                     data = data[os.write(self.wfd, data):]
                 except BlockingIOError:
@@ -73,8 +76,7 @@ class Lines:
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 self.fail("no answer within the time limit")
-            ready, _, _ = select.select([self.rfd], [], [], left)
-            if ready:
+            if self.readable.poll(None if left is None else max(1, int(left * 1000))):
                 try:
                     chunk = os.read(self.rfd, 1 << 16)
                 except OSError as e:
@@ -115,8 +117,9 @@ def remote_exception(error):
 class Solution:
     """The judge's handle on the solution's process: its names as Remote objects or plain values."""
 
-    def __init__(self, lines, call_seconds, deadline):
+    def __init__(self, lines, call_seconds, deadline, max_keys=None):
         self.lines, self.call_seconds, self.deadline = lines, call_seconds, deadline
+        self.max_keys = max_keys  # set and dict entries decoded per answer (None: no limit)
         self.n = 0
 
     def hello(self):
@@ -141,13 +144,18 @@ class Solution:
         request["n"] = self.n
         deadline = min(self.deadline, time.monotonic() + self.call_seconds)
         self.lines.send(request, deadline)
-        while True:  # replies to earlier requests (late, or forged) are skipped
+        for _ in range(MAX_STRAY):  # replies to earlier requests (late, or forged) are skipped
             reply = self.lines.receive(deadline)
             if type(reply) is dict and reply.get("n") == self.n and type(reply.get("n")) is int:
                 break
+        else:
+            self.lines.fail("too many messages that answer nothing")
         if "value" in reply:
+            budget = None if self.max_keys is None else [self.max_keys]
             try:
-                return decode(reply["value"], ref=self.remote)
+                return decode(reply["value"], ref=self.remote, budget=budget)
+            except TooManyKeys:
+                raise
             except Exception as e:
                 raise ChannelError("an unreadable value (%s)" % type(e).__name__) from None
         if reply.get("stop") is True and request["op"] == "next":

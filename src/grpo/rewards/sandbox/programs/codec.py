@@ -7,6 +7,10 @@ Every reader is defensive: nesting, the digits of a number and the tags are chec
 MAX_DEPTH = 100
 MAX_DIGITS = 4300  # CPython's default int_max_str_digits: a longer number is refused, not parsed slowly
 
+class TooManyKeys(ValueError):
+    """More set or dict entries than the reader's budget (a guard against hash-collision floods)."""
+
+
 _PLAIN = "None, bool, int, float, complex, str, bytes, list, tuple, set, dict"
 _SEQUENCES = {"list": list, "tuple": tuple, "set": set, "frozenset": frozenset}
 
@@ -40,9 +44,10 @@ def _number(text, kind):
     return kind(text)
 
 
-def decode(e, ref=None, depth=0):
+def decode(e, ref=None, depth=0, budget=None):
     """The inverse of encode; ["ref", n] -> ref(n) when `ref` is given. Raises ValueError (or
-    TypeError) on anything that is not an encoded value."""
+    TypeError) on anything that is not an encoded value. `budget` ([n]): at most n set and dict
+    entries in all (TooManyKeys beyond): n colliding keys cost n**2 / 2 probes to build."""
     if depth > MAX_DEPTH:
         raise ValueError("a value nested over %d deep" % MAX_DEPTH)
     if type(e) is not list or not e or type(e[0]) is not str:
@@ -59,14 +64,24 @@ def decode(e, ref=None, depth=0):
     if tag == "bytes" and len(rest) == 1 and type(rest[0]) is str:
         return bytes.fromhex(rest[0])
     if tag in _SEQUENCES and len(rest) == 1 and type(rest[0]) is list:
-        return _SEQUENCES[tag](decode(v, ref, depth + 1) for v in rest[0])
+        if budget is not None and tag in ("set", "frozenset"):
+            _spend(budget, len(rest[0]))
+        return _SEQUENCES[tag](decode(v, ref, depth + 1, budget) for v in rest[0])
     if tag == "dict" and len(rest) == 1 and type(rest[0]) is list:
+        if budget is not None:
+            _spend(budget, len(rest[0]))
         out = {}
         for pair in rest[0]:
             if type(pair) is not list or len(pair) != 2:
                 raise ValueError("not an encoded dict")
-            out[decode(pair[0], ref, depth + 1)] = decode(pair[1], ref, depth + 1)
+            out[decode(pair[0], ref, depth + 1, budget)] = decode(pair[1], ref, depth + 1, budget)
         return out
     if tag == "ref" and ref is not None and len(rest) == 1 and type(rest[0]) is int:
         return ref(rest[0])
     raise ValueError("not an encoded value")
+
+
+def _spend(budget, n):
+    budget[0] -= n
+    if budget[0] < 0:
+        raise TooManyKeys("more set or dict entries than this reader takes")

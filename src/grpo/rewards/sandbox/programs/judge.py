@@ -43,6 +43,18 @@ def judge(job, solution, verdict):
             verdict(i, False, "the solution failed before the tests: " + load_error, solution.lines.broken is not None)
         return
     ns = {"__name__": "__main__"}
+    signal.signal(signal.SIGALRM, _alarm)
+
+    def timed(fn, *args):
+        signal.setitimer(signal.ITIMER_REAL, seconds)
+        try:
+            return fn(*args)
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+
+    def run(source):
+        timed(exec, compile(source, "<test>", "exec"), ns)
+
     for name in job["modules"]:
         try:
             ns[name] = importlib.import_module(name)
@@ -50,21 +62,12 @@ def judge(job, solution, verdict):
             pass
     for name in job["names"]:
         try:
-            ns[name] = solution.get(name)
+            ns[name] = timed(solution.get, name)
         except ChannelError:
             break
-        except Exception:
-            pass  # the solution does not define it
+        except BaseException:
+            pass  # the solution does not define it (or its answer took too long: then it is not defined)
     setup_error = None
-    signal.signal(signal.SIGALRM, _alarm)
-
-    def run(source):
-        signal.setitimer(signal.ITIMER_REAL, seconds)
-        try:
-            exec(compile(source, "<test>", "exec"), ns)
-        finally:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-
     try:
         run(job["setup"])
     except BaseException as e:
