@@ -4,6 +4,11 @@ Escape and containment (issue 20): each hole of the earlier sandbox is tried, an
 nothing of the sandbox is left (no process of its uids, no SysV segment, no cgroup). Integrity:
 each reward hack scores 0 on wrong or empty code. Every test here failed on the earlier sandbox
 (the hack scored 1, the leftover survived, the segment stayed, the host's processes showed).
+
+Issue 27 (the tests below its heading): what a program writes on its channel, the names it rebinds,
+the test's setup, the files of the run wherever it starts, and more hostile programs; each docstring
+says which of them failed on the sandbox before (a single module that ran the test's setup and
+non-assert cases in the solution's process and parsed its reports in the trainer).
 """
 
 import os
@@ -491,6 +496,27 @@ def test_the_checkout_data_and_caches_are_hidden_wherever_the_run_starts(tmp_pat
 
 
 @needs("private_fs")
+def test_folders_named_by_the_environment_are_hidden_inside_the_system_trees(monkeypatch):
+    """A cache or data folder under /usr (shown to the sandbox for its interpreter) that the trainer's
+    environment names (HF_HOME, XDG_CACHE_HOME, ...) is covered; a sibling no one names is not."""
+    base = Path("/usr/local/share")
+    if not os.access(base, os.W_OK):
+        pytest.skip("cannot create a folder in /usr/local/share here")
+    cache, other = base / f"grpo-cache-{os.getpid()}", base / f"grpo-other-{os.getpid()}"
+    for d in (cache, other):
+        d.mkdir()
+        (d / "f").write_text("x")
+    monkeypatch.setenv("HF_HOME", str(cache))
+    try:
+        code = f"import os\nprint(os.listdir({str(cache)!r}), os.listdir({str(other)!r}))\n"
+        assert run_python({"main.py": code}, limits=LIMITS).stdout.strip() == "[] ['f']"
+    finally:
+        for d in (cache, other):
+            (d / "f").unlink()
+            d.rmdir()
+
+
+@needs("private_fs")
 def test_the_standard_library_still_works_inside():
     code = ("import json, math, re, collections, itertools, functools, heapq, bisect, decimal, fractions, datetime, "
             "random, string, hashlib, ctypes, tempfile\nprint(math.isqrt(17), json.dumps(sorted(collections.Counter('aab'))))\n"
@@ -509,6 +535,8 @@ MORE_HACKS = {
                          "def add(a, b):\n    return 0\n",
     # closes every fd (the channel too) when loaded
     "closes_every_fd": "import os\nos.closerange(0, 1024)\ndef add(a, b):\n    return 0\n",
+    # floods its stdout
+    "huge_stdout": "import os\ndef add(a, b):\n    while True:\n        os.write(1, b'x' * 65536)\n",
     # answers with a value too large to send, or nested too deep, or an int too long
     "huge_value": "def add(a, b):\n    return 'x' * (8 << 20)\n",
     "deep_value": "def add(a, b):\n    x = []\n    for _ in range(100000):\n        x = [x]\n    return x\n",

@@ -404,9 +404,10 @@ def _count_processes(uid: int) -> int:
 
 
 _WEAKER = {
-    "uid": "the code runs as the trainer's uid (root ignores the process limit; it can signal the trainer)",
+    "uid": "the code runs as the trainer's uid (root ignores the process limit; it can signal the trainer, and "
+           "its judge: without \"pid_ns\" it could trace the judge and forge verdicts)",
     "no_network": "the code has the host's network",
-    "private_fs": "the code sees (and may write) the host's files, the checkout included",
+    "private_fs": "the code sees (and may write) the host's files: the checkout, the data, the run folder, caches",
     "pid_ns": "the code sees the host's processes and command lines; leftovers are killed by a helper of the "
               "sandbox's uid, which a leftover can trace or stop, and a detached process can outlive the call",
     "ipc_ns": "SysV shared memory is the host's: segments survive the call and other runs can read them",
