@@ -480,7 +480,7 @@ def test_the_checkout_data_and_caches_are_hidden_wherever_the_run_starts(tmp_pat
         paths = [sample, checkout / "pyproject.toml", anywhere / "prompts.jsonl", Path.home(), Path(sys.prefix),
                  Path(sys.base_prefix) / "lib", tmp_path, Path("/etc/passwd"), Path("/var"), Path("/tmp"),
                  Path("/usr/lib/python3/dist-packages"), Path(grpo.__file__).resolve().parent]
-        code = "import os\nfor p in %r:\n    try:\n        print(p, len(os.listdir(p)) if os.path.isdir(p) else open(p).read(20))\n" \
+        code = "import os\nfor p in %r:\n    try:\n        print(p, len(os.listdir(p)) if os.path.isdir(p) else repr(open(p).read(20)))\n" \
                "    except OSError as e:\n        print(p, 'hidden', type(e).__name__)\n" % [str(p) for p in paths]
         result = run_python({"main.py": code}, limits=LIMITS)
         seen = dict(line.split(" ", 1) for line in result.stdout.splitlines())
