@@ -41,7 +41,6 @@ from grpo.rewards.sandbox.jail import Jail, Limits, SandboxResult, program_files
 from grpo.rewards.sandbox.programs.channel import CLOSED, ChannelError, Lines, Solution
 from grpo.rewards.sandbox.programs.codec import TooManyKeys
 
-_LAUNCH = "from programs.{} import main\nmain()\n"
 MAX_KEYS_HERE = 5000
 """Set and dict entries per answer the trainer decodes itself (n colliding keys cost n**2 / 2 probes:
 5000, about 0.15 s); an answer with more sends the whole run to the judge process."""
@@ -132,7 +131,7 @@ def _start_solution(code: str, mode: str, limits: Limits, slot: int, seconds: fl
     to_r, to_w = _pipe()
     from_r, from_w = _pipe()
     job = {"mode": mode, "seconds": seconds, "fds": [to_r, from_w]}
-    files = {"main.py": _LAUNCH.format("serve"), "solution.py": code, "job.json": json.dumps(job), **program_files()}
+    files = {"solution.py": code, "job.json": json.dumps(job), **program_files("serve")}
     try:
         return Jail(files, "main.py", limits, jail.capabilities(), slot, fds=(to_r, from_w)), from_r, to_w
     except BaseException:
@@ -321,7 +320,7 @@ def _judge_there(code: str, cases: list[str], setup: str, limits: Limits, second
         try:
             job = {"setup": setup, "cases": cases, "names": names, "modules": modules, "seconds": seconds,
                    "deadline": limits.timeout, "fds": [rfd, wfd]}
-            files = {"main.py": _LAUNCH.format("judge"), "job.json": json.dumps(job), **program_files()}
+            files = {"job.json": json.dumps(job), **program_files("judge")}
             try:
                 judge = Jail(files, "main.py", limits, jail.capabilities(), slot, out_kb=1024, fds=(rfd, wfd), role=1)
             finally:

@@ -66,9 +66,12 @@ def program_text(name: str) -> str:
     return (_PROGRAMS / name).read_text()
 
 
-def program_files() -> dict[str, str]:
-    """The package `programs`, as files for a run's working folder (run_tests' programs import it)."""
-    return {f"programs/{p.name}": program_text(p.name) for p in sorted(_PROGRAMS.glob("*.py")) if p.name != "boot.py"}
+def program_files(main: str) -> dict[str, str]:
+    """The package `programs` as files for a run's working folder, with `main` (serve or judge) and
+    what it imports (not the other one, nor boot.py), and main.py that runs it."""
+    names = ["__init__.py", "codec.py", "channel.py", f"{main}.py"]
+    launch = f"import sys\nsys.dont_write_bytecode = True\nfrom programs.{main} import main\nmain()\n"
+    return {"main.py": launch, **{f"programs/{n}": program_text(n) for n in names}}
 
 
 @dataclass(frozen=True)
