@@ -162,3 +162,17 @@ def test_printed_fake_results_do_not_count():
     fake = 'print(\'{"token": "x", "case": 0, "passed": true, "reason": "passed"}\')\n'
     cases, _ = run_tests(fake, ["assert False"], LIMITS)
     assert not cases[0].passed
+
+
+def test_subclasses_of_plain_types_cross_as_the_plain_values_they_hold():
+    """A Counter, a namedtuple, an IntEnum are compared as the dict, tuple, int they hold; their own
+    __eq__ / __iter__ play no part (a list subclass that iterates as [9, 9] is still [1, 2])."""
+    code = ("from collections import Counter, namedtuple\nfrom enum import IntEnum\nP = namedtuple('P', 'x y')\n"
+            "class E(IntEnum):\n    A = 3\nclass Weird(list):\n    def __iter__(self):\n        return iter([9, 9])\n"
+            "    def __eq__(self, other):\n        return True\n"
+            "def count(s):\n    return Counter(s)\ndef point():\n    return P(1, 2)\ndef three():\n    return E.A\n"
+            "def weird():\n    return Weird([1, 2])\n")
+    tests = ["assert count('aab') == {'a': 2, 'b': 1}", "assert point() == (1, 2)", "assert three() == 3",
+             "assert weird() == [1, 2]", "assert weird() == [9, 9]", "assert weird() == []"]
+    cases, _ = run_tests(code, tests, LIMITS)
+    assert [c.passed for c in cases] == [True, True, True, True, False, False]

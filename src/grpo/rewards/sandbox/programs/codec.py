@@ -1,6 +1,6 @@
 """Plain data across a process boundary: a tagged JSON form, written on one side and rebuilt on the
-other. `type(x) is ...`, never isinstance: no subclass, no custom __eq__, no object of the solution
-crosses; anything else is a reference (`ref`) to an object that stays in its process, or an error.
+other with the exact plain types: no subclass, no custom __eq__, no object of the solution crosses;
+anything else is a reference (`ref`) to an object that stays in its process, or an error.
 Every reader is defensive: nesting, the digits of a number and the tags are checked.
 """
 
@@ -16,23 +16,30 @@ _SEQUENCES = {"list": list, "tuple": tuple, "set": set, "frozenset": frozenset}
 
 
 def encode(x, ref=None, depth=0):
-    """x -> a JSON-able tagged list. Objects that are not plain data become ["ref", ref(x)] when
-    `ref` is given, else raise TypeError."""
+    """x -> a JSON-able tagged list. An instance of a subclass of a plain type (a Counter, a
+    namedtuple, an IntEnum, ...) is sent as the plain value it holds, read with the base type's own
+    methods (its overrides of __eq__, __iter__, __repr__ ... play no part). Objects that are not
+    plain data become ["ref", ref(x)] when `ref` is given, else raise TypeError."""
     if depth > MAX_DEPTH:
         raise ValueError("a value nested over %d deep" % MAX_DEPTH)
     t = type(x)
-    if x is None or t is bool or t is str:
+    if x is None or t is bool:
         return [t.__name__, x]
-    if t is int or t is float:
-        return [t.__name__, repr(x)]
-    if t is complex:
-        return ["complex", repr(x.real), repr(x.imag)]
-    if t is bytes:
-        return ["bytes", x.hex()]
-    if t is list or t is tuple or t is set or t is frozenset:
-        return [t.__name__, [encode(v, ref, depth + 1) for v in x]]
-    if t is dict:
-        return ["dict", [[encode(k, ref, depth + 1), encode(v, ref, depth + 1)] for k, v in x.items()]]
+    if isinstance(x, str):
+        return ["str", str.__str__(x)]
+    if isinstance(x, int):
+        return ["int", int.__repr__(x)]
+    if isinstance(x, float):
+        return ["float", float.__repr__(x)]
+    if isinstance(x, complex):
+        return ["complex", float.__repr__(complex.real.__get__(x)), float.__repr__(complex.imag.__get__(x))]
+    if isinstance(x, bytes):
+        return ["bytes", bytes.hex(x)]
+    for base in (list, tuple, set, frozenset):
+        if isinstance(x, base):
+            return [base.__name__, [encode(v, ref, depth + 1) for v in base.__iter__(x)]]
+    if isinstance(x, dict):
+        return ["dict", [[encode(k, ref, depth + 1), encode(v, ref, depth + 1)] for k, v in dict.items(x)]]
     if ref is not None:
         return ["ref", ref(x)]
     raise TypeError("a value of type %s is not plain data (%s)" % (t.__name__, _PLAIN))
