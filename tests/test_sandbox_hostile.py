@@ -11,6 +11,7 @@ says which of them failed on the sandbox before (a single module that ran the te
 non-assert cases in the solution's process and parsed its reports in the trainer).
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -487,9 +488,12 @@ def test_the_checkout_data_and_caches_are_hidden_wherever_the_run_starts(tmp_pat
         assert len(seen) == len(paths)
         for p in paths:
             assert seen[str(p)].startswith("hidden") or seen[str(p)] == "0", (p, seen[str(p)])
-        # and so a program cannot score by reading the prompt file
-        hack = ("import json\nROWS = [json.loads(l) for l in open(%r)]\n" % str(sample)) + "def add(a, b):\n    return 0\n"
-        assert code_tests(hack, ADD_TESTS, timeout=4) == 0.0
+        # and so a program cannot score by reading the run's prompt file (it scored 1.0 before)
+        hack = ("import json\nROWS = [json.loads(l) for l in open(%r)]\n" % str(sample)) + (
+            "def add(a, b):\n    for t in ROWS[0]['tests']:\n        if t.startswith('assert add(%d, %d) == ' % (a, b)):\n"
+            "            return int(t.rsplit('==', 1)[1])\n")
+        row_tests = json.loads(sample.read_text().splitlines()[0])["tests"]
+        assert code_tests(hack, row_tests, timeout=4) == 0.0
     finally:
         (anywhere / "prompts.jsonl").unlink()
         anywhere.rmdir()
