@@ -166,7 +166,7 @@ def _lost(result: SandboxResult, ended: bool, broken: str | None, limits: Limits
 
 
 def _judge_here(code: str, mode: str, items: list, limits: Limits, seconds: float) -> tuple[list[CaseResult], SandboxResult]:
-    with jail._slot() as slot:
+    with jail.concurrency_slot() as slot:
         sandbox, rfd, wfd = _start_solution(code, mode, limits, slot, seconds)
         deadline = time.monotonic() + limits.timeout
         lines = Lines(rfd, wfd)
@@ -313,7 +313,7 @@ def _names(setup: str, cases: list[str]) -> tuple[list[str], list[str]]:
 
 def _judge_there(code: str, cases: list[str], setup: str, limits: Limits, seconds: float) -> tuple[list[CaseResult], SandboxResult]:
     names, modules = _names(setup, cases)
-    with jail._slot() as slot:
+    with jail.concurrency_slot() as slot:
         sandbox, rfd, wfd = _start_solution(code, "asserts", limits, slot, seconds)
         deadline = time.monotonic() + limits.timeout
         judged, verdicts = None, {}

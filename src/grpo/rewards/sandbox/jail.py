@@ -119,8 +119,8 @@ class SandboxResult:
         return f"exit code {rc}" + (f": {last}" if last else "")
 
 
+# --- the interpreter ------------------------------------------------------------------------------
 
-# --- the interpreter --------------------------------------------------------------------------
 
 def _world_runnable(path: str) -> bool:
     """Can a uid with no rights of its own execute this file (every parent searchable by others)?"""
@@ -167,7 +167,8 @@ def _take_slot() -> int:
 
 
 @contextmanager
-def _slot():
+def concurrency_slot():
+    """One of the set_max_concurrency slots, for a run (its program and its judge), given back after."""
     slot = _take_slot()
     try:
         yield slot
@@ -295,7 +296,7 @@ def run_python(
 
 
 def _run(files: dict[str, str], main: str, limits: Limits, stdin: str, caps: frozenset[str], out_kb: int = 0) -> SandboxResult:
-    with _slot() as slot:
+    with concurrency_slot() as slot:
         jail = Jail(files, main, limits, caps, slot, stdin=stdin, out_kb=out_kb)
         return jail.finish(jail.wait(limits.timeout))
 
