@@ -17,8 +17,9 @@ plain data (programs/codec.py) or a reference to an object that stays in its pro
   program's output, and the trainer compares it with the expected one, which never enters it.
 
 Verdicts travel only from the judge's own stdout (or are the trainer's): nothing the solution
-writes can be one. Whatever its process writes that cannot be read, or does not come in time,
-fails the case that asked, and every later case (a case the solution did not answer fails).
+writes can be one. Whatever its process writes that cannot be read fails the case that asked;
+when the channel cannot be used any more (closed, a line over 1 MiB, no answer in time), every
+later case fails too (a case the solution did not answer fails).
 Not guaranteed: a program can still hard-code the answers to the tests it is shown; arguments and
 results must be plain data (a test that passes a lambda to the solution fails); an argument the
 solution mutates in place is not seen changed by the test.
@@ -195,8 +196,8 @@ def _judge_here(code: str, mode: str, items: list, limits: Limits, seconds: floa
 def _check_output(solution: Solution, stdin_text: str, expected: str) -> CaseResult | None:
     try:
         got = solution.ask(op="run", stdin=stdin_text)
-    except (ChannelError, TooManyKeys):
-        return None
+    except (ChannelError, TooManyKeys) as e:
+        return None if solution.lines.broken else CaseResult(False, f"an unreadable answer: {e}")
     except Exception as e:
         return CaseResult(False, f"{type(e).__name__}: {e}"[:300])
     if type(got) is not str:
@@ -241,8 +242,8 @@ def _check_assert(test: ast.expr, solution: Solution, names: dict) -> CaseResult
     seen: list[tuple[str, object]] = []
     try:
         passed = bool(_evaluate(test, solution, names, seen))
-    except ChannelError:
-        return None
+    except ChannelError as e:
+        return None if solution.lines.broken else CaseResult(False, f"an unreadable answer: {e}")
     except TooManyKeys:
         raise
     except Exception as e:  # the solution's error, or e.g. '<' between a str and an int
