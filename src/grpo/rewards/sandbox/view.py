@@ -7,8 +7,9 @@ Shown (read-only binds): /usr, /bin, /sbin, /lib* and, when the sandbox's interp
 them (pyenv, conda, a uv-managed Python), its own prefix; /etc/ld.so.cache (to find shared
 libraries). Hidden inside those (empty mounts): every site-packages and dist-packages folder (python
 -S uses none), grpo's own package and checkout, the trainer's working folder and HOME and any folder
-a PYTHON*/HF_*/XDG_*/... variable names, when one of them lies in a shown tree. What lies under a
-shown tree by another name (e.g. a data file kept in /usr/share) stays readable.
+its environment names (HF_HOME, XDG_CACHE_HOME, PYTHONPATH, ...; not PATH or LD_*), when one of them
+lies in a shown tree, unless it holds a file the interpreter needs. What lies under a shown tree by
+another name (e.g. a data file kept in /usr/share that no variable names) stays readable.
 """
 
 from __future__ import annotations
