@@ -208,3 +208,10 @@ def test_the_channel_reads_anything_defensively():
     finally:
         for fd in (r, w, r2, w2):
             os.close(fd)
+
+
+def test_a_failed_assert_says_the_value_judged_here_or_by_the_judge():
+    cases, _ = run_tests("def fact(n):\n    return 0\n", ["assert fact(5) == 120"], LIMITS)
+    assert cases[0].reason == "assertion failed: fact(5) = 0"  # judged by the trainer
+    cases, _ = run_tests("def fact(n):\n    return 0\n", "E = {5: 120}\nassert fact(5) == E[5]\nassert 0 < fact(5)", LIMITS)
+    assert [c.reason for c in cases] == ["assertion failed: fact(5) = 0", "assertion failed"]  # by the judge process

@@ -9,6 +9,7 @@ builtins, modules, setup and comparisons stay out of the solution's reach. Verdi
 trainer on this process's own stdout, which the solution's process cannot reach.
 """
 
+import ast
 import importlib
 import json
 import os
@@ -34,6 +35,23 @@ def _why(e, seconds):
     return "%s: %s" % (type(e).__name__, e)
 
 
+def explained(case):
+    """The case's code; a single `assert left <op> right` without a message gets one: the left
+    side's value ("assertion failed: add(1, 2) = 0"), evaluated once, in the same order."""
+    try:
+        tree = ast.parse(case)
+    except SyntaxError:
+        return case
+    test = tree.body[0].test if len(tree.body) == 1 and isinstance(tree.body[0], ast.Assert) else None
+    if not isinstance(test, ast.Compare) or len(test.ops) != 1 or tree.body[0].msg is not None:
+        return case
+    shown = ast.unparse(test.left)
+    tree.body.insert(0, ast.Assign([ast.Name("_left_", ast.Store())], test.left))
+    test.left = ast.Name("_left_", ast.Load())
+    tree.body[1].msg = ast.parse("%r + ' = ' + repr(_left_)[:200]" % shown, mode="eval").body
+    return ast.fix_missing_locations(tree)
+
+
 def judge(job, solution, verdict):
     """Run the setup and the cases; call verdict(i, passed, reason, lost) once per case."""
     seconds, cases = job["seconds"], job["cases"]
@@ -52,7 +70,7 @@ def judge(job, solution, verdict):
         finally:
             signal.setitimer(signal.ITIMER_REAL, 0)
 
-    def run(source):
+    def run(source):  # text, or a module's tree
         timed(exec, compile(source, "<test>", "exec"), ns)
 
     for name in job["modules"]:
@@ -80,7 +98,7 @@ def judge(job, solution, verdict):
             verdict(i, False, setup_error, False)
             continue
         try:
-            run(case)
+            run(explained(case))
             verdict(i, True, "passed", False)
         except BaseException as e:
             verdict(i, False, _why(e, seconds), isinstance(e, ChannelError))
