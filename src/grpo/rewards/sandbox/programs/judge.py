@@ -43,7 +43,8 @@ def explained(case):
     except SyntaxError:
         return case
     test = tree.body[0].test if len(tree.body) == 1 and isinstance(tree.body[0], ast.Assert) else None
-    if not isinstance(test, ast.Compare) or len(test.ops) != 1 or tree.body[0].msg is not None:
+    if (not isinstance(test, ast.Compare) or len(test.ops) != 1 or tree.body[0].msg is not None
+            or not any(isinstance(n, ast.Name) for n in ast.walk(test.left))):  # (a literal says nothing)
         return case
     shown = ast.unparse(test.left)
     tree.body.insert(0, ast.Assign([ast.Name("_left_", ast.Store())], test.left))
