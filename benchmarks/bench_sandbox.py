@@ -7,9 +7,10 @@
 rlimits, network and mount namespaces; leftovers killed by a helper process of the sandbox's uid);
 `isolated` with everything this machine gives (capabilities(): PID and IPC namespaces, a fresh /proc,
 a cgroup per run, leftovers killed from outside). Rows: a program that prints one line (run_python);
-code_tests' unit of work, a solution against three asserts whose checks the trainer computes
-(run_tests, one process); the same with checks that need the judge process (two processes).
-Both columns run the same harness: it measures the mechanism, not the earlier in-process judging.
+code_tests' unit of work, a solution against three simple asserts that the trainer judges itself
+(run_tests, one process); the same with asserts that need the judge process (two processes, run
+side by side). Both columns run the same judging: it measures the jail, not the judging.
+`getattr(sandbox, "jail", sandbox)` lets it run on the earlier single-module sandbox too.
 Medians of wall time per call, and their ratio. It prints numbers and never asserts a time.
 """
 
@@ -32,14 +33,15 @@ WORKLOADS = {
 
 
 def timed(fn, caps: frozenset[str]) -> float:
-    saved = sandbox.capabilities
-    sandbox.capabilities = lambda: caps  # what run_python and run_tests look up at call time
+    owner = getattr(sandbox, "jail", sandbox)  # where run_python and run_tests look it up at call time
+    saved = owner.capabilities
+    owner.capabilities = lambda: caps
     try:
         start = time.perf_counter()
         fn()
         return time.perf_counter() - start
     finally:
-        sandbox.capabilities = saved
+        owner.capabilities = saved
 
 
 def main() -> None:

@@ -162,3 +162,56 @@ def test_printed_fake_results_do_not_count():
     fake = 'print(\'{"token": "x", "case": 0, "passed": true, "reason": "passed"}\')\n'
     cases, _ = run_tests(fake, ["assert False"], LIMITS)
     assert not cases[0].passed
+
+
+def test_subclasses_of_plain_types_cross_as_the_plain_values_they_hold():
+    """A Counter, a namedtuple, an IntEnum are compared as the dict, tuple, int they hold; their own
+    __eq__ / __iter__ play no part (a list subclass that iterates as [9, 9] is still [1, 2])."""
+    code = ("from collections import Counter, namedtuple\nfrom enum import IntEnum\nP = namedtuple('P', 'x y')\n"
+            "class E(IntEnum):\n    A = 3\nclass Weird(list):\n    def __iter__(self):\n        return iter([9, 9])\n"
+            "    def __eq__(self, other):\n        return True\n"
+            "def count(s):\n    return Counter(s)\ndef point():\n    return P(1, 2)\ndef three():\n    return E.A\n"
+            "def weird():\n    return Weird([1, 2])\n")
+    tests = ["assert count('aab') == {'a': 2, 'b': 1}", "assert point() == (1, 2)", "assert three() == 3",
+             "assert weird() == [1, 2]", "assert weird() == [9, 9]", "assert weird() == []"]
+    cases, _ = run_tests(code, tests, LIMITS)
+    assert [c.passed for c in cases] == [True, True, True, True, False, False]
+
+
+def test_the_channel_reads_anything_defensively():
+    """programs/channel.py on a plain pipe: unreadable lines raise ChannelError (the case fails), a line
+    over the limit or a closed pipe break the channel, replies to other requests are skipped."""
+    from grpo.rewards.sandbox.programs.channel import ChannelError, Lines, Solution
+
+    r, w = os.pipe()
+    r2, w2 = os.pipe()
+    try:
+        lines = Lines(r, w2, max_line=10_000)
+        for garbage in (b"[" * 5000, b"9" * 5000, b"\xff\xfe", b'{"n": 1, "value": ["int", "' + b"9" * 900 + b'"]'):
+            os.write(w, garbage + b"\n")
+            with pytest.raises(ChannelError):
+                lines.receive(time.monotonic() + 1)
+            assert lines.broken is None
+        solution = Solution(lines, 1.0, time.monotonic() + 5)
+        os.write(w, b'{"n": 7, "value": ["int", "1"]}\n{"n": 1, "value": ["list", [["int", "2"]]]}\n')
+        assert solution.ask(op="get", name="f") == [2]  # the stray reply (n 7) skipped
+        assert os.read(r2, 1000).startswith(b'{"op": "get"')
+        os.write(w, b'{"n": 2, "value": ["int", "' + b"9" * 5000 + b'"]}\n')
+        with pytest.raises(ChannelError):
+            solution.ask(op="get", name="f")  # 5000 digits: over the 4300 a value may have
+        os.write(w, b"x" * 15_000)
+        with pytest.raises(ChannelError, match="over 10000 bytes"):
+            lines.receive(time.monotonic() + 1)
+        assert lines.broken  # and it stays broken
+        with pytest.raises(ChannelError):
+            solution.ask(op="get", name="f")
+    finally:
+        for fd in (r, w, r2, w2):
+            os.close(fd)
+
+
+def test_a_failed_assert_says_the_value_judged_here_or_by_the_judge():
+    cases, _ = run_tests("def fact(n):\n    return 0\n", ["assert fact(5) == 120"], LIMITS)
+    assert cases[0].reason == "assertion failed: fact(5) = 0"  # judged by the trainer
+    cases, _ = run_tests("def fact(n):\n    return 0\n", "E = {5: 120}\nassert fact(5) == E[5]\nassert 0 < fact(5)", LIMITS)
+    assert [c.reason for c in cases] == ["assertion failed: fact(5) = 0", "assertion failed"]  # by the judge process

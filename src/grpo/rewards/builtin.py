@@ -279,12 +279,14 @@ def code_tests(
     completion, tests, timeout: float = 10.0, per_test_timeout: float = 3.0, memory_mb: int = 512, **_
 ) -> float | None:
     """Fraction of the row's test cases that the completion's code passes, run in the sandbox
-    (grpo.rewards.sandbox: own process, uid and PID/IPC/mount/network namespaces, time, CPU, and a
-    memory and process limit for the whole tree, a private working directory; the cases are judged
-    outside the solution's process, from the plain values it reports). `tests`: assert statements (a list, or code whose top-level
-    asserts are the cases) or input/output pairs for a stdin/stdout program. None without tests.
+    (grpo.rewards.sandbox: own process, uid and PID/IPC/mount/network namespaces, a root that shows
+    the system's trees only, time, CPU, and a memory and process limit for the whole tree; the cases
+    are judged outside the solution's process: the test's own code in a judge process, or the
+    trainer, asks the solution's process for the values it needs). `tests`: assert statements (a
+    list, or code whose top-level asserts are the cases) or input/output pairs for a stdin/stdout
+    program. None without tests; whatever the completion does, a number otherwise.
     Written per completion, so completions run in parallel (RewardSpec.concurrency threads; at most
-    sandbox.set_max_concurrency processes at once)."""
+    sandbox.set_max_concurrency runs at once)."""
     from grpo.rewards.sandbox import Limits, run_tests
 
     if tests is None or (isinstance(tests, (list, str, dict)) and not tests):
