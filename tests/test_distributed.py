@@ -270,7 +270,7 @@ def test_dynamic_sampling_on_two_ranks_fills_every_rank_s_share(tmp_path):
 def test_the_whole_copy_of_a_bf16_sharded_policy_is_not_pi_old():
     """On CUDA FSDP2 runs the policy's forward in bfloat16 while the engine's whole copy stays in float32: the
     copy's log-probs are then another precision's, and the trainer must compute pi_old itself."""
-    from grpo.parallel import FullCopyEngine
+    from grpo.rollout import FullCopyEngine
     from grpo.rollout import HFGenerateEngine, LogprobKind, SamplingParams
     from grpo.testing import tiny_model_and_tokenizer
 
