@@ -2,6 +2,7 @@
 the single-process one. tests/dist_worker.py runs the steps; the hf engine samples each group under its own seed,
 so both sides train on the same rollouts."""
 
+import json
 import os
 import subprocess
 import sys
@@ -81,6 +82,7 @@ RUN = [
     "trainer.batch_size=16", "sampling.group_size=4", "trainer.micro_batch_size=3", "sampling.max_new_tokens=8",
     "sampling.engine=hf", "data.digits=1", "data.num_eval=4", "eval.num_problems=4", "trainer.lr=1e-3",
     "output.tensorboard=false", "output.report_every=0", "model.threads=1", "trainer.samples_per_step=2",
+    "eval.batch_size=2",  # two batches of held-out problems: under 2 ranks each evaluates one
 ]
 
 
@@ -91,7 +93,6 @@ def grpo(*args, nproc: int = 1, timeout: int = 300) -> subprocess.CompletedProce
 
 
 def metrics(run_dir: Path) -> list[dict]:
-    import json
 
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     return [{k: v for k, v in json.loads(x).items() if not k.startswith(("time/", "throughput/"))} for x in lines]
@@ -135,8 +136,9 @@ def single_run(tiny_model_dir, reward_file, tmp_path_factory):
 
 
 def test_a_run_on_two_ranks_matches_the_single_process_run(single_run, tiny_model_dir, reward_file, tmp_path):
-    """`grpo train --nproc 2`: rank 0 alone writes the run folder and evaluates (after step 2, eval.every, while
-    rank 1 waits); the metrics (reduced over ranks), the evaluation and the final weights are the one-process run's."""
+    """`grpo train --nproc 2`: rank 0 alone writes the run folder; both ranks evaluate (before, after step 2 for
+    eval.every, after), each its share of the held-out batches; the metrics (reduced over ranks), the evaluations
+    and the final weights are the one-process run's."""
     out = tmp_path / "run"
     proc = grpo("train", f"model.path={tiny_model_dir}", f"output.dir={out}", *RUN, "trainer.steps=3",
                 "output.checkpoint_every=2", f"rewards=[{{name: {reward_file}:vowels}}]", "eval.every=2", nproc=2)
@@ -145,6 +147,8 @@ def test_a_run_on_two_ranks_matches_the_single_process_run(single_run, tiny_mode
     curve = [{k: v for k, v in m.items() if k.startswith("eval/")} for m in metrics(out)]
     assert curve == [{k: v for k, v in m.items() if k.startswith("eval/")} for m in metrics(single_run)]
     assert [sorted(c) for c in curve] == [[], ["eval/accuracy", "eval/reward", "eval/reward/vowels"], []]
+    for name in ("eval_before.json", "eval_after.json"):  # every completion, as one process
+        assert json.loads((out / name).read_text()) == json.loads((single_run / name).read_text()), name
     assert len((out / "samples.jsonl").read_text().splitlines()) == 3 * 2  # one writer: rank 0
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002", "step-000003"]
 
