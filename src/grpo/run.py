@@ -33,7 +33,7 @@ from grpo.parallel import shard, wrap_policy
 from grpo.resume import restore, resume_point
 from grpo.rewards import build_rewards, get_reward, required_columns
 from grpo.rollout import FullCopyEngine, make_engine
-from grpo.rundir import RunFolderError, check_run_dir, open_run_dir  # noqa: F401  (RunFolderError: grpo.cli's)
+from grpo.rundir import check_run_dir, open_run_dir
 from grpo.trainer import Trainer
 
 
