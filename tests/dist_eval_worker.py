@@ -34,7 +34,7 @@ def main(out: str, engine_name: str) -> None:
         return generate(prompt_ids, group_size, *args, **kwargs)
 
     engine.generate = counted
-    result = evaluate(model, tok, engine, load_task(cfg.data, []).eval, cfg, world=world)
+    result = evaluate(tok, engine, load_task(cfg.data, []).eval, cfg, world=world)
     work = world.gather(sum(greedy_rows))
     if world.is_main:
         torch.save({"result": result, "work": work}, out)

@@ -67,7 +67,7 @@ def check_eval(config, rows: list[dict]) -> None:
         )
 
 
-def evaluate(model, tokenizer, engine, rows: list[dict], config, progress=None, world: World = SINGLE) -> dict:
+def evaluate(tokenizer, engine, rows: list[dict], config, progress=None, world: World = SINGLE) -> dict:
     """Greedy completions of the held-out rows scored by the run's rewards: each reward's mean and the mean
     weighted total ("reward"); "accuracy" the mean of the accuracy check (None where the task has none, see
     accuracy_check) and pass@k (k sampled completions, at least one scoring 1) when eval.k > 1; "examples":

@@ -154,7 +154,7 @@ def evaluate_during_training(trainer: Trainer, config: Config, rows: list[dict],
     """The step's eval/ metrics (grpo.evaluate.curve_metrics): the policy as it is now, on the same held-out
     problems as before and after training, each rank completing its share."""
     start = time.perf_counter()
-    result = evaluate(None, trainer.tokenizer, trainer.engine, rows, config, world=trainer.world)
+    result = evaluate(trainer.tokenizer, trainer.engine, rows, config, world=trainer.world)
     console.info(f"step {trainer.step_count}: held-out {summary(result)} ({time.perf_counter() - start:.0f} s)")
     return curve_metrics(result)
 
@@ -370,7 +370,7 @@ class HeldOut:
             return
         start, n = time.perf_counter(), min(self.cfg.eval.num_problems or len(self.rows), len(self.rows))
         with self.console.progress(f"evaluating ({name}) on {n} held-out problems", n) as update:
-            self.results[name] = evaluate(None, tokenizer, engine, self.rows, self.cfg, progress=update,
+            self.results[name] = evaluate(tokenizer, engine, self.rows, self.cfg, progress=update,
                                           world=self.world)
         if self.world.is_main:
             write_json(self.run_dir / f"eval_{name}.json", self.results[name])
@@ -410,7 +410,7 @@ def eval_only(config: Config, model_path: str | None, output: Path | None, quiet
     engine = make_engine(config.sampling, model, tokenizer)
     n = min(config.eval.num_problems or len(task.eval), len(task.eval))
     with console.progress(f"evaluating {folder} on {n} held-out problems", n) as update:
-        result = evaluate(model, tokenizer, engine, task.eval, config, progress=update)
+        result = evaluate(tokenizer, engine, task.eval, config, progress=update)
     result["model"] = str(folder)
     if output:
         write_json(output, result)
