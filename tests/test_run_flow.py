@@ -94,6 +94,19 @@ def test_eval_of_a_run_without_its_model_says_how_to_get_it_back(project, tmp_pa
     assert grpo("eval", run).returncode == 0
 
 
+def test_eval_of_a_run_that_saved_no_model_says_how_to_write_one(project, tmp_path):
+    run = tmp_path / "r"
+    proc = grpo("train", f"model.path={project / 'tiny'}", "data.digits=1", "data.num_eval=4", "eval.before=false",
+                "eval.after=false", "output.save_model=false", f"output.dir={run}", "trainer.steps=1", *TINY)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = grpo("eval", run)
+    assert proc.returncode == 2 and "the run does not save one (output.save_model=false)" in proc.stderr
+    assert f"`grpo train --resume {run} output.save_model=true`" in proc.stderr
+    proc = grpo("train", "--resume", run, "output.save_model=true")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (run / "model" / "config.json").is_file()
+
+
 def test_a_run_whose_every_update_was_skipped_is_not_a_success(project, tmp_path):
     """Every reward NaN, trainer.steps (2) below trainer.max_bad_steps (3): the guard skipped every update, so
     the run fails, saying so, and writes no model/ that would pass for a trained one."""

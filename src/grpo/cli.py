@@ -251,9 +251,10 @@ def run_model(run_dir: Path, config: Config) -> Path:
            else "it was removed, or the run stopped before its end")
     ckpt = latest_checkpoint(run_dir)
     fixes = []
-    if ckpt is not None and config.output.save_model:
-        fixes.append(f"`grpo train --resume {run_dir}` writes it again from the last checkpoint"
-                     + (" (and trains on to trainer.steps)" if ckpt.step < config.trainer.steps else ""))
+    if ckpt is not None:
+        save = "" if config.output.save_model else " output.save_model=true"
+        fixes.append(f"`grpo train --resume {run_dir}{save}` writes it from the last checkpoint"
+                     + (" (after training on to trainer.steps)" if ckpt.step < config.trainer.steps else ""))
     if ckpt is not None and (ckpt.path / "model").is_dir():
         fixes.append(f"`--model {ckpt.path / 'model'}` evaluates that checkpoint's weights")
     fixes.append("`--model PATH` evaluates another model on this run's task")
