@@ -44,9 +44,9 @@ def project(tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("project")
     (root / "tiny").symlink_to(tiny_model_dir)
     (root / "data").mkdir()
-    rows = [{"prompt": f"What is {a} + {b}?", "answer": str(a + b)} for a in range(1, 5) for b in range(1, 3)]
+    rows = [{"prompt": f"What is {a} + {b}?", "answer": str(a + b)} for a in range(1, 7) for b in range(1, 3)]
     (root / "data" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (root / "data" / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:5]))
+    (root / "data" / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:10]))
     (root / "my_rewards.py").write_text(REWARDS)
     proc = grpo("train", "model.path=tiny", "data.task=file", "data.train_file=data/train.jsonl",
                 "data.eval_file=data/eval.jsonl", "rewards=[{name: my_rewards.py:vowels}]", "output.dir=runs/r",
@@ -66,6 +66,14 @@ def test_the_run_folder_stores_absolute_paths(project):
     assert fn == "vowels" and Path(path).resolve() == (project / "my_rewards.py").resolve()
 
 
+def test_the_evaluations_keep_every_completion(project):
+    """10 held-out problems: eval_before.json and eval_after.json hold all 10 completions, in the file's order."""
+    prompts = [json.loads(line)["prompt"] for line in (project / "data" / "eval.jsonl").read_text().splitlines()]
+    for name in ("eval_before.json", "eval_after.json"):
+        examples = json.loads((project / "runs" / "r" / name).read_text())["examples"]
+        assert [ex["prompt"] for ex in examples] == prompts and all(isinstance(ex["completion"], str) for ex in examples)
+
+
 def test_eval_and_resume_of_a_run_work_from_another_folder(project, tmp_path):
     run = project / "runs" / "r"
     copy = tmp_path / "r"  # resumed in a copy: the other tests keep the 1-step run
@@ -74,7 +82,7 @@ def test_eval_and_resume_of_a_run_work_from_another_folder(project, tmp_path):
     elsewhere.mkdir()
     proc = grpo("eval", run, "--output", tmp_path / "eval.json", cwd=elsewhere)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert json.loads((tmp_path / "eval.json").read_text())["num_problems"] == 5
+    assert json.loads((tmp_path / "eval.json").read_text())["num_problems"] == 10
     proc = grpo("train", "--resume", copy, "trainer.steps=2", cwd=elsewhere)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert steps(copy) == [1, 2]
