@@ -121,9 +121,12 @@ def test_mu_above_one_takes_pi_old_from_the_rollout_when_it_is_the_policy_s():
     fresh = trainer.fixed_logprobs(trainer.model, batch.sequences)  # what a forward pass gives
     torch.testing.assert_close(batch.old_logprobs, fresh, rtol=0, atol=1e-5)
 
-    truncated = trainer_helpers.make_trainer("algorithm.mu=2", "sampling.top_k=5")  # another distribution
+    # top-k picks the tokens; the log-probs reported are still the policy's whole tempered distribution's
+    truncated = trainer_helpers.make_trainer("algorithm.mu=2", "sampling.top_k=5")
     batch = truncated.make_batch(truncated.sampler.next(2), phases := Phases())
-    assert "old_logprobs" in phases.seconds and batch.old_logprobs is not batch.rollout.sampling_logprobs
+    assert "old_logprobs" not in phases.seconds and batch.old_logprobs is batch.rollout.sampling_logprobs
+    fresh = truncated.fixed_logprobs(truncated.model, batch.sequences)
+    torch.testing.assert_close(batch.old_logprobs, fresh, rtol=0, atol=1e-5)
 
 
 def test_step_reports_how_far_the_sampler_s_logprobs_are_from_the_trainer_s():

@@ -4,7 +4,9 @@ A checkpoint is one folder, RUN_DIR/checkpoints/step-000004/. A run in one proce
   model/          the policy as a Hugging Face folder (`transformers` loads it); LoRA: the adapter only
   reference.safetensors   the reference weights, only once ref_reset_steps has replaced them
                   (otherwise the reference is rebuilt from the start weights, as at the start of the run)
-  trainer.pt      the Trainer's own state: step, optimizer, scheduler, prompt position
+  trainer.pt      the Trainer's own state: step, optimizer, scheduler (with the schedule it runs), prompt
+                  position; an optimizer that has made no update yet (the guard skipped every step so far) is
+                  saved without state and left so (grpo.optim.kept_fresh): a save never changes the run
   rng.pt          every global RNG state: python random, numpy, torch CPU and CUDA
   config.yaml     the resolved config of the run that wrote it
   meta.json       written last: {"step": 4, "files": [...], "sizes": {path: bytes}}; a folder without it is
@@ -39,6 +41,7 @@ import re
 import shutil
 import struct
 import zipfile
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +54,7 @@ from grpo.config import Config, absolute_path_tree, dump_config
 from grpo.distributed import SINGLE, World
 from grpo.files import read_jsonl, write_text_atomic
 from grpo.models import is_lora, no_progress_bars
+from grpo.optim import kept_fresh
 from grpo.parallel import load_rank_state, load_weights_state, rank_state, weights_state
 
 CHECKPOINTS = "checkpoints"
@@ -504,10 +508,15 @@ def write_sharded(folder: Path, config: Config, trainer) -> None:
     (folder / "config.yaml").write_text(dump_config(config))
 
 
-def sharded_state(trainer, with_reference: bool) -> dict:
+def sharded_state(trainer, with_reference: bool, fresh_optimizer: bool | None = None) -> dict:
     """What a sharded checkpoint holds, as this rank holds it (the dict torch.distributed.checkpoint saves or
-    loads in place)."""
-    state = {"policy": rank_state(trainer.model, trainer.optimizer)}
+    loads in place). An optimizer that has made no update yet is saved as such, its hyperparameters without any
+    state (grpo.optim.kept_fresh); `fresh_optimizer`, to load: whether the checkpoint's was (None: this one)."""
+    with kept_fresh(trainer.optimizer) as fresh:  # rank_state would give a fresh AdamW a step count
+        policy = rank_state(trainer.model, trainer.optimizer)
+    if fresh if fresh_optimizer is None else fresh_optimizer:
+        policy["optimizer"] = {**policy["optimizer"], "state": {}}
+    state = {"policy": policy}
     if with_reference and trainer.ref_model is not None:
         state["reference"] = weights_state(trainer.ref_model)
     return state
@@ -524,11 +533,13 @@ def restore_sharded(checkpoint: Checkpoint, trainer) -> None:
     path = checkpoint.path
     try:
         own = torch.load(path / "trainer.pt", weights_only=False)
-        state = sharded_state(trainer, with_reference=own["ref_reset_step"] is not None)
+        fresh = not saved_optimizer_state(path / SHARDED)
+        state = sharded_state(trainer, with_reference=own["ref_reset_step"] is not None, fresh_optimizer=fresh)
         with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
             warnings.filterwarnings("ignore", message=".*load in a single process.*")
             dcp.load(state, checkpoint_id=str(path / SHARDED))
-        load_rank_state(trainer.model, trainer.optimizer, state["policy"])
+        with kept_fresh(trainer.optimizer) if fresh else nullcontext():  # saved before the first update
+            load_rank_state(trainer.model, trainer.optimizer, state["policy"])
         if "reference" in state:
             load_weights_state(trainer.ref_model, state["reference"])
         trainer.load_state_dict(own)
@@ -538,6 +549,14 @@ def restore_sharded(checkpoint: Checkpoint, trainer) -> None:
             f"cannot load the checkpoint {path}: {type(e).__name__}: {str(e)[:500]}. If it is damaged, move it "
             f"away (mv {path} {path}.damaged) and resume again to continue from the checkpoint before it"
         ) from None
+
+
+def saved_optimizer_state(folder: Path) -> bool:
+    """Whether a sharded checkpoint holds optimizer state (False: it was written before the first update)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    keys = FileSystemReader(str(folder)).read_metadata().state_dict_metadata
+    return any(k.startswith("policy.optimizer.state.") for k in keys)
 
 
 def saved_reference(checkpoint: Checkpoint) -> dict[str, torch.Tensor] | None:

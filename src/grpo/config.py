@@ -299,7 +299,12 @@ class AlgorithmConfig(Section):
     """Truncated importance sampling (Yao et al. 2025; TRL's vllm_importance_sampling_correction): weight the
     policy term of every token by min(pi_old / pi_sampler, tis_cap), where pi_sampler is the log-prob the
     rollout engine reported. Corrects for a sampler whose kernels or dtype differ from the trainer's (vLLM, a
-    bfloat16 copy: see the metric rollout/logprob_diff). TRL uses 2. None: off (weight 1)."""
+    bfloat16 copy: see the metric rollout/logprob_diff). TRL uses 2. None: off (weight 1).
+    With sampling.top_k / top_p / min_p the engines still report the log-prob under the whole tempered
+    distribution, the one pi_old is computed over: the truncation decides which tokens are drawn and is not
+    weighted for, so with an unchanged policy the weight is 1. (Renormalized over the kept tokens, as vLLM's
+    sampler reports it, every weight would carry the kept probability mass, e.g. ~0.17 at top_k=50: TRL issue
+    #6789. vLLM cannot report the whole distribution's, so engine=vllm with a truncation and tis_cap is refused.)"""
 
     @model_validator(mode="after")
     def _reference(self):
@@ -310,7 +315,8 @@ class AlgorithmConfig(Section):
 
 class TrainerConfig(Section):
     steps: int = Field(30, ge=1)
-    """Number of GRPO iterations (each: generate, score, mu optimizer steps)."""
+    """Number of GRPO iterations (each: generate, score, mu optimizer steps). A resume may change it (`grpo train
+    --resume RUN trainer.steps=60`): the learning rate goes on from the checkpoint's (see lr_schedule)."""
     batch_size: int = Field(16, ge=2)
     """Completions per step, N = prompts x group_size; must be a multiple of sampling.group_size."""
     micro_batch_size: int = Field(8, ge=1)
@@ -352,7 +358,12 @@ class TrainerConfig(Section):
     lr: float = Field(1e-6, gt=0)
     """AdamW learning rate (DeepSeekMath: 1e-6)."""
     lr_schedule: Literal["constant", "cosine"] = "constant"
-    """Learning-rate schedule after warmup."""
+    """Learning-rate schedule after warmup: constant, or a cosine from trainer.lr to 0 at the last optimizer step
+    (trainer.steps x algorithm.mu; Loshchilov & Hutter 2017, arXiv 1608.03983, without restarts). A resume that
+    changes trainer.steps fits the rest of the cosine to the new total: from the checkpoint's step, where the rate
+    is what it was (no jump), the cosine's progress goes on linearly to its end at the new last step. Extending a
+    finished cosine run therefore trains at a rate of about 0, which the resume warns about (start a new run from
+    its model/ to train more)."""
     warmup_steps: int = Field(0, ge=0)
     """Linear warmup, in optimizer steps."""
     weight_decay: float = Field(0.0, ge=0)
@@ -463,6 +474,12 @@ class Config(Section):
             if self.model.device != "auto" or torch.cuda.is_available():
                 raise ValueError(f"trainer.backend=cpu_fast runs on a CPU only, and model.device={self.model.device!r} "
                                  "is not; use trainer.backend=auto (plain on a GPU) or model.device=cpu")
+        s = self.sampling
+        if self.algorithm.tis_cap is not None and s.engine == "vllm" and (s.top_k > 0 or s.top_p < 1 or s.min_p > 0):
+            raise ValueError("algorithm.tis_cap with sampling.engine=vllm and sampling.top_k/top_p/min_p: vLLM reports "
+                             "the log-probs of the truncated distribution, not the whole one pi_old is computed over, "
+                             "so every weight would be the kept probability mass; set algorithm.tis_cap=null, or "
+                             "sampling.top_k=0, top_p=1 and min_p=0, or use sampling.engine=fast")
         if self.lora.enabled and self.algorithm.ref_reset_steps is not None:
             raise ValueError("algorithm.ref_reset_steps is not supported with lora.enabled (the reference is the "
                              "base model without adapters); set algorithm.ref_reset_steps=null")

@@ -327,6 +327,8 @@ def run_flow(config: Config, world: World, quiet: bool, console_mode: str, resum
         if ckpt is not None:
             restore(ckpt, trainer)
             console.info(f"resumed from {ckpt.path} at step {ckpt.step}")
+            if trainer.schedule_note:  # an extension of a finished cosine schedule (grpo.optim.extend_schedule)
+                console.info(f"warning: {trainer.schedule_note}")
         ending = train_loop(trainer, config, log, console, run_dir, tokenizer, task.eval)
         check_ending(ending, trainer, config, run_dir, console)
         done = config.trainer.steps - (ckpt.step if ckpt else 0)

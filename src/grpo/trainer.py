@@ -50,7 +50,8 @@ from grpo.data import PromptSampler, encode_rows
 from grpo.distributed import SINGLE, World
 from grpo.logging.metrics import Phases, step_metrics
 from grpo.models import is_lora, pad_token_id
-from grpo.parallel import grad_sync, is_sharded, load_optimizer_state, optimizer_state
+from grpo.optim import extend_schedule, load_optimizer_state_dict, optimizer_state_dict
+from grpo.parallel import grad_sync, is_sharded
 from grpo.rewards import Reward, reward_columns, score
 from grpo.rewards.process import step_table
 from grpo.rollout.base import LogprobKind, Rollout, RolloutEngine, SamplingParams, group_seed
@@ -77,6 +78,9 @@ class Trainer:
         if config.algorithm.beta > 0 and ref_model is None and not is_lora(model):
             raise ValueError("algorithm.beta > 0 needs a reference model (ref_model), or a LoRA policy whose base "
                              "weights are the reference")
+        if config.algorithm.ref_reset_steps is not None and ref_model is None:  # LoRA: nothing it could reset
+            raise ValueError("algorithm.ref_reset_steps needs a reference model (ref_model); with LoRA the reference "
+                             "is the base model without adapters: set algorithm.ref_reset_steps=null")
         self.cfg = config
         self.model, self.tokenizer, self.engine, self.ref_model = model, tokenizer, engine, ref_model
         self.policy, self.world = policy if policy is not None else model, world
@@ -91,6 +95,7 @@ class Trainer:
         self.ref_reset_step: int | None = None  # last step at which pi_ref := pi_theta
         self.last_lr = scheduler.get_last_lr()[0]
         self.sync_seconds = 0.0  # this step's time in engine.sync_weights (metric time/weight_sync)
+        self.schedule_note: str | None = None  # a resume's warning about its learning-rate schedule
 
     # -- resume: the Trainer's own state (weights and global RNGs: grpo.checkpoint) -------------
     def state_dict(self, optimizer: bool = True) -> dict:
@@ -98,7 +103,7 @@ class Trainer:
         checkpoint writes it apart, grpo.parallel.rank_state)."""
         return {
             "step": self.step_count,
-            **({"optimizer": optimizer_state(self.model, self.optimizer)} if optimizer else {}),  # by parameter name
+            **({"optimizer": optimizer_state_dict(self.model, self.optimizer)} if optimizer else {}),  # by name
             "scheduler": self.scheduler.state_dict(),
             "sampler": self.sampler.state(),
             "bad_steps": self.bad_steps,
@@ -109,8 +114,10 @@ class Trainer:
     def load_state_dict(self, state: dict) -> None:
         self.step_count = state["step"]
         if "optimizer" in state:
-            load_optimizer_state(self.model, self.optimizer, state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+            load_optimizer_state_dict(self.model, self.optimizer, state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])  # then fitted to this run's trainer.steps (grpo.optim)
+        t = self.cfg.trainer
+        self.schedule_note = extend_schedule(self.scheduler, t.steps * self.cfg.algorithm.mu, t.lr)
         self.sampler.load_state(state["sampler"])
         self.bad_steps, self.skipped_steps = state["bad_steps"], state["skipped_steps"]
         self.ref_reset_step = state["ref_reset_step"]
@@ -262,7 +269,7 @@ class Trainer:
 
     def rollout_logprobs_are_pi_old(self, rollout: Rollout) -> bool:
         """Whether the sampler's log-probs serve as pi_old's: the engine says they are the policy's own
-        (same weights and dtype, untruncated tempered distribution), and the backend computes log-probs in
+        (same weights and dtype, the whole tempered distribution), and the backend computes log-probs in
         the weights' precision (not under bf16 autocast)."""
         return (rollout.sampling_logprobs is not None
                 and self.engine.logprob_kind(self.params) is LogprobKind.POLICY

@@ -37,8 +37,8 @@ class SamplingParams:
 
     @property
     def truncates(self) -> bool:
-        """Whether top-p, top-k or min-p cut the distribution (sampled log-probs are then of the renormalized
-        rest, not the policy's)."""
+        """Whether top-p, top-k or min-p cut the distribution that tokens are drawn from (the log-probs an engine
+        reports stay the whole tempered distribution's: Rollout.sampling_logprobs)."""
         return self.top_p < 1.0 or self.top_k > 0 or self.min_p > 0.0
 
     @classmethod
@@ -62,7 +62,7 @@ class LogprobKind(str, Enum):
     """What an engine's sampled log-probs are (`RolloutEngine.logprob_kind`)."""
 
     POLICY = "policy"  # the policy's own tempered distribution, same weights and dtype: pi_old up to rounding
-    OTHER = "other"  # another model's: a copy in another dtype, another kernel, or a truncated distribution
+    OTHER = "other"  # another model's: a copy in another dtype, or another kernel (vLLM)
 
 
 @dataclass
@@ -78,9 +78,11 @@ class Rollout:
     completion_mask: torch.Tensor  # [N, T] bool
     truncated: torch.Tensor  # [N] bool: stopped by max_new_tokens (no EOS, no stop string)
     group_size: int  # G
-    # [N, T] float32: log-prob of each sampled token under the distribution it was
-    # sampled from (after temperature / top-k / top-p / min-p); 0 at padding.
-    # None when the engine cannot provide it.
+    # [N, T] float32: log-prob of each sampled token under the sampler's tempered distribution over the
+    # whole vocabulary, log softmax(logits / temperature), as the trainer computes pi_old: top-k / top-p /
+    # min-p choose which tokens can be drawn, not the log-prob reported (renormalized over the kept tokens,
+    # every ratio pi_old / pi_sampler would carry the kept probability mass; TRL issue #6789). Greedy
+    # (temperature 0): temperature 1. 0 at padding. None when the engine cannot provide it.
     sampling_logprobs: torch.Tensor | None = None
     stats: dict[str, float] = field(default_factory=dict)  # engine's own timings / counters
 

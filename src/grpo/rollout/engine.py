@@ -118,15 +118,28 @@ def greedy_from_logits(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return tokens.squeeze(1), logprobs.squeeze(1)
 
 
+def tempered_logprobs(logits: torch.Tensor, temperature: float, tokens: torch.Tensor) -> torch.Tensor:
+    """[n, V] raw logits, [n] tokens -> [n] log softmax(logits / temperature) of each token, over the whole
+    vocabulary (what the trainer computes for the same token)."""
+    if temperature != 1.0:
+        logits = logits / temperature  # as filter_logits scales them
+    return (logits.gather(1, tokens.unsqueeze(1)) - logits.logsumexp(dim=-1, keepdim=True)).squeeze(1)
+
+
 def next_tokens(
     logits: torch.Tensor, params: SamplingParams, uniform: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """[n, V] raw logits, [n] uniform draws -> (tokens [n], sampling log-probs [n]) as `params` asks."""
+    """[n, V] raw logits, [n] uniform draws -> (tokens [n], log-probs [n]): each token drawn as `params` asks, its
+    log-prob under the tempered distribution over the whole vocabulary, also where top-k / top-p / min-p picked
+    it from a part of it (grpo.rollout.base.Rollout.sampling_logprobs)."""
     logits = logits.float()
     if params.greedy:
         return greedy_from_logits(logits)
     filtered = filter_logits(logits, params.temperature, params.top_k, params.top_p, params.min_p)
-    return sample_from_logits(filtered, uniform)
+    tokens, logprobs = sample_from_logits(filtered, uniform)
+    if params.truncates:  # sample_from_logits's are of the kept part, renormalized
+        logprobs = tempered_logprobs(logits, params.temperature, tokens)
+    return tokens, logprobs
 
 
 # -- the engine -------------------------------------------------------------------------------------
@@ -267,12 +280,12 @@ class FastEngine:
                    fused=None if sampling.fused else False)
 
     def logprob_kind(self, params: SamplingParams) -> LogprobKind:
-        """POLICY when it samples with the policy itself, or with a merged LoRA copy in the policy's dtype,
-        from the untruncated tempered distribution; OTHER with a copy cast to another dtype, or top-p /
-        top-k / min-p (the log-probs are then those of the renormalized, truncated distribution)."""
+        """POLICY when it samples with the policy itself, or with a merged LoRA copy in the policy's dtype (its
+        log-probs are the tempered distribution's over the whole vocabulary, also under top-p / top-k / min-p);
+        OTHER with a copy cast to another dtype."""
         same_dtype = next(self.runner.parameters()).dtype == next(self.model.parameters()).dtype
         exact = self.runner is self.model or (self._merged is not None and same_dtype)
-        return LogprobKind.POLICY if exact and not params.truncates else LogprobKind.OTHER
+        return LogprobKind.POLICY if exact else LogprobKind.OTHER
 
     def sync_weights(self, model) -> None:
         """Sample from `model` from now on; with a `dtype` copy, refresh the copy's weights now."""

@@ -1,9 +1,14 @@
 """Reference engine: plain `transformers` generate, each prompt repeated G times.
 
-Simple and obviously correct; the baseline the fast engine is measured against.
+Simple and obviously correct; the baseline the fast engine is measured against. It samples exactly as the run's
+`sampling` section says: `generate` would otherwise fill every option the call leaves unset from the model
+folder's generation_config.json (Qwen2.5-Instruct sets repetition_penalty, top_k and top_p there; transformers
+itself defaults to top_k=50), and the rollouts would silently come from another distribution than the policy's.
 """
 
 from __future__ import annotations
+
+from contextlib import contextmanager
 
 import torch
 
@@ -24,8 +29,33 @@ def eos_token_ids(model, tokenizer) -> set[int]:
     return ids
 
 
+def generation_options(params: SamplingParams) -> dict:
+    """generate's options for `params`, every one that shapes the distribution set (top_k=0 is off; left unset,
+    generate would take transformers' default of 50)."""
+    if params.greedy:
+        return dict(do_sample=False)
+    return dict(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
+                min_p=params.min_p if params.min_p > 0 else None)
+
+
+@contextmanager
+def blank_generation_config(model):
+    """Within the block `model.generate` sees a default GenerationConfig instead of the folder's (peft: the base
+    model's, which its generate reads), so nothing from generation_config.json reaches the sampling."""
+    from transformers import GenerationConfig
+
+    target = model.get_base_model() if hasattr(model, "get_base_model") else model
+    saved = target.generation_config
+    target.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        target.generation_config = saved
+
+
 class HFGenerateEngine:
-    """Samples with `model.generate`; returns the log-prob of each sampled token from the processed scores."""
+    """Samples with `model.generate` under the run's sampling parameters only; returns the log-prob of each sampled
+    token under the tempered distribution over the whole vocabulary (generate's raw logits / temperature)."""
 
     name = "hf"
 
@@ -41,8 +71,9 @@ class HFGenerateEngine:
         return cls(model, tokenizer)
 
     def logprob_kind(self, params: SamplingParams) -> LogprobKind:
-        """It samples with the policy itself: POLICY unless top-p / top-k / min-p truncate the distribution."""
-        return LogprobKind.OTHER if params.truncates else LogprobKind.POLICY
+        """POLICY: it samples with the policy itself, and reports the whole tempered distribution's log-probs
+        (also under top-p / top-k / min-p)."""
+        return LogprobKind.POLICY
 
     def describe(self) -> str:
         return "hf engine: transformers generate"
@@ -70,23 +101,18 @@ class HFGenerateEngine:
                                 self.tokenizer)
 
     def _generate(self, rows: list[list[int]], params: SamplingParams, seed: int | None):
-        """Raw sampled ids [n, T'] and the log-prob of each under the processed scores [n, T'] (torch's global
-        RNG seeded with `seed` for the call, then restored)."""
+        """Raw sampled ids [n, T'] and the log-prob of each under the tempered distribution [n, T'] (greedy:
+        temperature 1); torch's global RNG seeded with `seed` for the call, then restored."""
         device = next(self.model.parameters()).device
         ids, attn = left_pad(rows, self.pad_id)
         kwargs = dict(
             max_new_tokens=params.max_new_tokens,
             pad_token_id=self.pad_id,
             eos_token_id=sorted(self.eos_ids),
-            output_scores=True,
+            output_logits=True,
             return_dict_in_generate=True,
+            **generation_options(params),
         )
-        if params.greedy:
-            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        else:
-            kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or None)
-            if params.min_p > 0:
-                kwargs["min_p"] = params.min_p
         if params.stop:
             kwargs.update(stop_strings=list(params.stop), tokenizer=self.tokenizer)
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -94,8 +120,11 @@ class HFGenerateEngine:
                 torch.manual_seed(seed)
             was_training = self.model.training
             self.model.eval()
-            out = self.model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), **kwargs)
+            with blank_generation_config(self.model):
+                out = self.model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), **kwargs)
             self.model.train(was_training)
         raw = out.sequences[:, ids.shape[1] :].cpu()  # [n, T']
-        scores = torch.stack(out.scores, dim=1).float().cpu()  # [n, T', V] processed logits
-        return raw, scores.log_softmax(-1).gather(-1, raw.unsqueeze(-1)).squeeze(-1)  # [n, T']
+        logits = torch.stack(out.logits, dim=1).float().cpu()  # [n, T', V] the model's, before any processing
+        if not params.greedy and params.temperature != 1.0:
+            logits = logits / params.temperature
+        return raw, logits.log_softmax(-1).gather(-1, raw.unsqueeze(-1)).squeeze(-1)  # [n, T']

@@ -8,7 +8,10 @@ How it maps onto the engine contract (base.py):
   an in-place reload does not re-tie a tied head).
 - generate: one request per prompt with n = G samples, prefix caching on (the G samples and the next
   step's identical prompts reuse the prompt's cache), the log-prob of every sampled token as vLLM's sampler
-  computed it after temperature / top-k / top-p / min-p (`logprobs_mode="processed_logprobs"`). EOS ids and
+  computed it after temperature / top-k / top-p / min-p (`logprobs_mode="processed_logprobs"`): under top-k /
+  top-p / min-p those are of the kept tokens, renormalized, not the whole tempered distribution's that the
+  contract asks for (vLLM has no mode for those), so the config refuses `algorithm.tis_cap` with them and
+  the metric rollout/logprob_diff then includes the log of the kept probability mass. EOS ids and
   stop strings stop vLLM early; the rows are then cut exactly as every other engine cuts them
   (`finish_completions`).
 - sync_weights: after every optimizer update the whole policy (a LoRA policy with its adapters merged in)
