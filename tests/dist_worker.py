@@ -14,7 +14,8 @@ from grpo.config import load_config
 from grpo.data.arithmetic import arithmetic_rows
 from grpo.distributed import close_world, init_world
 from grpo.models import frozen_copy
-from grpo.parallel import FullCopyEngine, full_state_dict
+from grpo.parallel import full_state_dict
+from grpo.rollout import FullCopyEngine
 from grpo.rollout import HFGenerateEngine
 from grpo.run import build_trainer
 from grpo.testing import tiny_model_and_tokenizer

@@ -2,6 +2,7 @@
 the single-process one. tests/dist_worker.py runs the steps; the hf engine samples each group under its own seed,
 so both sides train on the same rollouts."""
 
+import json
 import os
 import subprocess
 import sys
@@ -81,6 +82,7 @@ RUN = [
     "trainer.batch_size=16", "sampling.group_size=4", "trainer.micro_batch_size=3", "sampling.max_new_tokens=8",
     "sampling.engine=hf", "data.digits=1", "data.num_eval=4", "eval.num_problems=4", "trainer.lr=1e-3",
     "output.tensorboard=false", "output.report_every=0", "model.threads=1", "trainer.samples_per_step=2",
+    "eval.batch_size=2",  # two batches of held-out problems: under 2 ranks each evaluates one
 ]
 
 
@@ -91,7 +93,6 @@ def grpo(*args, nproc: int = 1, timeout: int = 300) -> subprocess.CompletedProce
 
 
 def metrics(run_dir: Path) -> list[dict]:
-    import json
 
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     return [{k: v for k, v in json.loads(x).items() if not k.startswith(("time/", "throughput/"))} for x in lines]
@@ -135,8 +136,9 @@ def single_run(tiny_model_dir, reward_file, tmp_path_factory):
 
 
 def test_a_run_on_two_ranks_matches_the_single_process_run(single_run, tiny_model_dir, reward_file, tmp_path):
-    """`grpo train --nproc 2`: rank 0 alone writes the run folder and evaluates (after step 2, eval.every, while
-    rank 1 waits); the metrics (reduced over ranks), the evaluation and the final weights are the one-process run's."""
+    """`grpo train --nproc 2`: rank 0 alone writes the run folder; both ranks evaluate (before, after step 2 for
+    eval.every, after), each its share of the held-out batches; the metrics (reduced over ranks), the evaluations
+    and the final weights are the one-process run's."""
     out = tmp_path / "run"
     proc = grpo("train", f"model.path={tiny_model_dir}", f"output.dir={out}", *RUN, "trainer.steps=3",
                 "output.checkpoint_every=2", f"rewards=[{{name: {reward_file}:vowels}}]", "eval.every=2", nproc=2)
@@ -145,6 +147,8 @@ def test_a_run_on_two_ranks_matches_the_single_process_run(single_run, tiny_mode
     curve = [{k: v for k, v in m.items() if k.startswith("eval/")} for m in metrics(out)]
     assert curve == [{k: v for k, v in m.items() if k.startswith("eval/")} for m in metrics(single_run)]
     assert [sorted(c) for c in curve] == [[], ["eval/accuracy", "eval/reward", "eval/reward/vowels"], []]
+    for name in ("eval_before.json", "eval_after.json"):  # every completion, as one process
+        assert json.loads((out / name).read_text()) == json.loads((single_run / name).read_text()), name
     assert len((out / "samples.jsonl").read_text().splitlines()) == 3 * 2  # one writer: rank 0
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002", "step-000003"]
 
@@ -223,7 +227,8 @@ def test_a_rank_that_raises_stops_the_job_with_its_error_once(tiny_model_dir, re
     out = tmp_path / "run"
     proc = grpo("train", f"model.path={tiny_model_dir}", f"output.dir={out}", *RUN, "trainer.steps=4",
                 "output.checkpoint_every=1", f"rewards=[{{name: {reward_file}:vowels}}, "
-                f"{{name: {reward_file}:fails_on_rank_1}}]", "trainer.dist_timeout_s=60", nproc=2, timeout=180)
+                f"{{name: {reward_file}:fails_on_rank_1}}]", "trainer.dist_timeout_s=60",
+                "eval.before=false", nproc=2, timeout=180)  # rank 1's calls are the steps' (it evaluates its share too)
     assert proc.returncode != 0
     assert proc.stderr.count("rank 1's reward failed") == 1, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr.split("rank 1's reward failed")[0][-2000:]
@@ -270,7 +275,7 @@ def test_dynamic_sampling_on_two_ranks_fills_every_rank_s_share(tmp_path):
 def test_the_whole_copy_of_a_bf16_sharded_policy_is_not_pi_old():
     """On CUDA FSDP2 runs the policy's forward in bfloat16 while the engine's whole copy stays in float32: the
     copy's log-probs are then another precision's, and the trainer must compute pi_old itself."""
-    from grpo.parallel import FullCopyEngine
+    from grpo.rollout import FullCopyEngine
     from grpo.rollout import HFGenerateEngine, LogprobKind, SamplingParams
     from grpo.testing import tiny_model_and_tokenizer
 

@@ -1,5 +1,5 @@
 """The held-out curve: an evaluation every eval.every steps on the same held-out problems as before and after,
-logged in that step's metrics line, run by rank 0 between steps without touching training, drawn in the report."""
+logged in that step's metrics line, run between steps (every rank its share) without touching training, drawn in the report."""
 
 import json
 

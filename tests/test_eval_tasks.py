@@ -92,7 +92,7 @@ def test_training_without_an_eval_split_says_so(user_task, tiny_model_dir):
 @pytest.mark.parametrize("command, extra, message", [
     ("eval", ["rewards=[{name: my_reward.py:keyword_len}]"], "data.task=file has no held-out split (data.eval_file is not set)"),
     ("train", ["data.eval_file=held_out.jsonl", "rewards=[{name: my_reward.py:keyword_len}]", "eval.k=4"],
-     "eval.k=4 asks for pass@4, which needs a check of right answers, and held_out.jsonl has no 'answer' column"),
+     "held_out.jsonl has no 'answer' column: add that column"),  # the file named as the run stores it: absolute
     ("eval", ["data.eval_file=held_out.jsonl", "rewards=[{name: my_reward.py:keyword_len}]", "eval.metric=accuracy"],
      "eval.metric='accuracy' is not the label of one of the rewards; name one of: keyword_len"),
     ("train", ["data.eval_file=held_out.jsonl", "rewards=[{name: my_reward.py:keyword_len}]", "data.answer_column=target"],

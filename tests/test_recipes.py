@@ -15,7 +15,8 @@ from grpo.config import ConfigError, load_config
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "configs"
 GPU_RECIPES = ["gsm8k_gpu"]  # a hub model, the user's files, a GPU to be worth running: see test_gpu_recipe_*
-RECIPES = sorted(p.stem for p in CONFIGS.glob("*.yaml") if p.stem not in GPU_RECIPES)
+FILE_RECIPES = ["files"]  # a task from files (the starter for a user's own): see test_file_recipe_*
+RECIPES = sorted(p.stem for p in CONFIGS.glob("*.yaml") if p.stem not in GPU_RECIPES + FILE_RECIPES)
 EXAMPLES = sorted(p.stem for p in (REPO / "examples").glob("*.yaml"))
 SAMPLES = REPO / "src" / "grpo" / "data" / "samples"
 TINY = [
@@ -88,6 +89,26 @@ def test_gpu_recipe_runs_one_step_on_the_tiny_model(tiny_model_dir, tmp_path):
                                  f"data.eval_file={GSM8K_SAMPLE}")
     assert metrics[0]["step"] == 1 and metrics[0]["loss"] == metrics[0]["loss"] and "kl/mean" in metrics[0]
     assert before["metric"] == "answer_accuracy" and before["num_problems"] == 2
+
+
+def test_file_recipe_reads_its_sample_files_and_no_arithmetic_field():
+    """configs/files.yaml: a file task whose sample rows (text and chat prompts) ship beside it; it sets none of the
+    fields a file task does not read (its comment lists them), so a copy carries nothing that silently does not apply."""
+    from grpo.config import DataConfig, read_yaml
+
+    tree = read_yaml(CONFIGS / "files.yaml")
+    not_read = {"digits", "operators", "countdown_numbers", "num_train", "num_eval", "instruction", "question_column"}
+    assert tree["data"]["task"] == "file" and not not_read & set(tree["data"]) and not_read <= set(DataConfig.model_fields)
+    for key in ("train_file", "eval_file"):
+        assert (REPO / tree["data"][key]).is_file()
+
+
+def test_file_recipe_runs_through_the_cli(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)  # the recipe names its files relative to the repository root
+    metrics, before = run_recipe("files", tiny_model_dir, tmp_path / "files", "eval.num_problems=null")
+    assert metrics[0]["step"] == 1 and metrics[0]["loss"] == metrics[0]["loss"]
+    assert before["metric"] == "answer_accuracy" and before["num_problems"] == 8 and len(before["examples"]) == 8
+    assert any(isinstance(ex["prompt"], list) for ex in before["examples"])  # a chat prompt among the samples
 
 
 @pytest.mark.parametrize("name", EXAMPLES)

@@ -169,6 +169,19 @@ def test_report_eval_table_and_progress(tmp_path):
     assert "3 / 5" in html and "in progress" in html  # the half-written line is skipped
 
 
+def test_report_shows_a_chat_prompt_as_messages(tmp_path):
+    """A held-out row whose prompt is chat messages (a task from files): each message under its role, not the
+    Python repr of a list of dicts."""
+    folder = fake_run(tmp_path / "run")
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2 + <2>?"}]
+    ex = [{"prompt": chat, "answer": "4", "completion": "4", "correct": 1.0}]
+    (folder / "eval_before.json").write_text(json.dumps({"num_problems": 1, "accuracy": 1.0, "examples": ex}))
+    html = build_report(folder)
+    assert "{&#x27;role&#x27;" not in html and "[{" not in html
+    assert ('<div class="msg"><span class="role">system</span><pre>Be brief.</pre></div>'
+            '<div class="msg"><span class="role">user</span><pre>What is 2 + &lt;2&gt;?</pre></div>') in html
+
+
 def test_report_of_an_empty_run_folder(tmp_path):
     (tmp_path / "config.yaml").write_text("trainer: {steps: 2}\n")
     path = write_report(tmp_path)

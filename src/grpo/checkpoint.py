@@ -50,7 +50,7 @@ import torch
 import yaml
 from safetensors import SafetensorError
 
-from grpo.config import Config, dump_config
+from grpo.config import Config, absolute_path_tree, dump_config
 from grpo.distributed import SINGLE, World
 from grpo.files import read_jsonl, write_text_atomic
 from grpo.models import is_lora, no_progress_bars
@@ -622,6 +622,7 @@ def check_resume(checkpoint: Checkpoint, config: Config) -> None:
 def check_same_run(checkpoint: Checkpoint, config: Config) -> None:
     """Refuse a resume whose config changes what the remaining steps compute."""
     saved = yaml.safe_load((checkpoint.path / "config.yaml").read_text())
+    saved = absolute_path_tree(saved)  # a run started before paths were stored absolute: relative to here
     diffs = config_diff(saved, config.model_dump(mode="json"))
     if diffs:
         raise CheckpointError(

@@ -176,6 +176,7 @@ def cmd_train(args) -> int:
         overrides.append("output.overwrite=true")
     config, resume = train_config(args.resume, path, overrides)  # a bad config fails here, before launching
     if args.nproc is not None and args.nproc > 1 and not launched():
+        run.check_ranks(config, args.nproc)  # said once here, not by every rank after torchrun's banner
         return launch(args.nproc, sys.argv[1:] if args.argv is None else args.argv)
     try:
         run.train(config, quiet=args.quiet, console_mode=args.log_format, resume=resume)
@@ -227,7 +228,7 @@ def cmd_eval(args) -> int:
         if not (run_dir / "config.yaml").is_file():
             raise ConfigError(f"{run_dir} is not a run folder (no config.yaml)")
         config = load_config(run_dir / "config.yaml", overrides)
-        model = model or str(run_dir / "model")
+        model = model or str(run_model(run_dir, config))
         output = output or run_dir / "eval.json"
     else:
         config = load_config(target, overrides)
@@ -237,6 +238,27 @@ def cmd_eval(args) -> int:
 
         write_report(output.parent)
     return 0
+
+
+def run_model(run_dir: Path, config: Config) -> Path:
+    """The trained model of a run folder, <run>/model; a ConfigError that says how to get it when it is missing."""
+    from grpo.checkpoint import latest_checkpoint
+
+    folder = run_dir / "model"
+    if folder.is_dir():
+        return folder
+    why = ("the run does not save one (output.save_model=false)" if not config.output.save_model
+           else "it was removed, or the run stopped before its end")
+    ckpt = latest_checkpoint(run_dir)
+    fixes = []
+    if ckpt is not None:
+        save = "" if config.output.save_model else " output.save_model=true"
+        fixes.append(f"`grpo train --resume {run_dir}{save}` writes it from the last checkpoint"
+                     + (" (after training on to trainer.steps)" if ckpt.step < config.trainer.steps else ""))
+    if ckpt is not None and (ckpt.path / "model").is_dir():
+        fixes.append(f"`--model {ckpt.path / 'model'}` evaluates that checkpoint's weights")
+    fixes.append("`--model PATH` evaluates another model on this run's task")
+    raise ConfigError(f"{folder} is missing: {why}; " + "; or ".join(fixes))
 
 
 def cmd_sweep(args) -> int:
@@ -281,7 +303,8 @@ def main(argv: list[str] | None = None) -> int:
     from grpo.models import ModelError
     from grpo.rewards import RewardError
     from grpo.checkpoint import CheckpointError
-    from grpo.run import RunFolderError, TrainingStopped
+    from grpo.run import TrainingStopped
+    from grpo.rundir import RunFolderError
     from grpo.distributed import DistributedError
 
     try:

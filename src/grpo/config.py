@@ -581,3 +581,34 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
 
 def dump_config(config: Config) -> str:
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+def absolute_paths(config: Config, base: Path | None = None) -> Config:
+    """The config with the relative paths it holds made absolute against `base` (default: the current directory):
+    model.path (a local folder or file; a hub id stays), data.train_file / eval_file, the files of
+    `file.py:function` rewards and output.dir. A run writes this to its config.yaml, so `grpo eval RUN` and
+    `grpo train --resume RUN` read the same files from any folder."""
+    return Config.model_validate(absolute_path_tree(config.model_dump(mode="json"), base))
+
+
+def absolute_path_tree(tree: dict, base: Path | None = None) -> dict:
+    """`absolute_paths` on a config tree (model_dump(mode="json"), or a run's config.yaml); returns a new tree."""
+    import copy
+    import os
+
+    from grpo.rewards.base import file_target
+
+    base, tree = Path.cwd() if base is None else base, copy.deepcopy(tree)
+    absolute = lambda p: os.path.abspath(base / Path(p).expanduser())  # noqa: E731  (symlinks kept as typed)
+    model, data = tree.get("model") or {}, tree.get("data") or {}
+    if model.get("path") and (base / Path(model["path"]).expanduser()).exists():  # else a hub id
+        model["path"] = absolute(model["path"])
+    for key in ("train_file", "eval_file"):
+        if data.get(key):
+            data[key] = absolute(data[key])
+    for reward in tree.get("rewards") or []:
+        if isinstance(reward, dict) and (target := file_target(str(reward.get("name", "")))):
+            reward["name"] = absolute(target) + ":" + reward["name"].rsplit(":", 1)[1]
+    if (tree.get("output") or {}).get("dir"):
+        tree["output"]["dir"] = absolute(tree["output"]["dir"])
+    return tree

@@ -6,8 +6,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-
 from grpo.data import DataError, accuracy_reward, encode_rows
+from grpo.distributed import SINGLE, World
 from grpo.rewards import Reward, build_rewards, get_reward, reward_columns, score
 from grpo.rollout.base import SamplingParams, group_seed
 
@@ -67,56 +67,97 @@ def check_eval(config, rows: list[dict]) -> None:
         )
 
 
-def evaluate(model, tokenizer, engine, rows: list[dict], config, progress=None) -> dict:
+def evaluate(tokenizer, engine, rows: list[dict], config, progress=None, world: World = SINGLE) -> dict:
     """Greedy completions of the held-out rows scored by the run's rewards: each reward's mean and the mean
     weighted total ("reward"); "accuracy" the mean of the accuracy check (None where the task has none, see
-    accuracy_check) and pass@k (k sampled completions, at least one scoring 1) when eval.k > 1."""
-    ev, data = config.eval, config.data
+    accuracy_check) and pass@k (k sampled completions, at least one scoring 1) when eval.k > 1; "examples":
+    every problem with its greedy completion.
+
+    The rows go to the engine in batches of eval.batch_size, the same batches whatever the world size: under
+    several ranks, rank r completes batches r, r + W, r + 2W, ... and every rank gets the whole result (the
+    batches gathered in order), so the result is the one-process result whatever the engine's numerics make
+    of a batch's padding. pass@k samples problem i from its own seeded stream."""
+    ev = config.eval
     check_eval(config, rows)
     rows = held_out(config, rows)
-    max_new = ev.max_new_tokens or config.sampling.max_new_tokens
-    specs = build_rewards(config.rewards)
-    acc = accuracy_check(config, rows)
-    # the check of right answers: the run's reward named by eval.metric, or the task's own, run besides
-    acc_specs = [] if acc is None else [acc.reward or next(s for s in specs if s.name == acc.name)]
-    greedy = SamplingParams.from_config(config.sampling, max_new, greedy=True)
-    sampled = SamplingParams.from_config(config.sampling, max_new)
-    per_reward: dict[str, list[float]] = {}
-    totals, correct, passed, examples = [], [], [], []
-    for start in range(0, len(rows), ev.batch_size):
-        chunk = rows[start : start + ev.batch_size]
-        prompt_ids = encode_rows(tokenizer, chunk, data)
-        texts, lengths = _complete(engine, tokenizer, prompt_ids, 1, greedy, None)
-        result = _score(specs, tokenizer, prompt_ids, texts, lengths, chunk, data.prompt_column, 1, max_new)
-        for name, values in result.per_function.items():
-            per_reward.setdefault(name, []).extend(values.tolist())
-        totals += result.total.tolist()
-        if acc is not None:  # eval.metric's values are in result already; the task's own check runs here
-            right = result if acc.reward is None else _score(acc_specs, tokenizer, prompt_ids, texts, lengths, chunk,
-                                                             data.prompt_column, 1, max_new)
-            correct += right.per_function[acc.name].tolist()
-        for i, (r, text) in enumerate(zip(chunk, texts)):
-            if len(examples) < 8:
-                ok = correct[start + i] if acc is not None else None
-                examples.append({"prompt": r[data.prompt_column], "answer": r.get("answer"), "completion": text,
-                                 "correct": _finite(ok), "reward": _finite(result.total[i].item())})
-        if ev.k > 1:  # check_eval refused pass@k without a check
-            seeds = [group_seed(config.trainer.seed + 1, start + i) for i in range(len(chunk))]  # problem i's stream
-            texts, lengths = _complete(engine, tokenizer, prompt_ids, ev.k, sampled, seeds)
-            right = _score(acc_specs, tokenizer, prompt_ids, texts, lengths, chunk, data.prompt_column, ev.k, max_new)
-            passed += (right.per_function[acc.name].view(-1, ev.k) == 1).any(dim=1).float().tolist()
+    parts = _EvalParts.of(config, rows)
+    starts = list(range(0, len(rows), ev.batch_size))
+    done = []
+    for n, start in enumerate(starts[world.rank :: world.size]):
+        done.append(_evaluate_batch(parts, tokenizer, engine, rows[start : start + ev.batch_size], start, config))
         if progress:
-            progress(min(start + ev.batch_size, len(rows)), len(rows))
+            progress(min((n + 1) * world.size * ev.batch_size, len(rows)), len(rows))
+    with world.during("evaluation"):
+        batches = sorted((b for part in world.gather(done) for b in part), key=lambda b: b["start"])
+    return _summarize(batches, parts.acc, ev.k, len(rows))
+
+
+@dataclass
+class _EvalParts:
+    """What every batch of an evaluation uses: the run's rewards, the check of right answers and its reward
+    (run besides the run's rewards), and the greedy and pass@k sampling parameters."""
+
+    specs: list
+    acc: AccuracyCheck | None
+    acc_specs: list
+    greedy: SamplingParams
+    sampled: SamplingParams
+    max_new: int
+
+    @classmethod
+    def of(cls, config, rows: list[dict]) -> "_EvalParts":
+        max_new = config.eval.max_new_tokens or config.sampling.max_new_tokens
+        specs = build_rewards(config.rewards)
+        acc = accuracy_check(config, rows)
+        # the check of right answers: the run's reward named by eval.metric, or the task's own, run besides
+        acc_specs = [] if acc is None else [acc.reward or next(s for s in specs if s.name == acc.name)]
+        return cls(specs, acc, acc_specs, SamplingParams.from_config(config.sampling, max_new, greedy=True),
+                   SamplingParams.from_config(config.sampling, max_new), max_new)
+
+
+def _evaluate_batch(parts: _EvalParts, tokenizer, engine, chunk: list[dict], start: int, config) -> dict:
+    """One batch of held-out rows (the first is row `start`): per-row values of each reward, the total, the
+    accuracy check and pass@k, and each row's example."""
+    data, k, acc = config.data, config.eval.k, parts.acc
+    prompt_ids = encode_rows(tokenizer, chunk, data)
+    texts, lengths = _complete(engine, tokenizer, prompt_ids, 1, parts.greedy, None)
+    result = _score(parts.specs, tokenizer, prompt_ids, texts, lengths, chunk, data.prompt_column, 1, parts.max_new)
+    out = {"start": start, "rewards": {name: v.tolist() for name, v in result.per_function.items()},
+           "totals": result.total.tolist(), "correct": [], "passed": []}
+    if acc is not None:  # eval.metric's values are in result already; the task's own check runs here
+        right = result if acc.reward is None else _score(parts.acc_specs, tokenizer, prompt_ids, texts, lengths,
+                                                         chunk, data.prompt_column, 1, parts.max_new)
+        out["correct"] = right.per_function[acc.name].tolist()
+    out["examples"] = [{"prompt": r[data.prompt_column], "answer": r.get("answer"), "completion": text,
+                        "correct": _finite(out["correct"][i]) if acc is not None else None,
+                        "reward": _finite(out["totals"][i])} for i, (r, text) in enumerate(zip(chunk, texts))]
+    if k > 1:  # check_eval refused pass@k without a check
+        seeds = [group_seed(config.trainer.seed + 1, start + i) for i in range(len(chunk))]  # problem i's stream
+        texts, lengths = _complete(engine, tokenizer, prompt_ids, k, parts.sampled, seeds)
+        right = _score(parts.acc_specs, tokenizer, prompt_ids, texts, lengths, chunk, data.prompt_column, k,
+                       parts.max_new)
+        out["passed"] = (right.per_function[acc.name].view(-1, k) == 1).any(dim=1).float().tolist()
+    return out
+
+
+def _summarize(batches: list[dict], acc: AccuracyCheck | None, k: int, num_problems: int) -> dict:
+    """The evaluation's result from its batches' per-row values, in row order."""
+    per_reward: dict[str, list[float]] = {}
+    for b in batches:
+        for name, values in b["rewards"].items():
+            per_reward.setdefault(name, []).extend(values)
+    every = lambda key: [v for b in batches for v in b[key]]  # noqa: E731
     out = {
-        "num_problems": len(rows),
+        "num_problems": num_problems,
         "metric": acc.name if acc else None,
-        "accuracy": _mean(correct) if acc else None,
-        "reward": _mean(totals),
+        "accuracy": _mean(every("correct")) if acc else None,
+        "reward": _mean(every("totals")),
         "rewards": {name: m for name, v in per_reward.items() if (m := _mean(v)) is not None},
-        "examples": examples,
+        "examples": every("examples"),
     }
-    if ev.k > 1:
-        out[f"pass@{ev.k}"] = sum(passed) / len(passed)
+    if k > 1:
+        passed = every("passed")
+        out[f"pass@{k}"] = sum(passed) / len(passed)
     return out
 
 

@@ -6,8 +6,8 @@
   and the reference: each rank holds 1/W of the weights, gradients and AdamW state, and gathers a layer's
   weights when it runs. On CUDA the forward and backward run in bfloat16 (MixedPrecisionPolicy), the
   weights and their gradients stay in float32. The rollout engine samples from a whole copy of the policy
-  on every rank, refreshed from the shards after every update (`FullCopyEngine`): sampling costs one
-  more model's weights per rank.
+  on every rank, refreshed from the shards after every update (grpo.rollout.full_copy.FullCopyEngine):
+  sampling costs one more model's weights per rank.
 
 Both wrappers average gradients over ranks; the trainer's loss uses global normalizers (grpo.core.losses),
 so it scales each rank's loss by the world size: the update is the single-process one.
@@ -15,11 +15,12 @@ so it scales each rank's loss by the world size: the update is the single-proces
 
 from __future__ import annotations
 
-import copy
 from contextlib import contextmanager, nullcontext
 from typing import Literal
 
 import torch
+
+from grpo.rollout.full_copy import full_state_dict  # noqa: F401  (the whole weights of a sharded model)
 
 Parallel = Literal["ddp", "fsdp"]
 
@@ -72,14 +73,6 @@ def grad_sync(policy, enabled: bool):
             policy.set_requires_gradient_sync(True)
         return
     yield
-
-
-def full_state_dict(model) -> dict[str, torch.Tensor]:
-    """The whole weights of a (possibly sharded) model, on every rank (every rank takes part). Not offloaded
-    to the CPU: with cpu_offload, torch gives them to rank 0 only."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
 
 
 def is_sharded(model) -> bool:
@@ -151,57 +144,3 @@ def _trainable():
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
     return StateDictOptions(ignore_frozen_params=True)
-
-
-class Snapshot:
-    """The trainer as a whole checkpoint (one process wrote it) sees it when rank 0 restores it into an FSDP2 run:
-    the whole policy is the rollout engine's copy, and what the checkpoint loads is kept in `state` until every
-    rank takes its shards (grpo.run.restore). Everything else is the trainer's."""
-
-    def __init__(self, trainer, model):
-        self._trainer, self.model, self.state, self.ref_model = trainer, model, None, None
-
-    def load_state_dict(self, state: dict) -> None:
-        self.state = state
-
-    def __getattr__(self, name):
-        return getattr(self._trainer, name)
-
-
-class FullCopyEngine:
-    """A rollout engine on a whole copy of a sharded policy: `sync_weights` gathers the shards into the copy
-    (every rank takes part), and the inner engine samples from the copy. Its log-probs are the copy's: the
-    policy's own up to rounding on the CPU; on CUDA, where FSDP2 runs the policy's forward in bfloat16 and the
-    copy stays in float32, another precision's (LogprobKind.OTHER: the trainer computes pi_old itself)."""
-
-    def __init__(self, inner, copy_model, reduced_precision: bool = False):
-        self.inner, self.copy, self.reduced_precision = inner, copy_model, reduced_precision
-
-    @classmethod
-    def around(cls, make_engine, model):
-        """Copy `model` (before it is sharded) and build the inner engine on the copy."""
-        full = copy.deepcopy(model).eval()
-        for p in full.parameters():
-            p.requires_grad_(False)
-        device = next(model.parameters()).device
-        return cls(make_engine(full), full, reduced_precision=device.type == "cuda")  # as `shard` sets it
-
-    def generate(self, *args, **kwargs):
-        return self.inner.generate(*args, **kwargs)
-
-    def logprob_kind(self, params):
-        from grpo.rollout.base import LogprobKind
-
-        return LogprobKind.OTHER if self.reduced_precision else self.inner.logprob_kind(params)
-
-    def sync_weights(self, model) -> None:
-        state = full_state_dict(model)
-        with torch.no_grad():
-            own = self.copy.state_dict()
-            for name, value in state.items():
-                if name in own:
-                    own[name].copy_(value)
-        self.inner.sync_weights(self.copy)
-
-    def describe(self) -> str:
-        return self.inner.describe() + ", on a whole copy of the sharded policy (refreshed after every update)"

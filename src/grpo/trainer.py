@@ -51,7 +51,7 @@ from grpo.distributed import SINGLE, World
 from grpo.logging.metrics import Phases, step_metrics
 from grpo.models import is_lora, pad_token_id
 from grpo.optim import extend_schedule, load_optimizer_state_dict, optimizer_state_dict
-from grpo.parallel import grad_sync
+from grpo.parallel import grad_sync, is_sharded
 from grpo.rewards import Reward, reward_columns, score
 from grpo.rewards.process import step_table
 from grpo.rollout.base import LogprobKind, Rollout, RolloutEngine, SamplingParams, group_seed
@@ -121,6 +121,11 @@ class Trainer:
         self.sampler.load_state(state["sampler"])
         self.bad_steps, self.skipped_steps = state["bad_steps"], state["skipped_steps"]
         self.ref_reset_step = state["ref_reset_step"]
+
+    def whole_policy(self) -> torch.nn.Module:
+        """The policy with its whole weights on this rank, to save, merge or evaluate: the model itself, or under
+        FSDP2 (each rank holds shards) the rollout engine's whole copy, refreshed after every update."""
+        return self.engine.whole_policy() if is_sharded(self.model) else self.model
 
     # -- one step ------------------------------------------------------------------------------
     def step(self) -> tuple[dict, StepBatch]:

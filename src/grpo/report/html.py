@@ -193,12 +193,21 @@ def _eval_examples(evals: dict[str, dict]) -> str:
                 mark = f'<span class="chip">reward {_fmt_or(ex.get("reward"))}</span>'
             cells.append(f"<td>{mark}<pre>{e(_cut(ex.get('completion'), 600))}</pre></td>")
         answer = f"<td>{e(first.get('answer'))}</td>" if answers else ""
-        rows.append(f"<tr><td><pre>{e(_cut(first.get('prompt'), 400))}</pre></td>{answer}{''.join(cells)}</tr>")
+        rows.append(f"<tr><td>{prompt_html(first.get('prompt'), 400)}</td>{answer}{''.join(cells)}</tr>")
     head = ("<th>answer</th>" if answers else "") + "".join(f"<th>{e(k)}</th>" for k in names)
     return (
         "<details open><summary>Example problems, side by side</summary>"
         f'<table class="examples"><thead><tr><th>problem</th>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table></details>'
     )
+
+
+def prompt_html(prompt, n: int = MAX_TEXT) -> str:
+    """A prompt as a row of the data holds it: text, or chat messages (a list of {role, content}) shown one
+    after another under their roles, not as a Python list."""
+    if isinstance(prompt, list) and prompt and all(isinstance(m, dict) and "content" in m for m in prompt):
+        return "".join(f'<div class="msg"><span class="role">{e(m.get("role", ""))}</span>'
+                       f'<pre>{e(_cut(m["content"], n))}</pre></div>' for m in prompt)
+    return f"<pre>{e(_cut(prompt, n))}</pre>"
 
 
 def samples_section(samples: list[dict]) -> str:
@@ -376,6 +385,7 @@ svg.chart .legend { font-size: 10.5px; fill: #374151; } svg.chart .grid { stroke
 svg.chart .frame { fill: none; stroke: #d1d5db; } svg.chart .empty { fill: #9ca3af; font-size: 12px; }
 table { border-collapse: collapse; margin: 8px 0; } th, td { border: 1px solid #e5e7eb; padding: 4px 8px; text-align: left; vertical-align: top; }
 table.num td { text-align: right; font-variant-numeric: tabular-nums; } thead th { background: #f9fafb; }
+.msg .role { font-size: 11px; color: #6b7280; text-transform: uppercase; letter-spacing: .04em; } .msg pre { margin: 2px 0 6px; }
 table.examples td { max-width: 380px; } table.examples pre { max-height: 140px; overflow: auto; min-width: 180px; } .pos { color: #15803d; } .neg { color: #b91c1c; }
 .ok { color: #15803d; font-weight: 600; } .bad { color: #b91c1c; font-weight: 600; }
 .stepnav { position: sticky; top: 0; background: #fff; padding: 6px 0; z-index: 1; display: flex; gap: 6px; align-items: center; }

@@ -93,7 +93,7 @@ def get_reward(name: str) -> RewardFn:
     target, func = name.rsplit(":", 1)
     if not func.isidentifier():
         raise RewardLoadError(f"reward {name!r}: {func!r} after the ':' is not a function name")
-    module = _load_file(name, target) if target.endswith(".py") or "/" in target or "\\" in target else _import(name, target)
+    module = _load_file(name, target) if file_target(name) else _import(name, target)
     if not hasattr(module, func):
         defined = sorted(k for k, v in vars(module).items() if inspect.isfunction(v) and not k.startswith("_"))
         raise RewardLoadError(f"reward {name!r}: {target} has no function {func!r}; functions there: {', '.join(defined) or 'none'}")
@@ -101,6 +101,14 @@ def get_reward(name: str) -> RewardFn:
     if not callable(fn):
         raise RewardLoadError(f"reward {name!r}: {func!r} in {target} is a {type(fn).__name__}, not a function")
     return fn
+
+
+def file_target(name: str) -> str | None:
+    """The file of a reward named `path/to/file.py:function` (as written); None for a built-in or a module's."""
+    if name in REWARDS or ":" not in name:
+        return None
+    target = name.rsplit(":", 1)[0]
+    return target if target.endswith(".py") or "/" in target or "\\" in target else None
 
 
 def _load_file(name: str, target: str):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from grpo.rollout.base import LogprobKind, Rollout, RolloutEngine, SamplingParams, finish_completions
 from grpo.rollout.engine import FastEngine
+from grpo.rollout.full_copy import FullCopyEngine
 from grpo.rollout.hf import HFGenerateEngine
 from grpo.rollout.vllm_engine import VLLMEngine  # imports vllm only when one is built
 
@@ -21,6 +22,7 @@ def make_engine(sampling, model, tokenizer) -> RolloutEngine:
 __all__ = [
     "ENGINES",
     "FastEngine",
+    "FullCopyEngine",
     "HFGenerateEngine",
     "LogprobKind",
     "Rollout",

@@ -98,7 +98,7 @@ class Rollout:
 class RolloutEngine(Protocol):
     """Samples completions from the policy.
 
-    The trainer calls `sync_weights(model)` after every optimizer update (and run.py after a resume):
+    The trainer calls `sync_weights(model)` after every optimizer update (and grpo.resume after a resume):
     an engine that reads the policy's own tensors does nothing there; one holding a copy (a cast
     copy, a merged LoRA copy, vLLM) must refresh it, since `generate` samples from whatever it holds.
     """
