@@ -58,6 +58,62 @@ def test_two_ranks_make_the_single_process_update(single, tmp_path, parallel, lo
         torch.testing.assert_close(two["weights"][name], w, rtol=0, atol=5e-5, msg=name)
 
 
+def assert_same_update(one: dict, two: dict, keys=("loss", "kl/mean", "grad_norm", "entropy/mean"),
+                       exact_advantages: bool = True) -> None:
+    """Two worker outputs made the same steps: the same rollouts and advantages, metrics `keys` and final weights."""
+    for a, b in zip(one["steps"], two["steps"], strict=True):
+        assert a["completions"] == b["completions"]
+        if exact_advantages:
+            assert a["advantages"] == b["advantages"]
+        for key in keys:
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-7), key
+    assert one["weights"].keys() == two["weights"].keys()
+    for name, w in one["weights"].items():
+        torch.testing.assert_close(two["weights"][name], w, rtol=0, atol=5e-5, msg=name)
+
+
+def run_both(tmp_path, parallel: str, loss_type: str, *args: str, reference: tuple[str, ...] = ()) -> tuple[dict, dict]:
+    """The worker in one process (with `reference`'s extra flags) and on 2 ranks."""
+    proc = one_process(str(WORKER), str(tmp_path / "one.pt"), parallel, loss_type, *args, *reference)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = torchrun(str(WORKER), str(tmp_path / "two.pt"), parallel, loss_type, *args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+
+
+@pytest.mark.parametrize("parallel", ["fsdp", "ddp"])
+def test_ranks_with_different_numbers_of_micro_batches_run_the_same_passes(tmp_path, parallel):
+    """Prompts of ~10 and ~340 characters under a budget of 200 tokens: each rank plans its own micro-batches, and
+    their numbers differ. FSDP2 gathers the weights in every forward and backward, so the ranks agree on the number
+    of passes of each phase (policy, reference, pi_old with mu = 2) and a rank with fewer runs padding passes that
+    add nothing: the one-process update. (Before: gloo's "Received data size doesn't match expected size".)"""
+    one, two = run_both(tmp_path, parallel, "dapo", "--mixed", "trainer.micro_batch_tokens=200", "algorithm.mu=2")
+    assert_same_update(one, two)
+
+
+def test_bnpo_on_two_ranks_is_the_mean_of_each_rank_s_own_token_mean(tmp_path):
+    """bnpo (SPEC.md 3): each rank's loss is normalized by its own loss tokens and the gradient is the average of
+    the ranks' gradients (TRL's per-device loss under DDP). The reference is computed in one process from the same
+    rollouts, by that definition (dist_worker --reference-ranks=2); before, the loss was twice too large."""
+    one, two = run_both(tmp_path, "ddp", "bnpo", "--mixed", "trainer.micro_batch_tokens=200",
+                        reference=("--reference-ranks=2",))
+    assert_same_update(one, two, keys=("loss", "grad_norm"))
+    plain = one_process(str(WORKER), str(tmp_path / "dapo.pt"), "ddp", "dapo", "--mixed",
+                        "trainer.micro_batch_tokens=200")
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    dapo = torch.load(tmp_path / "dapo.pt")  # the global token mean: another number, so the test can tell
+    assert abs(dapo["steps"][0]["loss"] - two["steps"][0]["loss"]) > 1e-4 * abs(two["steps"][0]["loss"])
+
+
+@pytest.mark.parametrize("advantage", ["outcome", "process"])
+def test_scale_rewards_batch_takes_the_std_of_the_whole_global_batch(tmp_path, advantage):
+    """scale_rewards=batch divides by the std of every reward of the global batch (SPEC.md 2), all ranks' (before:
+    each rank's own): the same advantages, to the bit, as one process, and the same update."""
+    one, two = run_both(tmp_path, "ddp", "grpo", "algorithm.scale_rewards=batch", f"algorithm.advantage={advantage}",
+                        "rewards=[{name: length, args: {target: 6}}, {name: format}]")
+    assert_same_update(one, two)
+
+
 # -- whole runs through the command line ---------------------------------------------------------------------
 
 REWARDS = '''

@@ -79,6 +79,16 @@ class World:
         self._run(lambda: dist.all_reduce(t, op=dist.ReduceOp.SUM))
         return t.cpu().tolist()
 
+    def max(self, values: list[int]) -> list[int]:
+        """Element-wise maxima over all ranks (counts every rank must agree on, such as forward passes)."""
+        if not self.distributed:
+            return [int(v) for v in values]
+        import torch.distributed as dist
+
+        t = torch.tensor([int(v) for v in values], dtype=torch.int64, device=self.device)
+        self._run(lambda: dist.all_reduce(t, op=dist.ReduceOp.MAX))
+        return [int(v) for v in t.cpu().tolist()]
+
     def any(self, flag: bool) -> bool:
         """Whether any rank says True."""
         return self.sum([float(flag)])[0] > 0

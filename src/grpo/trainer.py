@@ -42,8 +42,9 @@ import torch
 from grpo.backend import Backend
 from grpo.batch import Scored, StepBatch, concat_scored, gather_batch
 from grpo.config import Config
-from grpo.core.advantages import outcome_advantages, process_advantages, zero_std_groups
-from grpo.core.logprobs import MicroBatch, SequenceBatch, build_sequences, micro_batch, plan_micro_batches
+from grpo.core.advantages import outcome_advantages, process_advantages, values_std, zero_std_groups
+from grpo.core.logprobs import (MicroBatch, SequenceBatch, build_sequences, micro_batch, padding_micro_batch,
+                                plan_micro_batches)
 from grpo.core.losses import (BatchTotals, aggregate, clipped_surrogate, kl_penalty, masked_mean, per_token_loss,
                               truncated_importance_weights)
 from grpo.data import PromptSampler, encode_rows
@@ -218,12 +219,24 @@ class Trainer:
         """Outcome: [N] from the total rewards. Process: [N, T] from every weighted step reward."""
         a, g = self.cfg.algorithm, s.group_size
         if a.advantage == "outcome":
-            return outcome_advantages(s.rewards.total, g, a.scale_rewards, a.advantage_eps), None
+            total = s.rewards.total  # [N], NaN: every reward function skipped the completion
+            std = self.global_std(total[~torch.isnan(total)])
+            return outcome_advantages(total, g, a.scale_rewards, a.advantage_eps, std), None
         weights = {r.name: r.weight for r in self.reward_specs}
         ids, lengths = s.rollout.completion_ids, s.rollout.lengths
         values, rows, index = step_table(s.rewards.steps, s.rewards.per_function, weights, ids, lengths, self.tokenizer)
         n, t = ids.shape
-        return process_advantages(values, rows, index, t, g, n, a.scale_rewards, a.advantage_eps), int(values.numel())
+        std = self.global_std(values)
+        return process_advantages(values, rows, index, t, g, n, a.scale_rewards, a.advantage_eps, std), \
+            int(values.numel())
+
+    def global_std(self, values: torch.Tensor) -> torch.Tensor | None:
+        """scale_rewards "batch" under several ranks: the std of these [M] values over every rank's (the whole
+        global batch's, SPEC.md 2); None otherwise (the advantage functions take their own batch's)."""
+        if self.cfg.algorithm.scale_rewards != "batch" or not self.world.distributed:
+            return None
+        with self.world.during("scale_rewards=batch"):
+            return values_std(torch.cat(self.world.gather(values.double().cpu())))
 
     # -- 4. log-probs that stay fixed during the step ------------------------------------------
     def micro_batches(self, sequences: SequenceBatch) -> list[MicroBatch]:
@@ -234,6 +247,16 @@ class Trainer:
         return [micro_batch(sequences, rows)
                 for rows in plan_micro_batches(lengths, t.micro_batch_size, t.micro_batch_tokens)]
 
+    def planned_passes(self, sequences: SequenceBatch) -> list[MicroBatch | None]:
+        """This rank's micro-batches, then None for each padding pass: under several ranks every rank runs as
+        many forward (and backward) passes as the rank with the most micro-batches, agreed first, since FSDP2
+        gathers the weights in every pass (DESIGN.md: a count that depends on local data is agreed first). A
+        padding pass runs `padding_micro_batch` and contributes exactly nothing."""
+        plan: list[MicroBatch | None] = list(self.micro_batches(sequences))
+        with self.world.during("agreeing on the number of micro-batches"):
+            (count,) = self.world.max([len(plan)])
+        return plan + [None] * (count - len(plan))
+
     def logprobs(self, model, mb: MicroBatch, with_entropy: bool = False, entropy_grad: bool = False):
         """[n, T'] completion log-probs of one micro-batch (and entropy), at the sampling temperature."""
         return self.backend.logprobs(model, mb.sequences, self.params.temperature, with_entropy, entropy_grad)
@@ -242,7 +265,10 @@ class Trainer:
     def fixed_logprobs(self, model, sequences: SequenceBatch) -> torch.Tensor:
         """[N, T] log-probs of every completion under `model` (0 at padding)."""
         out = torch.zeros(sequences.input_ids.shape[0], sequences.completion_len)
-        for mb in self.micro_batches(sequences):
+        for mb in self.planned_passes(sequences):
+            if mb is None:  # a padding pass: the same forward passes as the other ranks, its output unused
+                self.logprobs(model, padding_micro_batch(sequences))
+                continue
             lp, _ = self.logprobs(model, mb)
             out[mb.rows, : mb.sequences.completion_len] = lp.float().cpu()
         return out
@@ -322,18 +348,24 @@ class Trainer:
         with self.world.during("loss normalizers"):  # the global batch's counts (SPEC.md section 3)
             n, tokens, sampled_tokens = (int(x) for x in self.world.sum([local.num_completions, local.num_tokens,
                                                                           sampled_tokens]))
-        totals = BatchTotals(n, tokens, local.max_completion_length, process_tokens=local.num_tokens)
+        totals = BatchTotals(n, tokens, local.max_completion_length, process_tokens=local.num_tokens,
+                             num_processes=self.world.size)
         sums = dict.fromkeys(["loss", "kl", "clip_low", "clip_high", "clip_dual", "entropy", "ratio", "tis_weight",
                               "tis_capped"], 0.0)
         sampled = batch.rollout.sampling_logprobs if compare_rollout else None  # [N, T]
         mismatch = 0.0
-        plan = self.micro_batches(batch.sequences)
+        plan = self.planned_passes(batch.sequences)  # as many on every rank
         for i, mb in enumerate(plan):
             last = i == len(plan) - 1  # gradients are reduced over ranks in its backward pass
             with self.backend.grad_scope(self.model, self.cfg.trainer.gradient_checkpointing), \
                     grad_sync(self.policy, last), self.world.during("backward"):
+                if mb is None:  # a padding pass: every weight in the graph, a gradient of exactly 0
+                    lp, _ = self.logprobs(self.policy, padding_micro_batch(batch.sequences))
+                    (lp.sum() * 0.0).backward()
+                    continue
                 loss, m, sur, kl, entropy, lp, tis = self.micro_batch_loss(batch, mb, totals)
-                # DDP / FSDP average gradients over ranks; the shares already use global normalizers
+                # each share is of the global loss (SPEC.md 3): DDP / FSDP average the ranks' gradients, so
+                # scaling by the world size makes them the sum, the gradient of the global loss
                 (loss * self.world.size if self.world.distributed else loss).backward()
             if sampled is not None:  # how far the sampler's log-probs are from the policy's (SPEC.md 5)
                 c = mb.take(batch.rollout.completion_mask)
