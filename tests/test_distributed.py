@@ -125,6 +125,14 @@ def vowels(completions, **kwargs):
     return [float(sum(c in "aeiou" for c in text)) for text in completions]
 
 
+def noisy_vowels(completions, **kwargs):
+    """vowels plus noise from torch's global RNG, drawn once per character: each rank's stream moves with its own
+    completions, so after a step the ranks' RNG states differ."""
+    import torch
+
+    return [float(sum(c in "aeiou" for c in text)) + float(torch.rand(len(text) + 1)[-1]) for text in completions]
+
+
 def fails_on_rank_1(completions, **kwargs):
     """Raises on rank 1 from its second call on (a reward bug that only one rank's groups reach)."""
     fails_on_rank_1.calls = getattr(fails_on_rank_1, "calls", 0) + 1
@@ -253,6 +261,25 @@ def test_a_checkpoint_resumes_on_another_world_size(single_run, tiny_model_dir, 
         assert "damaged checkpoint" in proc.stdout and "resuming from step-000001" in proc.stdout, proc.stdout
         assert (out / "checkpoints" / "step-000002.damaged").is_dir()
     assert_same_run(single_run, out)
+
+
+def test_every_rank_resumes_its_own_rng_streams(tiny_model_dir, reward_file, tmp_path):
+    """A reward that draws from torch's global RNG as many numbers as its completions have characters: the ranks'
+    streams part after the first step. A sharded checkpoint keeps every rank's RNG states and each rank restores its
+    own (before: rank 0's, on every rank), so a 2-rank run stopped after step 2 and resumed is the 2-rank run that
+    never stopped, rewards included."""
+    common = [f"model.path={tiny_model_dir}", *RUN, "output.checkpoint_every=2", "trainer.parallel=ddp",
+              f"rewards=[{{name: {reward_file}:noisy_vowels}}]"]
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    proc = grpo("train", *common, f"output.dir={whole}", "trainer.steps=3", nproc=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = grpo("train", *common, f"output.dir={resumed}", "trainer.steps=2", nproc=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = grpo("train", "--resume", resumed, "trainer.steps=3", nproc=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_run(whole, resumed, atol=0)
+    saved = torch.load(resumed / "checkpoints" / "step-000002" / "rng.pt", weights_only=False)
+    assert len(saved["ranks"]) == 2 and not torch.equal(saved["ranks"][0]["torch"], saved["ranks"][1]["torch"])
 
 
 def test_a_reset_reference_is_sharded_and_resumed_under_fsdp(tiny_model_dir, reward_file, tmp_path):
