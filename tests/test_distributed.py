@@ -58,6 +58,44 @@ def test_two_ranks_make_the_single_process_update(single, tmp_path, parallel, lo
         torch.testing.assert_close(two["weights"][name], w, rtol=0, atol=5e-5, msg=name)
 
 
+def test_bnpo_share_is_its_process_s_token_mean_over_the_number_of_processes():
+    """bnpo on W processes: (1/W) * sum over processes of each one's own token mean, so a micro-batch's share
+    divides by its process's loss tokens times W (the trainer then undoes DDP's averaging like for every type)."""
+    from grpo.core.losses import BatchTotals, aggregate
+
+    loss = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]], dtype=torch.bool)
+    totals = BatchTotals(num_completions=4, num_tokens=9, max_completion_length=3, process_tokens=4, num_processes=2)
+    assert float(aggregate(loss, mask, "bnpo", totals)) == pytest.approx(10.0 / (4 * 2), rel=0, abs=1e-7)
+    assert float(aggregate(loss, mask, "dapo", totals)) == pytest.approx(10.0 / 9, rel=0, abs=1e-7)
+
+
+def test_the_batch_std_does_not_depend_on_the_order_of_the_values():
+    """scale_rewards=batch gathers the ranks' rewards in rank order, one process has them in its own order: the
+    std is of the sorted values, the same to the bit either way."""
+    from grpo.core.advantages import outcome_advantages, values_std
+
+    assert float(values_std(torch.tensor([1.0, 2.0, 3.0, 4.0]))) == pytest.approx((5 / 3) ** 0.5, rel=0, abs=1e-12)
+    values = torch.rand(101, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 1e3
+    assert all(float(values_std(values[torch.randperm(101, generator=torch.Generator().manual_seed(k))]))
+               == float(values_std(values)) for k in range(5))
+    assert float(values_std(torch.tensor([2.0]))) == 0.0
+    rewards = torch.tensor([0.0, 1.0, 1.0, 1.0])  # rank 0's 2 groups of 2; the whole batch's std is given
+    adv = outcome_advantages(rewards, 2, "batch", eps=0.0, batch_std=torch.tensor(2.0, dtype=torch.float64))
+    assert adv.tolist() == [-0.25, 0.25, 0.0, 0.0]
+
+
+def test_a_padding_micro_batch_is_one_prompt_token_and_one_completion_token():
+    from grpo.core.logprobs import build_sequences, padding_micro_batch
+
+    seqs = build_sequences([[5, 6, 7], [8]], torch.tensor([[9, 10], [11, 0], [12, 13], [14, 15]]),
+                           torch.tensor([[1, 1], [1, 0], [1, 1], [1, 1]], dtype=torch.bool), pad_id=0)
+    mb = padding_micro_batch(seqs)
+    assert mb.rows.tolist() == [0] and mb.sequences.completion_len == 1
+    assert mb.sequences.input_ids.tolist() == [[7, 9]] and mb.sequences.attention_mask.tolist() == [[1, 1]]
+    assert mb.sequences.position_ids.tolist() == [[2, 3]]
+
+
 def assert_same_update(one: dict, two: dict, keys=("loss", "kl/mean", "grad_norm", "entropy/mean"),
                        exact_advantages: bool = True) -> None:
     """Two worker outputs made the same steps: the same rollouts and advantages, metrics `keys` and final weights."""
