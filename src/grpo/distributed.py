@@ -3,8 +3,12 @@
 `torchrun --nproc_per_node N -m grpo train CONFIG` (or `grpo train --nproc N`) starts N copies of the same
 run; torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, ...) says who each one is, on one
 node or many. Each rank samples and scores its own whole groups (a group never spans ranks, so advantages
-stay local); the loss normalizers, the guard's decisions and the metrics are reduced over all ranks;
-DDP or FSDP2 (grpo.parallel) sums the gradients. gloo on CPU, NCCL on CUDA.
+stay local, but for scale_rewards "batch"'s std, of every rank's rewards); the loss normalizers, the guard's
+decisions and the metrics are reduced over all ranks; DDP or FSDP2 (grpo.parallel) sums the gradients. gloo on
+CPU, NCCL on CUDA.
+
+Every rank runs the same collectives in the same order whatever its data: a count that depends on a rank's own
+data (micro-batches, dynamic sampling's groups) is agreed first (`max`, `gather`).
 
 Every collective runs inside `World.during(phase)`: when one fails (a rank died, or none answered within
 trainer.dist_timeout_s) the error names this rank and the phase instead of hanging.

@@ -21,7 +21,9 @@ the reward functions. The trainer reads the config for the algorithm and the ste
 Departures from the paper, on purpose: the policy's and the reference's log-probs use the sampling
 temperature (as TRL does), and the model runs without dropout so that with mu = 1 the ratio is
 exactly 1. Under several ranks every normalizer, metric and guard decision is reduced over all of them
-(grpo.distributed), so the update is the single-process one.
+(grpo.distributed), and scale_rewards "batch" takes the std of every rank's rewards, so the update is the
+single-process one (bnpo: the mean of each rank's own token mean, SPEC.md 3). Every rank runs as many forward and
+backward passes as the others (`planned_passes`), whatever the lengths of its rows.
 
 The numerics guard: a NaN/inf loss or gradient norm, or a reward function that returned NaN/inf
 (None is fine: "does not apply"), skips that optimizer update: the gradients are dropped and the
