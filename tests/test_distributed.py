@@ -124,8 +124,10 @@ def test_ranks_with_different_numbers_of_micro_batches_run_the_same_passes(tmp_p
     """Prompts of ~10 and ~340 characters under a budget of 200 tokens: each rank plans its own micro-batches, and
     their numbers differ. FSDP2 gathers the weights in every forward and backward, so the ranks agree on the number
     of passes of each phase (policy, reference, pi_old with mu = 2) and a rank with fewer runs padding passes that
-    add nothing: the one-process update. (Before: gloo's "Received data size doesn't match expected size".)"""
-    one, two = run_both(tmp_path, parallel, "dapo", "--mixed", "trainer.micro_batch_tokens=200", "algorithm.mu=2")
+    add nothing: the one-process update. (Before: gloo's "Received data size doesn't match expected size".) top_k
+    truncates the sampler's distribution, so pi_old takes a forward pass of its own."""
+    one, two = run_both(tmp_path, parallel, "dapo", "--mixed", "trainer.micro_batch_tokens=200", "algorithm.mu=2",
+                        "sampling.top_k=50")
     assert_same_update(one, two)
 
 
@@ -386,6 +388,29 @@ def test_dynamic_sampling_on_two_ranks_fills_every_rank_s_share(tmp_path):
         kept, filled = step["dynamic_sampling/groups_kept"], step["dynamic_sampling/groups_filled"]
         assert kept + filled == 4 and step["dynamic_sampling/groups_drawn"] >= 4
         assert 1 <= step["dynamic_sampling/rounds"] <= 3
+
+
+def groups(step: dict, size: int) -> list[tuple]:
+    """A worker step's groups as (completions, advantages), in the batch's order."""
+    c, a = step["completions"], step["advantages"]
+    return [(tuple(c[i : i + size]), repr(a[i : i + size])) for i in range(0, len(c), size)]
+
+
+def test_dynamic_sampling_tops_up_with_the_groups_one_process_takes(tmp_path):
+    """When max_sampling_rounds runs out, the batch is topped up with the first dropped groups of the step's draws,
+    as one process takes them, even where another rank sampled them (before: each rank its own): the same groups
+    (in rank order, not round order) and the same update as one process."""
+    one, two = run_both(tmp_path, "ddp", "dapo", "--mixed", "algorithm.dynamic_sampling=true",
+                        "algorithm.max_sampling_rounds=3", "rewards=[{name: length, args: {target: 3}}, {name: format}]")
+    assert sum(step["dynamic_sampling/groups_filled"] for step in one["steps"]) > 0
+    for a, b in zip(one["steps"], two["steps"], strict=True):
+        assert sorted(groups(a, 4)) == sorted(groups(b, 4))
+        for key in ("dynamic_sampling/groups_kept", "dynamic_sampling/groups_filled", "dynamic_sampling/groups_drawn"):
+            assert a[key] == b[key], key
+        for key in ("loss", "kl/mean", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-7), key
+    for name, w in one["weights"].items():
+        torch.testing.assert_close(two["weights"][name], w, rtol=0, atol=5e-5, msg=name)
 
 
 def test_the_whole_copy_of_a_bf16_sharded_policy_is_not_pi_old():

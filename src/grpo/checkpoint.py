@@ -495,14 +495,14 @@ def write_checkpoint(folder: Path, config: Config, trainer, tokenizer) -> None:
 
 def write_sharded(folder: Path, config: Config, trainer) -> None:
     """Every rank writes its part of the policy, the optimizer and a reset reference (torch.distributed.checkpoint);
-    rank 0 then the trainer's state, the RNG and the config, after checking that every rank's file reached its
-    folder (they do not where output.dir is not shared by every machine)."""
+    rank 0 then the trainer's state, every rank's RNG states and the config, after checking that every rank's file
+    reached its folder (they do not where output.dir is not shared by every machine)."""
     import torch.distributed.checkpoint as dcp
 
-    state = sharded_state(trainer, with_reference=trainer.ref_reset_step is not None)
-    dcp.save(state, checkpoint_id=str(folder / SHARDED))
     with trainer.world.during("saving a checkpoint"):
         rngs = trainer.world.gather(rng_state())  # every rank's own streams, in rank order
+    state = sharded_state(trainer, with_reference=trainer.ref_reset_step is not None)
+    dcp.save(state, checkpoint_id=str(folder / SHARDED))
     if not trainer.world.is_main:
         return
     if why := sharded_damage(folder / SHARDED):

@@ -185,14 +185,15 @@ class Trainer:
 
     def sample_groups(self, rows: list[dict], phases: Phases, first_group: int = 0) -> tuple[Scored, dict[str, float]]:
         """Steps 1-2 for `rows`; with dynamic sampling (DAPO) more rounds of fresh prompts until B groups
-        have rewards that differ. After max_sampling_rounds the batch is topped up with dropped groups.
-        Under several ranks every round draws the prompts all ranks still need, each taking its own part,
-        so every rank's prompt sampler stays in the same place."""
+        have rewards that differ. After max_sampling_rounds the batch is topped up with dropped groups
+        (`top_up`). Under several ranks every round draws the prompts all ranks still need, each taking its
+        own part, so every rank's prompt sampler stays in the same place and the ranks keep the groups one
+        process keeps."""
         a, b = self.cfg.algorithm, len(rows)
         first = self.generate_and_score(rows, phases, 0, first_group)
         if not a.dynamic_sampling:
             return first, {}
-        rounds, kept, dropped = [first], [], []
+        rounds, kept, dropped, offsets = [first], [], [], [first_group]  # offsets: each round's place in its draw
         while True:
             last = rounds[-1]
             zero = zero_std_groups(last.rewards.total, last.group_size).tolist() if last else []  # [B_round] bool
@@ -205,9 +206,11 @@ class Trainer:
             drawn, offset = self.sampler.next(sum(needs)), sum(needs[: self.world.rank])
             mine = drawn[offset : offset + needs[self.world.rank]]
             rounds.append(self.generate_and_score(mine, phases, len(rounds), offset) if mine else None)
-        chosen = (kept + dropped)[:b]
+            offsets.append(offset)
+        fill, received = self.top_up(rounds, dropped, offsets, needs)
+        chosen = kept + fill
         parts = [s.select([i for r, i in chosen if r == k]) for k, s in enumerate(rounds) if s is not None]
-        scored = concat_scored([part for part in parts if part.rows], self.pad_id)
+        scored = concat_scored([part for part in parts + received if part.rows], self.pad_id)
         counts = {
             "rounds": len(rounds),
             "groups_drawn": sum(len(s.rows) for s in rounds if s is not None),
@@ -215,6 +218,33 @@ class Trainer:
             "groups_filled": max(0, b - len(kept)),
         }
         return scored, counts
+
+    def top_up(self, rounds: list[Scored | None], dropped: list[tuple[int, int]], offsets: list[int],
+               needs: list[int]) -> tuple[list[tuple[int, int]], list[Scored]]:
+        """Dynamic sampling's top-up after the last round: the first dropped groups of the step's draws (by round,
+        then by place in the round's draw), as one process takes them, wherever they were sampled; rank r takes
+        needs[r] of them, in rank order. Returns this rank's own (round, index) and the groups other ranks sampled
+        for it (their reward error counts stay with the rank that scored them)."""
+        if sum(needs) == 0:
+            return [], []
+        mine = {(k, offsets[k] + i): (k, i) for k, i in dropped}  # (round, place in the round's draw) -> own group
+        with self.world.during("dynamic sampling"):
+            keys = sorted(key for part in self.world.gather(sorted(mine)) for key in part)[: sum(needs)]
+        owner = {key: r for r in range(self.world.size) for key in keys[sum(needs[:r]) : sum(needs[: r + 1])]}
+        rank = self.world.rank
+        own = [mine[key] for key in keys if owner[key] == rank and key in mine]
+        if not self.world.distributed:
+            return own, []
+        send = {}
+        for key, (k, i) in mine.items():
+            if owner.get(key, rank) != rank:
+                group = rounds[k].select([i])
+                r = group.rewards
+                r.errors, r.nonfinite = dict.fromkeys(r.errors, 0), dict.fromkeys(r.nonfinite, 0)
+                send[key] = group
+        with self.world.during("dynamic sampling"):
+            received = {key: g for part in self.world.gather(send) for key, g in part.items() if owner[key] == rank}
+        return own, [received[key] for key in sorted(received)]
 
     # -- 3. advantages --------------------------------------------------------------------------
     def advantages(self, s: Scored) -> tuple[torch.Tensor, int | None]:
