@@ -401,7 +401,8 @@ def test_dynamic_sampling_tops_up_with_the_groups_one_process_takes(tmp_path):
     as one process takes them, even where another rank sampled them (before: each rank its own): the same groups
     (in rank order, not round order) and the same update as one process."""
     one, two = run_both(tmp_path, "ddp", "dapo", "--mixed", "algorithm.dynamic_sampling=true",
-                        "algorithm.max_sampling_rounds=3", "rewards=[{name: length, args: {target: 3}}, {name: format}]")
+                        "algorithm.max_sampling_rounds=3",
+                        "rewards=[{name: length, args: {target: 3}}, {name: format}]")
     assert sum(step["dynamic_sampling/groups_filled"] for step in one["steps"]) > 0
     for a, b in zip(one["steps"], two["steps"], strict=True):
         assert sorted(groups(a, 4)) == sorted(groups(b, 4))
