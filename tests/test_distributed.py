@@ -59,6 +59,102 @@ def test_two_ranks_make_the_single_process_update(single, tmp_path, parallel, lo
         torch.testing.assert_close(two["weights"][name], w, rtol=0, atol=5e-5, msg=name)
 
 
+def test_bnpo_share_is_its_process_s_token_mean_over_the_number_of_processes():
+    """bnpo on W processes: (1/W) * sum over processes of each one's own token mean, so a micro-batch's share
+    divides by its process's loss tokens times W (the trainer then undoes DDP's averaging like for every type)."""
+    from grpo.core.losses import BatchTotals, aggregate
+
+    loss = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]], dtype=torch.bool)
+    totals = BatchTotals(num_completions=4, num_tokens=9, max_completion_length=3, process_tokens=4, num_processes=2)
+    assert float(aggregate(loss, mask, "bnpo", totals)) == pytest.approx(10.0 / (4 * 2), rel=0, abs=1e-7)
+    assert float(aggregate(loss, mask, "dapo", totals)) == pytest.approx(10.0 / 9, rel=0, abs=1e-7)
+
+
+def test_the_batch_std_does_not_depend_on_the_order_of_the_values():
+    """scale_rewards=batch gathers the ranks' rewards in rank order, one process has them in its own order: the
+    std is of the sorted values, the same to the bit either way."""
+    from grpo.core.advantages import outcome_advantages, values_std
+
+    assert float(values_std(torch.tensor([1.0, 2.0, 3.0, 4.0]))) == pytest.approx((5 / 3) ** 0.5, rel=0, abs=1e-12)
+    values = torch.rand(101, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 1e3
+    assert all(float(values_std(values[torch.randperm(101, generator=torch.Generator().manual_seed(k))]))
+               == float(values_std(values)) for k in range(5))
+    assert float(values_std(torch.tensor([2.0]))) == 0.0
+    rewards = torch.tensor([0.0, 1.0, 1.0, 1.0])  # rank 0's 2 groups of 2; the whole batch's std is given
+    adv = outcome_advantages(rewards, 2, "batch", eps=0.0, batch_std=torch.tensor(2.0, dtype=torch.float64))
+    assert adv.tolist() == [-0.25, 0.25, 0.0, 0.0]
+
+
+def test_a_padding_micro_batch_is_one_prompt_token_and_one_completion_token():
+    from grpo.core.logprobs import build_sequences, padding_micro_batch
+
+    seqs = build_sequences([[5, 6, 7], [8]], torch.tensor([[9, 10], [11, 0], [12, 13], [14, 15]]),
+                           torch.tensor([[1, 1], [1, 0], [1, 1], [1, 1]], dtype=torch.bool), pad_id=0)
+    mb = padding_micro_batch(seqs)
+    assert mb.rows.tolist() == [0] and mb.sequences.completion_len == 1
+    assert mb.sequences.input_ids.tolist() == [[7, 9]] and mb.sequences.attention_mask.tolist() == [[1, 1]]
+    assert mb.sequences.position_ids.tolist() == [[2, 3]]
+
+
+def assert_same_update(one: dict, two: dict, keys=("loss", "kl/mean", "grad_norm", "entropy/mean"),
+                       exact_advantages: bool = True) -> None:
+    """Two worker outputs made the same steps: the same rollouts and advantages, metrics `keys` and final weights."""
+    for a, b in zip(one["steps"], two["steps"], strict=True):
+        assert a["completions"] == b["completions"]
+        if exact_advantages:
+            assert a["advantages"] == b["advantages"]
+        for key in keys:
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-7), key
+    assert one["weights"].keys() == two["weights"].keys()
+    for name, w in one["weights"].items():
+        torch.testing.assert_close(two["weights"][name], w, rtol=0, atol=5e-5, msg=name)
+
+
+def run_both(tmp_path, parallel: str, loss_type: str, *args: str, reference: tuple[str, ...] = ()) -> tuple[dict, dict]:
+    """The worker in one process (with `reference`'s extra flags) and on 2 ranks."""
+    proc = one_process(str(WORKER), str(tmp_path / "one.pt"), parallel, loss_type, *args, *reference)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = torchrun(str(WORKER), str(tmp_path / "two.pt"), parallel, loss_type, *args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+
+
+@pytest.mark.parametrize("parallel", ["fsdp", "ddp"])
+def test_ranks_with_different_numbers_of_micro_batches_run_the_same_passes(tmp_path, parallel):
+    """Prompts of ~10 and ~340 characters under a budget of 200 tokens: each rank plans its own micro-batches, and
+    their numbers differ. FSDP2 gathers the weights in every forward and backward, so the ranks agree on the number
+    of passes of each phase (policy, reference, pi_old with mu = 2) and a rank with fewer runs padding passes that
+    add nothing: the one-process update. (Before: gloo's "Received data size doesn't match expected size".) top_k
+    truncates the sampler's distribution, so pi_old takes a forward pass of its own."""
+    one, two = run_both(tmp_path, parallel, "dapo", "--mixed", "trainer.micro_batch_tokens=200", "algorithm.mu=2",
+                        "sampling.top_k=50")
+    assert_same_update(one, two)
+
+
+def test_bnpo_on_two_ranks_is_the_mean_of_each_rank_s_own_token_mean(tmp_path):
+    """bnpo (SPEC.md 3): each rank's loss is normalized by its own loss tokens and the gradient is the average of
+    the ranks' gradients (TRL's per-device loss under DDP). The reference is computed in one process from the same
+    rollouts, by that definition (dist_worker --reference-ranks=2); before, the loss was twice too large."""
+    one, two = run_both(tmp_path, "ddp", "bnpo", "--mixed", "trainer.micro_batch_tokens=200",
+                        reference=("--reference-ranks=2",))
+    assert_same_update(one, two, keys=("loss", "grad_norm"))
+    plain = one_process(str(WORKER), str(tmp_path / "dapo.pt"), "ddp", "dapo", "--mixed",
+                        "trainer.micro_batch_tokens=200")
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    dapo = torch.load(tmp_path / "dapo.pt")  # the global token mean: another number, so the test can tell
+    assert abs(dapo["steps"][0]["loss"] - two["steps"][0]["loss"]) > 1e-4 * abs(two["steps"][0]["loss"])
+
+
+@pytest.mark.parametrize("advantage", ["outcome", "process"])
+def test_scale_rewards_batch_takes_the_std_of_the_whole_global_batch(tmp_path, advantage):
+    """scale_rewards=batch divides by the std of every reward of the global batch (SPEC.md 2), all ranks' (before:
+    each rank's own): the same advantages, to the bit, as one process, and the same update."""
+    one, two = run_both(tmp_path, "ddp", "grpo", "algorithm.scale_rewards=batch", f"algorithm.advantage={advantage}",
+                        "rewards=[{name: length, args: {target: 6}}, {name: format}]")
+    assert_same_update(one, two)
+
+
 # -- whole runs through the command line ---------------------------------------------------------------------
 
 REWARDS = '''
@@ -68,6 +164,14 @@ import os
 def vowels(completions, **kwargs):
     """Differs within the groups of the random tiny model, so the weights move."""
     return [float(sum(c in "aeiou" for c in text)) for text in completions]
+
+
+def noisy_vowels(completions, **kwargs):
+    """vowels plus noise from torch's global RNG, drawn once per character: each rank's stream moves with its own
+    completions, so after a step the ranks' RNG states differ."""
+    import torch
+
+    return [float(sum(c in "aeiou" for c in text)) + float(torch.rand(len(text) + 1)[-1]) for text in completions]
 
 
 def fails_on_rank_1(completions, **kwargs):
@@ -203,6 +307,25 @@ def test_a_checkpoint_resumes_on_another_world_size(single_run, tiny_model_dir, 
     assert_same_run(single_run, out)
 
 
+def test_every_rank_resumes_its_own_rng_streams(tiny_model_dir, reward_file, tmp_path):
+    """A reward that draws from torch's global RNG as many numbers as its completions have characters: the ranks'
+    streams part after the first step. A sharded checkpoint keeps every rank's RNG states and each rank restores its
+    own (before: rank 0's, on every rank), so a 2-rank run stopped after step 2 and resumed is the 2-rank run that
+    never stopped, rewards included."""
+    common = [f"model.path={tiny_model_dir}", *RUN, "output.checkpoint_every=2", "trainer.parallel=ddp",
+              f"rewards=[{{name: {reward_file}:noisy_vowels}}]"]
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    proc = grpo("train", *common, f"output.dir={whole}", "trainer.steps=3", nproc=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = grpo("train", *common, f"output.dir={resumed}", "trainer.steps=2", nproc=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = grpo("train", "--resume", resumed, "trainer.steps=3", nproc=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_run(whole, resumed, atol=0)
+    saved = torch.load(resumed / "checkpoints" / "step-000002" / "rng.pt", weights_only=False)
+    assert len(saved["ranks"]) == 2 and not torch.equal(saved["ranks"][0]["torch"], saved["ranks"][1]["torch"])
+
+
 def test_a_reset_reference_is_sharded_and_resumed_under_fsdp(tiny_model_dir, reward_file, tmp_path):
     """ref_reset_steps under FSDP2: the sharded reference is reset from the sharded policy, saved in the sharded
     checkpoint and restored: 2 ranks stopped at the reset and resumed give the one-process run."""
@@ -270,6 +393,30 @@ def test_dynamic_sampling_on_two_ranks_fills_every_rank_s_share(tmp_path):
         kept, filled = step["dynamic_sampling/groups_kept"], step["dynamic_sampling/groups_filled"]
         assert kept + filled == 4 and step["dynamic_sampling/groups_drawn"] >= 4
         assert 1 <= step["dynamic_sampling/rounds"] <= 3
+
+
+def groups(step: dict, size: int) -> list[tuple]:
+    """A worker step's groups as (completions, advantages), in the batch's order."""
+    c, a = step["completions"], step["advantages"]
+    return [(tuple(c[i : i + size]), repr(a[i : i + size])) for i in range(0, len(c), size)]
+
+
+def test_dynamic_sampling_tops_up_with_the_groups_one_process_takes(tmp_path):
+    """When max_sampling_rounds runs out, the batch is topped up with the first dropped groups of the step's draws,
+    as one process takes them, even where another rank sampled them (before: each rank its own): the same groups
+    (in rank order, not round order) and the same update as one process."""
+    one, two = run_both(tmp_path, "ddp", "dapo", "--mixed", "algorithm.dynamic_sampling=true",
+                        "algorithm.max_sampling_rounds=3",
+                        "rewards=[{name: length, args: {target: 3}}, {name: format}]")
+    assert sum(step["dynamic_sampling/groups_filled"] for step in one["steps"]) > 0
+    for a, b in zip(one["steps"], two["steps"], strict=True):
+        assert sorted(groups(a, 4)) == sorted(groups(b, 4))
+        for key in ("dynamic_sampling/groups_kept", "dynamic_sampling/groups_filled", "dynamic_sampling/groups_drawn"):
+            assert a[key] == b[key], key
+        for key in ("loss", "kl/mean", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-7), key
+    for name, w in one["weights"].items():
+        torch.testing.assert_close(two["weights"][name], w, rtol=0, atol=5e-5, msg=name)
 
 
 def test_the_whole_copy_of_a_bf16_sharded_policy_is_not_pi_old():

@@ -16,7 +16,8 @@ A run on several ranks writes it sharded, with torch.distributed.checkpoint (eve
   state/          .metadata and a __R_0.distcp file per rank: the policy's trainable weights (LoRA: the adapter)
                   and AdamW state as each rank holds them (FSDP2: its shards; DDP: whole tensors, each written
                   once), and the reference once ref_reset_steps has replaced it
-  trainer.pt      the Trainer's state without the optimizer; rng.pt, config.yaml and meta.json as above (rank 0)
+  trainer.pt      the Trainer's state without the optimizer; config.yaml and meta.json as above (rank 0)
+  rng.pt          {"ranks": [...]}: every rank's RNG states, written by rank 0; each rank restores its own
 Both kinds resume on any number of ranks: a whole one is read by rank 0 and sent to the others; a sharded one
 is read by every rank, torch.distributed.checkpoint cutting it to the new sharding (one process reads it all).
 So a run on several machines needs output.dir on a filesystem they all see, as every DCP checkpoint does; a
@@ -376,7 +377,13 @@ def rng_state() -> dict:
     return state
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict, rank: int = 0) -> None:
+    """Put back what rng.pt holds: one process's states, or (a sharded checkpoint) {"ranks": [every rank's]},
+    of which this rank takes its own. A rank the writing run did not have keeps the states it has."""
+    if "ranks" in state:
+        if rank >= len(state["ranks"]):
+            return
+        state = state["ranks"][rank]
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
@@ -492,10 +499,12 @@ def write_checkpoint(folder: Path, config: Config, trainer, tokenizer) -> None:
 
 def write_sharded(folder: Path, config: Config, trainer) -> None:
     """Every rank writes its part of the policy, the optimizer and a reset reference (torch.distributed.checkpoint);
-    rank 0 then the trainer's state, the RNG and the config, after checking that every rank's file reached its
-    folder (they do not where output.dir is not shared by every machine)."""
+    rank 0 then the trainer's state, every rank's RNG states and the config, after checking that every rank's file
+    reached its folder (they do not where output.dir is not shared by every machine)."""
     import torch.distributed.checkpoint as dcp
 
+    with trainer.world.during("saving a checkpoint"):
+        rngs = trainer.world.gather(rng_state())  # every rank's own streams, in rank order
     state = sharded_state(trainer, with_reference=trainer.ref_reset_step is not None)
     dcp.save(state, checkpoint_id=str(folder / SHARDED))
     if not trainer.world.is_main:
@@ -504,7 +513,7 @@ def write_sharded(folder: Path, config: Config, trainer) -> None:
         raise CheckpointError(f"{why}: the ranks wrote their parts of the checkpoint where rank 0 cannot see them; "
                               "output.dir must be on a filesystem every machine of the run shares")
     torch.save(trainer.state_dict(optimizer=False), folder / "trainer.pt")
-    torch.save(rng_state(), folder / "rng.pt")
+    torch.save({"ranks": rngs}, folder / "rng.pt")
     (folder / "config.yaml").write_text(dump_config(config))
 
 
@@ -543,7 +552,7 @@ def restore_sharded(checkpoint: Checkpoint, trainer) -> None:
         if "reference" in state:
             load_weights_state(trainer.ref_model, state["reference"])
         trainer.load_state_dict(own)
-        set_rng_state(torch.load(path / "rng.pt", weights_only=False))
+        set_rng_state(torch.load(path / "rng.pt", weights_only=False), trainer.world.rank)
     except (Exception, CheckpointException) as e:  # noqa: BLE001 - torch.distributed.checkpoint wraps what a rank met
         raise CheckpointError(
             f"cannot load the checkpoint {path}: {type(e).__name__}: {str(e)[:500]}. If it is damaged, move it "

@@ -267,8 +267,9 @@ class AlgorithmConfig(Section):
     """How per-token losses become one number (SPEC.md section 3; N counts every completion of the batch,
     also those the overlong filter leaves out): grpo (sum of per-sequence means / N, paper), dapo/token
     (token mean of the global batch, DAPO), dr_grpo (token sum / (N x max_new_tokens), a constant
-    normalizer, arXiv 2503.20783), bnpo (token mean of this process's batch, TRL's per-device batch; the
-    same as dapo in one process). None depends on how the batch is split into micro-batches."""
+    normalizer, arXiv 2503.20783), bnpo (each process's token mean of its own batch, averaged over the
+    processes: TRL's per-device loss under DDP; the same as dapo in one process). None depends on how the
+    batch is split into micro-batches."""
     entropy_coef: float = Field(0.0, ge=0)
     """Entropy bonus: adds entropy_coef * token entropy to the objective (PPO, Schulman et al. 2017,
     arXiv 1707.06347). 0: off (the entropy is still reported)."""

@@ -3,8 +3,12 @@
 `torchrun --nproc_per_node N -m grpo train CONFIG` (or `grpo train --nproc N`) starts N copies of the same
 run; torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, ...) says who each one is, on one
 node or many. Each rank samples and scores its own whole groups (a group never spans ranks, so advantages
-stay local); the loss normalizers, the guard's decisions and the metrics are reduced over all ranks;
-DDP or FSDP2 (grpo.parallel) sums the gradients. gloo on CPU, NCCL on CUDA.
+stay local, but for scale_rewards "batch"'s std, of every rank's rewards); the loss normalizers, the guard's
+decisions and the metrics are reduced over all ranks; DDP or FSDP2 (grpo.parallel) sums the gradients. gloo on
+CPU, NCCL on CUDA.
+
+Every rank runs the same collectives in the same order whatever its data: a count that depends on a rank's own
+data (micro-batches, dynamic sampling's groups) is agreed first (`max`, `gather`).
 
 Every collective runs inside `World.during(phase)`: when one fails (a rank died, or none answered within
 trainer.dist_timeout_s) the error names this rank and the phase instead of hanging.
@@ -78,6 +82,16 @@ class World:
         t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=self.device)
         self._run(lambda: dist.all_reduce(t, op=dist.ReduceOp.SUM))
         return t.cpu().tolist()
+
+    def max(self, values: list[int]) -> list[int]:
+        """Element-wise maxima over all ranks (counts every rank must agree on, such as forward passes)."""
+        if not self.distributed:
+            return [int(v) for v in values]
+        import torch.distributed as dist
+
+        t = torch.tensor([int(v) for v in values], dtype=torch.int64, device=self.device)
+        self._run(lambda: dist.all_reduce(t, op=dist.ReduceOp.MAX))
+        return [int(v) for v in t.cpu().tolist()]
 
     def any(self, flag: bool) -> bool:
         """Whether any rank says True."""

@@ -21,7 +21,9 @@ the reward functions. The trainer reads the config for the algorithm and the ste
 Departures from the paper, on purpose: the policy's and the reference's log-probs use the sampling
 temperature (as TRL does), and the model runs without dropout so that with mu = 1 the ratio is
 exactly 1. Under several ranks every normalizer, metric and guard decision is reduced over all of them
-(grpo.distributed), so the update is the single-process one.
+(grpo.distributed), and scale_rewards "batch" takes the std of every rank's rewards, so the update is the
+single-process one (bnpo: the mean of each rank's own token mean, SPEC.md 3). Every rank runs as many forward and
+backward passes as the others (`planned_passes`), whatever the lengths of its rows.
 
 The numerics guard: a NaN/inf loss or gradient norm, or a reward function that returned NaN/inf
 (None is fine: "does not apply"), skips that optimizer update: the gradients are dropped and the
@@ -42,8 +44,9 @@ import torch
 from grpo.backend import Backend
 from grpo.batch import Scored, StepBatch, concat_scored, gather_batch
 from grpo.config import Config
-from grpo.core.advantages import outcome_advantages, process_advantages, zero_std_groups
-from grpo.core.logprobs import MicroBatch, SequenceBatch, build_sequences, micro_batch, plan_micro_batches
+from grpo.core.advantages import outcome_advantages, process_advantages, values_std, zero_std_groups
+from grpo.core.logprobs import (MicroBatch, SequenceBatch, build_sequences, micro_batch, padding_micro_batch,
+                                plan_micro_batches)
 from grpo.core.losses import (BatchTotals, aggregate, clipped_surrogate, kl_penalty, masked_mean, per_token_loss,
                               truncated_importance_weights)
 from grpo.data import PromptSampler, encode_rows
@@ -194,14 +197,15 @@ class Trainer:
 
     def sample_groups(self, rows: list[dict], phases: Phases, first_group: int = 0) -> tuple[Scored, dict[str, float]]:
         """Steps 1-2 for `rows`; with dynamic sampling (DAPO) more rounds of fresh prompts until B groups
-        have rewards that differ. After max_sampling_rounds the batch is topped up with dropped groups.
-        Under several ranks every round draws the prompts all ranks still need, each taking its own part,
-        so every rank's prompt sampler stays in the same place."""
+        have rewards that differ. After max_sampling_rounds the batch is topped up with dropped groups
+        (`top_up`). Under several ranks every round draws the prompts all ranks still need, each taking its
+        own part, so every rank's prompt sampler stays in the same place and the ranks keep the groups one
+        process keeps."""
         a, b = self.cfg.algorithm, len(rows)
         first = self.generate_and_score(rows, phases, 0, first_group)
         if not a.dynamic_sampling:
             return first, {}
-        rounds, kept, dropped = [first], [], []
+        rounds, kept, dropped, offsets = [first], [], [], [first_group]  # offsets: each round's place in its draw
         while True:
             last = rounds[-1]
             zero = zero_std_groups(last.rewards.total, last.group_size).tolist() if last else []  # [B_round] bool
@@ -214,9 +218,11 @@ class Trainer:
             drawn, offset = self.sampler.next(sum(needs)), sum(needs[: self.world.rank])
             mine = drawn[offset : offset + needs[self.world.rank]]
             rounds.append(self.generate_and_score(mine, phases, len(rounds), offset) if mine else None)
-        chosen = (kept + dropped)[:b]
+            offsets.append(offset)
+        fill, received = self.top_up(rounds, dropped, offsets, needs)
+        chosen = kept + fill
         parts = [s.select([i for r, i in chosen if r == k]) for k, s in enumerate(rounds) if s is not None]
-        scored = concat_scored([part for part in parts if part.rows], self.pad_id)
+        scored = concat_scored([part for part in parts + received if part.rows], self.pad_id)
         counts = {
             "rounds": len(rounds),
             "groups_drawn": sum(len(s.rows) for s in rounds if s is not None),
@@ -225,17 +231,56 @@ class Trainer:
         }
         return scored, counts
 
+    def top_up(self, rounds: list[Scored | None], dropped: list[tuple[int, int]], offsets: list[int],
+               needs: list[int]) -> tuple[list[tuple[int, int]], list[Scored]]:
+        """Dynamic sampling's top-up after the last round: the first dropped groups of the step's draws (by round,
+        then by place in the round's draw), as one process takes them, wherever they were sampled; rank r takes
+        needs[r] of them, in rank order. Returns this rank's own (round, index) and the groups other ranks sampled
+        for it (their reward error counts stay with the rank that scored them)."""
+        if sum(needs) == 0:
+            return [], []
+        mine = {(k, offsets[k] + i): (k, i) for k, i in dropped}  # (round, place in the round's draw) -> own group
+        with self.world.during("dynamic sampling"):
+            keys = sorted(key for part in self.world.gather(sorted(mine)) for key in part)[: sum(needs)]
+        owner = {key: r for r in range(self.world.size) for key in keys[sum(needs[:r]) : sum(needs[: r + 1])]}
+        rank = self.world.rank
+        own = [mine[key] for key in keys if owner[key] == rank and key in mine]
+        if not self.world.distributed:
+            return own, []
+        send = {}
+        for key, (k, i) in mine.items():
+            if owner.get(key, rank) != rank:
+                group = rounds[k].select([i])
+                r = group.rewards
+                r.errors, r.nonfinite = dict.fromkeys(r.errors, 0), dict.fromkeys(r.nonfinite, 0)
+                send[key] = group
+        with self.world.during("dynamic sampling"):
+            received = {key: g for part in self.world.gather(send) for key, g in part.items() if owner[key] == rank}
+        return own, [received[key] for key in sorted(received)]
+
     # -- 3. advantages --------------------------------------------------------------------------
     def advantages(self, s: Scored) -> tuple[torch.Tensor, int | None]:
         """Outcome: [N] from the total rewards. Process: [N, T] from every weighted step reward."""
         a, g = self.cfg.algorithm, s.group_size
         if a.advantage == "outcome":
-            return outcome_advantages(s.rewards.total, g, a.scale_rewards, a.advantage_eps), None
+            total = s.rewards.total  # [N], NaN: every reward function skipped the completion
+            std = self.global_std(total[~torch.isnan(total)])
+            return outcome_advantages(total, g, a.scale_rewards, a.advantage_eps, std), None
         weights = {r.name: r.weight for r in self.reward_specs}
         ids, lengths = s.rollout.completion_ids, s.rollout.lengths
         values, rows, index = step_table(s.rewards.steps, s.rewards.per_function, weights, ids, lengths, self.tokenizer)
         n, t = ids.shape
-        return process_advantages(values, rows, index, t, g, n, a.scale_rewards, a.advantage_eps), int(values.numel())
+        std = self.global_std(values)
+        return process_advantages(values, rows, index, t, g, n, a.scale_rewards, a.advantage_eps, std), \
+            int(values.numel())
+
+    def global_std(self, values: torch.Tensor) -> torch.Tensor | None:
+        """scale_rewards "batch" under several ranks: the std of these [M] values over every rank's (the whole
+        global batch's, SPEC.md 2); None otherwise (the advantage functions take their own batch's)."""
+        if self.cfg.algorithm.scale_rewards != "batch" or not self.world.distributed:
+            return None
+        with self.world.during("scale_rewards=batch"):
+            return values_std(torch.cat(self.world.gather(values.double().cpu())))
 
     # -- 4. log-probs that stay fixed during the step ------------------------------------------
     def micro_batches(self, sequences: SequenceBatch) -> list[MicroBatch]:
@@ -246,6 +291,16 @@ class Trainer:
         return [micro_batch(sequences, rows)
                 for rows in plan_micro_batches(lengths, t.micro_batch_size, t.micro_batch_tokens)]
 
+    def planned_passes(self, sequences: SequenceBatch) -> list[MicroBatch | None]:
+        """This rank's micro-batches, then None for each padding pass: under several ranks every rank runs as
+        many forward (and backward) passes as the rank with the most micro-batches, agreed first, since FSDP2
+        gathers the weights in every pass (DESIGN.md: a count that depends on local data is agreed first). A
+        padding pass runs `padding_micro_batch` and contributes exactly nothing."""
+        plan: list[MicroBatch | None] = list(self.micro_batches(sequences))
+        with self.world.during("agreeing on the number of micro-batches"):
+            (count,) = self.world.max([len(plan)])
+        return plan + [None] * (count - len(plan))
+
     def logprobs(self, model, mb: MicroBatch, with_entropy: bool = False, entropy_grad: bool = False):
         """[n, T'] completion log-probs of one micro-batch (and entropy), at the sampling temperature."""
         return self.backend.logprobs(model, mb.sequences, self.params.temperature, with_entropy, entropy_grad)
@@ -254,7 +309,10 @@ class Trainer:
     def fixed_logprobs(self, model, sequences: SequenceBatch) -> torch.Tensor:
         """[N, T] log-probs of every completion under `model` (0 at padding)."""
         out = torch.zeros(sequences.input_ids.shape[0], sequences.completion_len)
-        for mb in self.micro_batches(sequences):
+        for mb in self.planned_passes(sequences):
+            if mb is None:  # a padding pass: the same forward passes as the other ranks, its output unused
+                self.logprobs(model, padding_micro_batch(sequences))
+                continue
             lp, _ = self.logprobs(model, mb)
             out[mb.rows, : mb.sequences.completion_len] = lp.float().cpu()
         return out
@@ -334,18 +392,24 @@ class Trainer:
         with self.world.during("loss normalizers"):  # the global batch's counts (SPEC.md section 3)
             n, tokens, sampled_tokens = (int(x) for x in self.world.sum([local.num_completions, local.num_tokens,
                                                                           sampled_tokens]))
-        totals = BatchTotals(n, tokens, local.max_completion_length, process_tokens=local.num_tokens)
+        totals = BatchTotals(n, tokens, local.max_completion_length, process_tokens=local.num_tokens,
+                             num_processes=self.world.size)
         sums = dict.fromkeys(["loss", "kl", "clip_low", "clip_high", "clip_dual", "entropy", "ratio", "tis_weight",
                               "tis_capped"], 0.0)
         sampled = batch.rollout.sampling_logprobs if compare_rollout else None  # [N, T]
         mismatch = 0.0
-        plan = self.micro_batches(batch.sequences)
+        plan = self.planned_passes(batch.sequences)  # as many on every rank
         for i, mb in enumerate(plan):
             last = i == len(plan) - 1  # gradients are reduced over ranks in its backward pass
             with self.backend.grad_scope(self.model, self.cfg.trainer.gradient_checkpointing), \
                     grad_sync(self.policy, last), self.world.during("backward"):
+                if mb is None:  # a padding pass: every weight in the graph, a gradient of exactly 0
+                    lp, _ = self.logprobs(self.policy, padding_micro_batch(batch.sequences))
+                    (lp.sum() * 0.0).backward()
+                    continue
                 loss, m, sur, kl, entropy, lp, tis = self.micro_batch_loss(batch, mb, totals)
-                # DDP / FSDP average gradients over ranks; the shares already use global normalizers
+                # each share is of the global loss (SPEC.md 3): DDP / FSDP average the ranks' gradients, so
+                # scaling by the world size makes them the sum, the gradient of the global loss
                 (loss * self.world.size if self.world.distributed else loss).backward()
             if sampled is not None:  # how far the sampler's log-probs are from the policy's (SPEC.md 5)
                 c = mb.take(batch.rollout.completion_mask)

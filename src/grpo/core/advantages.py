@@ -45,6 +45,7 @@ def outcome_advantages(
     group_size: int,
     scale: ScaleRewards = "group",
     eps: float = 1e-4,
+    batch_std: torch.Tensor | None = None,  # [] for scale "batch": the global batch's (None: of `rewards`)
 ) -> torch.Tensor:  # [N] float64
     """A_i = (r_i - mean(group)) / (std + eps), the same for every token of completion i.
 
@@ -52,6 +53,8 @@ def outcome_advantages(
     std of the whole batch, "none" not at all: A_i = r_i - mean, exactly (Dr. GRPO, Liu
     et al. 2025, arXiv 2503.20783). A NaN reward is left out of its group's mean and std
     and gets advantage 0 (SPEC.md section 4); so does every member of a zero-std group.
+    When `rewards` is one rank's part of the batch, "batch" needs `batch_std`: the
+    `values_std` of every valid reward of every rank.
     """
     if scale not in SCALE_REWARDS:
         raise ValueError(f"unknown scale_rewards {scale!r}; valid: {sorted(SCALE_REWARDS)}")
@@ -60,20 +63,27 @@ def outcome_advantages(
     mean, std = masked_group_mean_std(r, valid)
     signal = valid & ~_constant_groups(r, valid)[:, None]  # [B, G]: zero-std groups carry none
     centered = torch.where(signal, r - mean, torch.zeros_like(r))  # [B, G]
-    denom = SCALE_REWARDS[scale](r, valid, std)
+    denom = SCALE_REWARDS[scale](r[valid], std, batch_std)
     return (centered if denom is None else centered / (denom + eps)).reshape(-1)
 
 
-def _batch_std(r: torch.Tensor, valid: torch.Tensor, group_std: torch.Tensor) -> torch.Tensor:
-    flat = r[valid]
-    return flat.std() if flat.numel() > 1 else torch.zeros((), dtype=r.dtype)
+def values_std(values: torch.Tensor) -> torch.Tensor:  # [M] -> [] float64
+    """Sample std of every value of the batch (0 for fewer than two), of the sorted values: the same number
+    whatever their order, so whichever rank holds which group (scale_rewards "batch")."""
+    v = values.double().sort().values
+    return v.std() if v.numel() > 1 else torch.zeros((), dtype=torch.float64)
 
 
-# scale_rewards -> the divisor of the centred rewards (None: no division)
-SCALE_REWARDS: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor | None]] = {
-    "group": lambda r, valid, group_std: group_std,
+def _batch_std(values: torch.Tensor, group_std: torch.Tensor, batch_std: torch.Tensor | None) -> torch.Tensor:
+    return values_std(values) if batch_std is None else batch_std.double()
+
+
+# scale_rewards -> the divisor of the centred rewards (None: no division), from the batch's valid values [M],
+# the group std of each, and the whole global batch's std when the caller holds only a part of it
+SCALE_REWARDS: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor | None]] = {
+    "group": lambda values, group_std, batch_std: group_std,
     "batch": _batch_std,
-    "none": lambda r, valid, group_std: None,
+    "none": lambda values, group_std, batch_std: None,
 }
 
 
@@ -102,6 +112,7 @@ def process_advantages(
     num_rows: int,  # N
     scale: ScaleRewards = "group",
     eps: float = 1e-4,
+    batch_std: torch.Tensor | None = None,  # [] for scale "batch": every step's of the global batch (None: these)
 ) -> torch.Tensor:  # [N, T]
     """Process supervision (DeepSeekMath 4.1.3): A_{i,t} = sum of normalized step rewards of
     completion i whose step ends at or after token t.
@@ -126,7 +137,7 @@ def process_advantages(
     centered = torch.where(constant[group], torch.zeros_like(r), r - mean[group])  # [S]
     sq = torch.zeros(num_groups, dtype=r.dtype).index_add_(0, group, (r - mean[group]) ** 2)
     group_std = (sq / (count - 1).clamp(min=1)).sqrt()  # [B]; 0 for groups with < 2 steps
-    denom = SCALE_REWARDS[scale](r, torch.ones_like(r, dtype=torch.bool), group_std[group])  # [S], [] or None
+    denom = SCALE_REWARDS[scale](r, group_std[group], batch_std)  # [S], [] or None
     normalized = centered if denom is None else centered / (denom + eps)  # [S]
     dense = torch.zeros(num_rows * num_tokens, dtype=r.dtype)
     dense.index_add_(0, step_rows * num_tokens + step_index, normalized)  # steps ending on one token add up

@@ -127,6 +127,16 @@ def micro_batch(batch: SequenceBatch, rows: list[int]) -> MicroBatch:
     return MicroBatch(index, sequences)
 
 
+def padding_micro_batch(batch: SequenceBatch) -> MicroBatch:
+    """Row 0 cut to its last prompt token and first completion token: the least a forward pass runs on. A rank
+    runs it (and discards what it gives) only to keep the same number of passes as the other ranks."""
+    p = batch.input_ids.shape[1] - batch.completion_len  # prompts are left-padded: column p - 1 is real
+    cols = slice(p - 1, p + 1)
+    sequences = SequenceBatch(batch.input_ids[:1, cols], batch.attention_mask[:1, cols],
+                              batch.position_ids[:1, cols], 1)
+    return MicroBatch(torch.zeros(1, dtype=torch.long), sequences)
+
+
 def slice_batch(batch: SequenceBatch, rows: slice) -> SequenceBatch:
     return SequenceBatch(
         batch.input_ids[rows], batch.attention_mask[rows], batch.position_ids[rows], batch.completion_len

@@ -159,6 +159,7 @@ class BatchTotals:
     num_tokens: int  # loss tokens of the global batch
     max_completion_length: int  # the configured limit, for dr_grpo
     process_tokens: int | None = None  # loss tokens of this process's batch, for bnpo (None: num_tokens)
+    num_processes: int = 1  # W, for bnpo: its global loss is the mean over processes of each one's own
 
     @classmethod
     def of(cls, loss_mask: torch.Tensor, max_completion_length: int) -> "BatchTotals":
@@ -181,8 +182,11 @@ def _dr_grpo(loss, mask, totals):  # a constant normalizer: no length bias at al
 
 
 def _bnpo(loss, mask, totals):  # tokens of this process's batch (TRL's per-device batch), never a micro-batch's
+    """The global loss is (1/W) * sum over processes p of (sum of p's loss tokens / p's loss tokens): each process's
+    own token mean, averaged over the W processes, as TRL's per-device loss under DDP's gradient averaging. A share
+    is a micro-batch's part of it."""
     tokens = totals.num_tokens if totals.process_tokens is None else totals.process_tokens
-    return (loss * mask).sum() / max(tokens, 1)
+    return (loss * mask).sum() / (max(tokens, 1) * totals.num_processes)
 
 
 AGGREGATIONS: dict[str, Callable[[torch.Tensor, torch.Tensor, BatchTotals], torch.Tensor]] = {
@@ -190,7 +194,7 @@ AGGREGATIONS: dict[str, Callable[[torch.Tensor, torch.Tensor, BatchTotals], torc
     "dapo": _token,  # DAPO token-level loss (arXiv 2503.14476)
     "token": _token,
     "dr_grpo": _dr_grpo,  # Dr. GRPO (arXiv 2503.20783)
-    "bnpo": _bnpo,  # normalized by the loss tokens of this process's batch (= dapo in one process)
+    "bnpo": _bnpo,  # the mean over processes of each one's token mean (= dapo in one process)
 }
 
 
