@@ -86,7 +86,7 @@ def main() -> None:
         one = run(1, args.steps, Path(tmp) / "one")
         two = run(2, args.steps, Path(tmp) / "two")
     print(f"\nconfigs/default.yaml, {args.steps} steps, median of steps 2-{args.steps}, same global batch (32 completions)")
-    print(f"| | 1 process (2 threads) | 2 ranks (1 thread each) | ratio |\n|---|---:|---:|---:|")
+    print("| | 1 process (2 threads) | 2 ranks (1 thread each) | ratio |\n|---|---:|---:|---:|")
     for key, label in [("step_s", "s / step"), ("generate_s", "generate s"), ("train_s", "train s (incl. all-reduce)"),
                        ("peak_rss_gib", "peak RSS GiB (largest process)")]:
         print(f"| {label} | {one[key]:.2f} | {two[key]:.2f} | {two[key] / one[key]:.2f}x |")

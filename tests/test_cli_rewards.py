@@ -7,7 +7,6 @@ import json
 import math
 from pathlib import Path
 
-import pytest
 
 from grpo.cli import main
 

@@ -232,26 +232,6 @@ def build_trainer(config: Config, model, tokenizer, engine, train_rows: list[dic
                    build_rewards(config.rewards), ref_model=ref_model, policy=policy, world=world)
 
 
-def build_trainer(config: Config, model, tokenizer, engine, train_rows: list[dict], ref_model=None,
-                  world: World = SINGLE) -> Trainer:
-    """The Trainer with its parts: under torchrun the policy wrapped for DDP or sharded by FSDP2 (and the
-    reference sharded too), the backend for the policy's device, AdamW and its schedule, the prompt sampler
-    and the reward functions."""
-    t = config.trainer
-    device = next(model.parameters()).device
-    policy = model
-    if world.distributed:
-        policy = wrap_policy(model, t.parallel, device)
-        if t.parallel == "fsdp" and ref_model is not None:
-            shard(ref_model, device)
-    backend = make_backend(t.backend, device, t.autocast, t.logprob_chunk_tokens, world.distributed)
-    optimizer = make_optimizer(model, t)  # after sharding: AdamW holds each rank's shards only
-    scheduler = make_scheduler(optimizer, t, t.steps * config.algorithm.mu)
-    sampler = PromptSampler(train_rows, config.data.seed)
-    return Trainer(config, model, tokenizer, engine, backend, optimizer, scheduler, sampler,
-                   build_rewards(config.rewards), ref_model=ref_model, policy=policy, world=world)
-
-
 def train(config: Config, quiet: bool = False, console_mode: str = "auto", resume: bool | str = False) -> dict:
     """Run GRPO as configured; returns {"before": eval, "after": eval, "run_dir": ...}. With resume, continue
     the run in output.dir from its newest checkpoint, exactly as if it had not stopped; resume="auto" starts
