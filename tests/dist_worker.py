@@ -6,7 +6,7 @@ so the rollouts are the same at any world size; rank 0 writes each step's metric
 
 --mixed: every third prompt is ~300 characters long (the others ~10), so that under a token budget the ranks plan
     different numbers of micro-batches.
---reference-ranks=W (one process, loss_type bnpo): the update bnpo makes on W ranks, by its definition (SPEC.md 3):
+--reference-ranks=W (one process, loss_type bnpo): the update bnpo makes on W ranks, by its definition (docs/algorithm.md section 3):
     each of the W parts of the batch (the whole groups World.shard gives rank r) is a dapo loss of its own, and the
     gradient is their mean (DDP's average of the per-rank gradients); the loss is the mean of the parts' losses.
 """

@@ -1,4 +1,4 @@
-"""The GRPO family's math (SPEC.md sections 2-4) on hand-computed tensors, and each vectorized
+"""The GRPO family's math (docs/algorithm.md sections 2-4) on hand-computed tensors, and each vectorized
 function against a plain Python loop on random inputs."""
 
 import math
@@ -67,7 +67,7 @@ def test_process_with_one_final_step_each_equals_outcome():
 
 
 def process_loop(values, rows, index, t, g, n, scale, eps):
-    """SPEC.md section 2 written as loops."""
+    """docs/algorithm.md section 2 written as loops."""
     values, rows, index = values.tolist(), rows.tolist(), index.tolist()
     out = [[0.0] * t for _ in range(n)]
     everything = values

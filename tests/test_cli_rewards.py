@@ -1,5 +1,5 @@
 """Custom rewards through the real command line on the tiny model: the example file, a raising
-reward (exit 2, a clear message, no traceback), and None rewards (SPEC.md section 4)."""
+reward (exit 2, a clear message, no traceback), and None rewards (docs/algorithm.md section 4)."""
 
 import contextlib
 import io

@@ -1,4 +1,4 @@
-"""The GRPO math on hand-computed tensors (SPEC.md sections 2 and 3)."""
+"""The GRPO math on hand-computed tensors (docs/algorithm.md sections 2 and 3)."""
 
 import math
 
@@ -150,7 +150,7 @@ def test_unknown_loss_type_lists_valid_names():
 
 def test_rows_left_out_of_the_loss_still_count_in_n():
     """A truncated row masked by the overlong filter has no loss token, but it is one of the N completions:
-    grpo divides by N (all rows), dr_grpo by N x max_new_tokens, a constant (SPEC.md section 3)."""
+    grpo divides by N (all rows), dr_grpo by N x max_new_tokens, a constant (docs/algorithm.md section 3)."""
     mask = torch.tensor([[1, 1, 1], [1, 0, 0], [0, 0, 0]], dtype=torch.bool)  # row 2: filtered out
     loss = torch.tensor([[1.0, 2.0, 3.0], [4.0, 0.0, 0.0], [9.0, 9.0, 9.0]])
     totals = BatchTotals.of(mask, 5)

@@ -133,7 +133,7 @@ def test_ranks_with_different_numbers_of_micro_batches_run_the_same_passes(tmp_p
 
 
 def test_bnpo_on_two_ranks_is_the_mean_of_each_rank_s_own_token_mean(tmp_path):
-    """bnpo (SPEC.md 3): each rank's loss is normalized by its own loss tokens and the gradient is the average of
+    """bnpo (docs/algorithm.md section 3): each rank's loss is normalized by its own loss tokens and the gradient is the average of
     the ranks' gradients (TRL's per-device loss under DDP). The reference is computed in one process from the same
     rollouts, by that definition (dist_worker --reference-ranks=2); before, the loss was twice too large."""
     one, two = run_both(tmp_path, "ddp", "bnpo", "--mixed", "trainer.micro_batch_tokens=200",
@@ -148,7 +148,7 @@ def test_bnpo_on_two_ranks_is_the_mean_of_each_rank_s_own_token_mean(tmp_path):
 
 @pytest.mark.parametrize("advantage", ["outcome", "process"])
 def test_scale_rewards_batch_takes_the_std_of_the_whole_global_batch(tmp_path, advantage):
-    """scale_rewards=batch divides by the std of every reward of the global batch (SPEC.md 2), all ranks' (before:
+    """scale_rewards=batch divides by the std of every reward of the global batch (docs/algorithm.md section 2), all ranks' (before:
     each rank's own): the same advantages, to the bit, as one process, and the same update."""
     one, two = run_both(tmp_path, "ddp", "grpo", "algorithm.scale_rewards=batch", f"algorithm.advantage={advantage}",
                         "rewards=[{name: length, args: {target: 6}}, {name: format}]")

@@ -1,4 +1,4 @@
-"""Watching a run: console modes, metrics.jsonl + TensorBoard with every SPEC.md section 5 metric,
+"""Watching a run: console modes, metrics.jsonl + TensorBoard with every docs/algorithm.md section 5 metric,
 samples every N steps, and the HTML report, opened in headless Chromium when it is installed."""
 
 import contextlib
@@ -18,7 +18,7 @@ from grpo.report.svg import line_chart, nice_ticks, tick_labels
 ARTIFACTS = Path(__file__).parent / "artifacts"
 EVIL = '<script>alert("x")</script></pre></td><b>bold</b> & "quotes"'
 
-# SPEC.md section 5, as metric names (per-function rewards for the two rewards of the run below)
+# docs/algorithm.md section 5, as metric names (per-function rewards for the two rewards of the run below)
 SPEC_METRICS = [
     "reward/mean", "reward/std", "reward/answer_accuracy/mean", "reward/answer_accuracy/std",
     "reward/test_len/mean", "reward/test_len/std", "reward/zero_std_frac",

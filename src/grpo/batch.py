@@ -1,4 +1,4 @@
-"""The data a GRPO step carries from stage to stage (DESIGN.md, "the flow of one training step").
+"""The data a GRPO step carries from stage to stage (docs/design.md, "the flow of one training step").
 
     Scored     whole groups of sampled completions and their rewards       (steps 1-2)
     StepBatch  a Scored plus advantages, sequences, loss mask and the

@@ -150,7 +150,7 @@ class RewardSpec(Section):
     (relative to the current directory) or `package.module:function`. See `grpo.rewards.base` for
     the contract: dataset columns arrive as keyword arguments; return a float or None per completion."""
     weight: float = 1.0
-    """Weight of this reward in the completion's total reward (SPEC.md section 4)."""
+    """Weight of this reward in the completion's total reward (docs/algorithm.md section 4)."""
     args: dict[str, Any] = {}
     """Keyword arguments fixed for this reward, e.g. {tags: [answer]}."""
     label: str | None = None
@@ -244,7 +244,7 @@ class SamplingConfig(Section):
 
 
 class AlgorithmConfig(Section):
-    """The GRPO recipe (SPEC.md sections 2-4). Names map to one registry each in grpo.core."""
+    """The GRPO recipe (docs/algorithm.md sections 2-4). Names map to one registry each in grpo.core."""
 
     beta: float = Field(0.04, ge=0)
     """KL penalty coefficient against the reference policy (DeepSeekMath: 0.04). 0 loads no reference model.
@@ -264,7 +264,7 @@ class AlgorithmConfig(Section):
     """Ratio per token (PPO/GRPO) or per sequence, s_i = exp(mean_t log(pi/pi_old)), clipped per
     sequence (GSPO, Zheng et al. 2025, arXiv 2507.18071)."""
     loss_type: Literal["grpo", "dapo", "token", "dr_grpo", "bnpo"] = "grpo"
-    """How per-token losses become one number (SPEC.md section 3; N counts every completion of the batch,
+    """How per-token losses become one number (docs/algorithm.md section 3; N counts every completion of the batch,
     also those the overlong filter leaves out): grpo (sum of per-sequence means / N, paper), dapo/token
     (token mean of the global batch, DAPO), dr_grpo (token sum / (N x max_new_tokens), a constant
     normalizer, arXiv 2503.20783), bnpo (each process's token mean of its own batch, averaged over the

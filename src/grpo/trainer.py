@@ -1,4 +1,4 @@
-"""The GRPO loop (SPEC.md section 1). Orchestration only: the math lives in grpo.core.
+"""The GRPO loop (docs/algorithm.md section 1). Orchestration only: the math lives in grpo.core.
 
 One step:
   1. draw B prompts (under torchrun each rank keeps its own whole groups); the engine samples G
@@ -22,7 +22,7 @@ Departures from the paper, on purpose: the policy's and the reference's log-prob
 temperature (as TRL does), and the model runs without dropout so that with mu = 1 the ratio is
 exactly 1. Under several ranks every normalizer, metric and guard decision is reduced over all of them
 (grpo.distributed), and scale_rewards "batch" takes the std of every rank's rewards, so the update is the
-single-process one (bnpo: the mean of each rank's own token mean, SPEC.md 3). Every rank runs as many forward and
+single-process one (bnpo: the mean of each rank's own token mean, docs/algorithm.md section 3). Every rank runs as many forward and
 backward passes as the others (`planned_passes`), whatever the lengths of its rows.
 
 The numerics guard: a NaN/inf loss or gradient norm, or a reward function that returned NaN/inf
@@ -276,7 +276,7 @@ class Trainer:
 
     def global_std(self, values: torch.Tensor) -> torch.Tensor | None:
         """scale_rewards "batch" under several ranks: the std of these [M] values over every rank's (the whole
-        global batch's, SPEC.md 2); None otherwise (the advantage functions take their own batch's)."""
+        global batch's, docs/algorithm.md section 2); None otherwise (the advantage functions take their own batch's)."""
         if self.cfg.algorithm.scale_rewards != "batch" or not self.world.distributed:
             return None
         with self.world.during("scale_rewards=batch"):
@@ -294,7 +294,7 @@ class Trainer:
     def planned_passes(self, sequences: SequenceBatch) -> list[MicroBatch | None]:
         """This rank's micro-batches, then None for each padding pass: under several ranks every rank runs as
         many forward (and backward) passes as the rank with the most micro-batches, agreed first, since FSDP2
-        gathers the weights in every pass (DESIGN.md: a count that depends on local data is agreed first). A
+        gathers the weights in every pass (docs/design.md: a count that depends on local data is agreed first). A
         padding pass runs `padding_micro_batch` and contributes exactly nothing."""
         plan: list[MicroBatch | None] = list(self.micro_batches(sequences))
         with self.world.during("agreeing on the number of micro-batches"):
@@ -389,7 +389,7 @@ class Trainer:
         mask = batch.loss_mask  # [N, T] this rank's rows
         local = BatchTotals.of(mask, self.cfg.sampling.max_new_tokens)
         sampled_tokens = int(batch.rollout.completion_mask.sum())
-        with self.world.during("loss normalizers"):  # the global batch's counts (SPEC.md section 3)
+        with self.world.during("loss normalizers"):  # the global batch's counts (docs/algorithm.md section 3)
             n, tokens, sampled_tokens = (int(x) for x in self.world.sum([local.num_completions, local.num_tokens,
                                                                           sampled_tokens]))
         totals = BatchTotals(n, tokens, local.max_completion_length, process_tokens=local.num_tokens,
@@ -408,10 +408,10 @@ class Trainer:
                     (lp.sum() * 0.0).backward()
                     continue
                 loss, m, sur, kl, entropy, lp, tis = self.micro_batch_loss(batch, mb, totals)
-                # each share is of the global loss (SPEC.md 3): DDP / FSDP average the ranks' gradients, so
+                # each share is of the global loss (docs/algorithm.md section 3): DDP / FSDP average the ranks' gradients, so
                 # scaling by the world size makes them the sum, the gradient of the global loss
                 (loss * self.world.size if self.world.distributed else loss).backward()
-            if sampled is not None:  # how far the sampler's log-probs are from the policy's (SPEC.md 5)
+            if sampled is not None:  # how far the sampler's log-probs are from the policy's (docs/algorithm.md section 5)
                 c = mb.take(batch.rollout.completion_mask)
                 mismatch += float(((lp.detach().cpu() - mb.take(sampled)).abs() * c).sum()) / max(sampled_tokens, 1)
             share = int(m.sum()) / max(totals.num_tokens, 1)  # token-weighted metric averages

@@ -1,4 +1,4 @@
-"""Advantages from rewards (SPEC.md section 2). Pure tensor functions, no I/O.
+"""Advantages from rewards (docs/algorithm.md section 2). Pure tensor functions, no I/O.
 
 Rows are grouped prompt-major: row n = b * G + g is sample g of prompt b.
 
@@ -52,7 +52,7 @@ def outcome_advantages(
     scale="group" divides by the group's std (DeepSeekMath eq. 4.1.2), "batch" by the
     std of the whole batch, "none" not at all: A_i = r_i - mean, exactly (Dr. GRPO, Liu
     et al. 2025, arXiv 2503.20783). A NaN reward is left out of its group's mean and std
-    and gets advantage 0 (SPEC.md section 4); so does every member of a zero-std group.
+    and gets advantage 0 (docs/algorithm.md section 4); so does every member of a zero-std group.
     When `rewards` is one rank's part of the batch, "batch" needs `batch_std`: the
     `values_std` of every valid reward of every rank.
     """

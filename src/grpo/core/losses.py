@@ -1,11 +1,11 @@
-"""The GRPO objective (SPEC.md section 3): per-token terms, then their aggregation.
+"""The GRPO objective (docs/algorithm.md section 3): per-token terms, then their aggregation.
 
 The per-token loss is kept apart from how it is reduced to one number, as in
 verl's core_algos. Aggregations are written so that a micro-batch's share uses
 normalizers of the whole batch (`BatchTotals`): summing the shares of any
 micro-batch split gives the same loss and gradient, for every loss type. Rows
 with no loss token (truncated rows under the overlong filter) still count in N:
-leaving them out must not change the other rows' weight (SPEC.md section 3).
+leaving them out must not change the other rows' weight (docs/algorithm.md section 3).
 """
 
 from __future__ import annotations

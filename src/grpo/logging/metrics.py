@@ -1,4 +1,4 @@
-"""A step's metrics (SPEC.md section 5) and the completions it shows: pure functions of the step's batch.
+"""A step's metrics (docs/algorithm.md section 5) and the completions it shows: pure functions of the step's batch.
 
 The trainer hands over what it computed (the StepBatch, the averaged optimizer numbers, the phases'
 wall times); nothing here reads a model or a config.

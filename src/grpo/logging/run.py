@@ -40,7 +40,7 @@ def write_json(path: Path, data) -> None:
 
 
 class RunLog:
-    """Where each step's metrics and samples go (SPEC.md section 5): metrics.jsonl, samples.jsonl every
+    """Where each step's metrics and samples go (docs/algorithm.md section 5): metrics.jsonl, samples.jsonl every
     trainer.samples_every steps, TensorBoard events in <run>/tensorboard, Weights & Biases when asked
     for, and <run>/report.html rewritten every output.report_every steps and on close."""
 

@@ -32,7 +32,7 @@ CHARTS: list[tuple[str, list[str], str]] = [
     ("Reward std", ["reward/std", "reward/*/std"], "Spread of the rewards within the step: GRPO learns only from differences inside a group."),
     ("Accuracy", ["reward/answer_accuracy/mean", "eval/accuracy"], "Training accuracy of the sampled completions, and held-out accuracy of greedy completions: squares before and after training, joined by the evaluations every eval.every steps."),
     ("Held-out reward", ["eval/reward", "eval/reward/*"], "Mean reward of greedy completions of the held-out problems, every eval.every steps: the weighted total and each reward."),
-    ("KL to the reference", ["kl/mean"], "Mean per-token k3 KL between the policy and the reference (SPEC.md 3). It starts at 0 and grows as the policy moves."),
+    ("KL to the reference", ["kl/mean"], "Mean per-token k3 KL between the policy and the reference (docs/algorithm.md section 3). It starts at 0 and grows as the policy moves."),
     ("Completion length", ["completion/length_mean", "completion/length_min", "completion/length_max"], "Tokens per completion."),
     ("Completion tokens per step", ["tokens/*"], ""),
     ("Zero-std groups and truncation", ["reward/zero_std_frac", "completion/truncated_frac"], "Groups whose rewards are all equal learn nothing (zero advantage); truncated completions hit max_new_tokens."),

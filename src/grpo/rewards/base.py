@@ -23,8 +23,8 @@ Two shapes, told apart by the parameter names (no decorator, no import of grpo n
   Batch rewards run once, in the calling thread (vectorize inside them if you like).
 - Return one float (bool and 1-element tensors are fine) or None per completion. None means
   "does not apply": left out of that completion's weighted sum and of the metrics, not counted
-  as zero (SPEC.md section 4). Any other value, or a list of the wrong length, is an error.
-- Process rewards (SPEC.md section 2): instead of a float, a completion's value may be a list
+  as zero (docs/algorithm.md section 4). Any other value, or a list of the wrong length, is an error.
+- Process rewards (docs/algorithm.md section 2): instead of a float, a completion's value may be a list
   of (end, reward) pairs, one per reasoning step, where `end` is a character offset into the
   completion text: the step is `completion[:end]`; its reward lands on the token holding
   character `end - 1` (grpo.rewards.process.step_token_index). Its scalar value (weighted sum,
