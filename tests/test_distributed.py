@@ -167,11 +167,14 @@ def vowels(completions, **kwargs):
 
 
 def noisy_vowels(completions, **kwargs):
-    """vowels plus noise from torch's global RNG, drawn once per character: each rank's stream moves with its own
-    completions, so after a step the ranks' RNG states differ."""
+    """vowels plus noise from torch's global RNG, drawn once per character and once more per rank number: each
+    rank's stream moves by its own amount (the tiny model's completions often all have max_new_tokens
+    characters, so the characters alone would move every rank's stream alike), and the ranks' states differ."""
     import torch
 
-    return [float(sum(c in "aeiou" for c in text)) + float(torch.rand(len(text) + 1)[-1]) for text in completions]
+    extra = int(os.environ.get("RANK", "0"))
+    return [float(sum(c in "aeiou" for c in text)) + float(torch.rand(len(text) + 1 + extra)[-1])
+            for text in completions]
 
 
 def fails_on_rank_1(completions, **kwargs):
