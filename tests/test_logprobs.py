@@ -174,7 +174,7 @@ def test_models_with_transformed_logits_take_the_plain_path_zeroed_at_padding():
 def test_fused_head_equals_log_softmax_with_a_bias_temperature_and_entropy_gradient(chunk):
     """The head function on its own: values and the gradients of hidden, weight and bias, against
     log_softmax over the full logits."""
-    from grpo.backend.cpu_fast import _HeadLogprobs
+    from grpo.backend.lean import _HeadLogprobs
 
     g = torch.Generator().manual_seed(4)
     head = torch.nn.Linear(16, 50)
