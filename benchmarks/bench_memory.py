@@ -21,8 +21,10 @@ both sides load.
 One step on each side, float32 on the CPU, the same settings: one prompt x G = 8 completions (8 rows in one
 forward/backward: ours trainer.micro_batch_size=8 and no token budget; TRL per_device_train_batch_size=8),
 --lengths new tokens at most (the random model almost never samples EOS, so the completions are that long;
-each side reports its mean), sampling with transformers' generate on both sides (ours sampling.engine=hf),
-temperature 1.0, beta = 0.04 (a frozen reference model: its log-prob pass is inside the step), one gradient
+each side reports its mean), temperature 1.0, sampling with our default engine (sampling.engine=fast: one
+[rows, vocab] block of logits per step; the hf engine keeps transformers' per-step logits, [rows, T, vocab]
+in all, for the sampled tokens' log-probs, and so would dominate here) and with transformers' generate on
+TRL's side, beta = 0.04 (a frozen reference model: its log-prob pass is inside the step), one gradient
 step per batch (mu = 1, num_iterations = 1), no gradient checkpointing, AdamW.
 
 The sides, each in its own process (peak RSS is the process's ru_maxrss: libraries, model, reference,
@@ -124,7 +126,7 @@ def side_ours(args) -> None:
         use_full_logits()
     values = {
         "model.path": args.folder, "model.dtype": "float32", "model.device": "cpu", "model.threads": args.threads,
-        "sampling.group_size": ROWS, "sampling.max_new_tokens": args.length, "sampling.engine": "hf",
+        "sampling.group_size": ROWS, "sampling.max_new_tokens": args.length, "sampling.engine": "fast",
         "sampling.temperature": 1.0, "sampling.top_p": 1.0, "sampling.top_k": 0,
         "algorithm.beta": BETA, "algorithm.mu": 1, "trainer.backend": "plain", "trainer.steps": 1,
         "trainer.batch_size": ROWS, "trainer.micro_batch_size": ROWS, "trainer.micro_batch_tokens": None,
@@ -257,6 +259,8 @@ def run_child(python: str, side: str, args, length: int | None = None) -> dict:
 
 
 def cell(r: dict) -> str:
+    if not r:
+        return "-"  # not run (--only)
     if "capped" in r:
         return f"> {r['seen_gib']:.1f} (capped)"
     return "failed" if "error" in r else f"{r['peak_rss_gib']:.2f}"
@@ -267,7 +271,7 @@ def table(results: dict[int, dict[str, dict]], args) -> str:
              "| after / TRL | step growth GiB (before / after / TRL) | tokens/completion (before / after / TRL) |",
              "|---:|" + "---:|" * (len(SIDES) + 4)]  # fmt: skip
     for length, sides in results.items():
-        b, a, t = (sides.get(s, {"error": ""}) for s in SIDES)
+        b, a, t = (sides.get(s, {}) for s in SIDES)
         ok = lambda r: "peak_rss_gib" in r  # noqa: E731
         ratio = lambda x, y: f"{x['peak_rss_gib'] / y['peak_rss_gib']:.2f}x" if ok(x) and ok(y) else (  # noqa: E731
             f"< {x['peak_rss_gib'] / y['seen_gib']:.2f}x" if ok(x) and "capped" in y else "-")
@@ -315,8 +319,8 @@ def main() -> None:
     trl_version = next((r["trl"] for s in results.values() for r in s.values() if "trl" in r), "?")
     header = (f"One GRPO step, {ROWS} rows (1 prompt x G={ROWS}) in one forward/backward, vocabulary {VOCAB} (tied head), "
               f"random Qwen2 body {BODY['num_hidden_layers']} layers x hidden {BODY['hidden_size']}, float32 CPU, "
-              f"{args.threads} threads, beta={BETA} (reference pass inside the step), sampling with transformers' "
-              f"generate on both sides; TRL {trl_version}. Peak RSS: each side's process ru_maxrss.")  # fmt: skip
+              f"{args.threads} threads, beta={BETA} (reference pass inside the step), sampling: ours engine fast, TRL "
+              f"transformers' generate; TRL {trl_version}. Peak RSS: each side's process ru_maxrss.")  # fmt: skip
     text = header + "\n\n" + table(results, args)
     print("\n" + text)
     if args.markdown:
