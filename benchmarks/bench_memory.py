@@ -150,7 +150,8 @@ def report(args, before: float, seconds: float, tokens: float, **extra) -> None:
     import torch
 
     log(f"{args.side} {args.length}: peak {peak_gib():.2f} GiB, {tokens:.0f} tokens/completion, {seconds:.1f} s")
-    print(json.dumps({"side": args.side, "length": args.length, "peak_rss_gib": peak_gib(), "rss_before_step_gib": before,
+    print(json.dumps({"side": args.side, "length": args.length, "peak_rss_gib": peak_gib(),
+                      "rss_before_step_gib": before,
                       "step_seconds": seconds, "tokens_per_completion": tokens, "torch": torch.__version__,
                       **extra}), flush=True)  # fmt: skip
 
@@ -236,14 +237,16 @@ def run_child(python: str, side: str, args, length: int | None = None) -> dict:
             keep.append(line)
             del keep[:-60]
 
-    readers = [threading.Thread(target=pump, args=(proc.stderr, tail)), threading.Thread(target=pump, args=(proc.stdout, out))]
+    readers = [threading.Thread(target=pump, args=(proc.stderr, tail)),
+               threading.Thread(target=pump, args=(proc.stdout, out))]
     for r in readers:
         r.start()
     capped, seen = None, 0.0
     while proc.poll() is None:
         seen = max(seen, child_rss_gib(proc.pid))
         if seen > args.cap_gib or mem_available_gib() < args.floor_gib:
-            capped = f"stopped at {seen:.1f} GiB resident (cap {args.cap_gib} GiB, floor {args.floor_gib} GiB available)"
+            capped = (f"stopped at {seen:.1f} GiB resident (cap {args.cap_gib} GiB, "
+                      f"floor {args.floor_gib} GiB available)")
             proc.kill()
             break
         time.sleep(0.05)
@@ -317,7 +320,8 @@ def main() -> None:
                 results[length][side] = r = run_child(python, side, args, length)
                 print("   " + json.dumps(r)[-600:], flush=True)
     trl_version = next((r["trl"] for s in results.values() for r in s.values() if "trl" in r), "?")
-    header = (f"One GRPO step, {ROWS} rows (1 prompt x G={ROWS}) in one forward/backward, vocabulary {VOCAB} (tied head), "
+    header = (f"One GRPO step, {ROWS} rows (1 prompt x G={ROWS}) in one forward/backward, vocabulary {VOCAB} "
+              f"(tied head), "
               f"random Qwen2 body {BODY['num_hidden_layers']} layers x hidden {BODY['hidden_size']}, float32 CPU, "
               f"{args.threads} threads, beta={BETA} (reference pass inside the step), sampling: ours engine fast, TRL "
               f"transformers' generate; TRL {trl_version}. Peak RSS: each side's process ru_maxrss.")  # fmt: skip
