@@ -71,6 +71,8 @@ def decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.
 
 def is_fsdp(model: torch.nn.Module) -> bool:
     """Whether FSDP2 (fully_shard) manages any module of `model`."""
+    if not torch.distributed.is_available():  # a torch build without torch.distributed: nothing is sharded
+        return False
     from torch.distributed.fsdp import FSDPModule
 
     return any(isinstance(m, FSDPModule) for m in model.modules())
