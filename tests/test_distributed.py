@@ -155,6 +155,27 @@ def test_scale_rewards_batch_takes_the_std_of_the_whole_global_batch(tmp_path, a
     assert_same_update(one, two)
 
 
+
+def test_the_plain_backend_s_lean_path_under_ddp_and_fsdp_equals_the_full_logits_reference(tmp_path):
+    """tests/dist_lean_worker.py: each rank's 3 rows through the wrapped model (DDP, FSDP2 with the head sharded,
+    tied and untied, gradient checkpointing, LoRA) give the one-process full-logits reference's log-probs,
+    entropy and whole gradient; the head never saw more than one chunk of 4 tokens, and under DDP without
+    checkpointing each rank ran its 2 distinct prompts once (under FSDP2 and checkpointing: every row's)."""
+    proc = torchrun(str(WORKER.with_name("dist_lean_worker.py")), str(tmp_path / "lean"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for rank in (0, 1):
+        for case, r in torch.load(tmp_path / f"lean.{rank}").items():
+            for key in ("logprobs", "entropy"):
+                torch.testing.assert_close(r[key][0], r[key][1], rtol=1e-4, atol=1e-5, msg=f"{case} {key}")
+            ours, ref = r["grads"]
+            assert ours.keys() == ref.keys() and ours, case
+            for name in ref:
+                torch.testing.assert_close(ours[name], ref[name], rtol=1e-4, atol=1e-5, msg=f"{case} {name}")
+            assert r["head_rows"] <= 4, case  # before: the [3, T + 1, V] logits
+            rows = [shape[0] for shape in r["embedded"]]
+            assert rows == ([2, 3] if case in ("ddp", "ddp_lora") else [3]), (case, r["embedded"])
+
+
 # -- whole runs through the command line ---------------------------------------------------------------------
 
 REWARDS = '''

@@ -174,7 +174,7 @@ def test_models_with_transformed_logits_take_the_plain_path_zeroed_at_padding():
 def test_fused_head_equals_log_softmax_with_a_bias_temperature_and_entropy_gradient(chunk):
     """The head function on its own: values and the gradients of hidden, weight and bias, against
     log_softmax over the full logits."""
-    from grpo.backend.cpu_fast import _HeadLogprobs
+    from grpo.backend.lean import _HeadLogprobs
 
     g = torch.Generator().manual_seed(4)
     head = torch.nn.Linear(16, 50)
@@ -199,3 +199,85 @@ def test_fused_head_equals_log_softmax_with_a_bias_temperature_and_entropy_gradi
     plain = torch.autograd.grad((plain_lp * w_lp).sum(), params)
     for a, e in zip(ours, plain):
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
+
+
+# -- the plain backend: the same lean path, through the model's own forward --------------------------------
+
+
+def plain_logprobs(chunk: int = 256):
+    from grpo.backend import PlainBackend
+
+    backend = PlainBackend(torch.device("cpu"), chunk_tokens=chunk)
+    return lambda model, batch, temperature=1.0, **k: backend.logprobs(model, batch, temperature, **k)
+
+
+def test_the_plain_backend_never_holds_more_than_one_chunk_of_logits():
+    """What the output head returns, forward and backward: chunks of real completion tokens, never the
+    [rows, T, V] logits (before: the model's forward gave [6, 8, 100])."""
+    model = tiny_model(100)
+    batch, mask = random_batch(100)
+    seen = []
+    model.lm_head.register_forward_hook(lambda mod, args, out: seen.append(tuple(out.shape)))
+    lp, ent = plain_logprobs(chunk=4)(model, batch, with_entropy=True, entropy_grad=True)
+    forward_calls = len(seen)
+    (lp.sum() + ent.sum()).backward()
+    assert forward_calls == -(-int(mask.sum()) // 4)  # only the real completion tokens, 4 at a time
+    assert len(seen) == 2 * forward_calls and max(rows for rows, _ in seen) <= 4
+    assert model.lm_head.weight.grad is not None and model.get_output_embeddings() is model.lm_head  # put back
+
+
+def test_the_plain_backend_runs_each_prompt_once_for_its_group():
+    model = tiny_model(100)
+    batch, _ = random_batch(100)
+    shapes = []
+    model.model.embed_tokens.register_forward_hook(lambda mod, args, out: shapes.append(tuple(args[0].shape)))
+    lp, _ = plain_logprobs()(model, batch)
+    assert shapes == [(3, 9), (6, 7)]  # before: [(6, 16)], every row's prompt
+    assert model.get_decoder() is model.model
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_the_plain_backend_equals_the_full_logits_reference(seed, tied, checkpointing):
+    """Randomized: mixed-length rows (prompts and completions), temperature 0.7, a loss over the log-probs and
+    the entropy (its gradient too); values, entropy and every parameter's gradient."""
+    model = tiny_model(100, seed=seed, tied=tied)
+    batch, mask = random_batch(100, seed=seed)
+    weights = torch.randn(mask.shape, generator=torch.Generator().manual_seed(seed + 7))
+    ref = loss_and_grads(model, completion_logprobs_reference, batch, mask, weights)
+    with checkpointed_layers(model, checkpointing):
+        got = loss_and_grads(model, plain_logprobs(chunk=5), batch, mask, weights)
+    assert float(ref[2].abs().max()) > 1
+    for r, c in zip(ref, got):
+        torch.testing.assert_close(c, r, rtol=1e-4, atol=1e-5)
+
+
+def test_the_plain_backend_equals_the_reference_with_lora():
+    """A peft model (adapters on every Linear of the decoder, the head left whole): the adapters' gradients."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_model(100, seed=5), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                               init_lora_weights=False))
+    batch, mask = random_batch(100, seed=3)
+    weights = torch.randn(mask.shape, generator=torch.Generator().manual_seed(8))
+    ref = loss_and_grads(model, completion_logprobs_reference, batch, mask, weights)
+    got = loss_and_grads(model, plain_logprobs(chunk=3), batch, mask, weights)
+    assert ref[2].numel() == sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    for r, c in zip(ref, got):
+        torch.testing.assert_close(c, r, rtol=1e-4, atol=1e-5)
+
+
+def test_the_head_s_backward_recomputes_under_the_forward_s_autocast():
+    """On a CPU under bfloat16 autocast, the chunks recomputed in the backward pass are bfloat16 logits as in
+    the forward (before: the autocast state was restored on CUDA only, so the CPU recomputed in float32)."""
+    from grpo.backend.lean import _HeadLogprobs
+
+    head = torch.nn.Linear(16, 50)
+    hidden = torch.randn(6, 16, requires_grad=True)
+    dtypes = []
+    head.register_forward_hook(lambda mod, args, out: dtypes.append(out.dtype))
+    with torch.autocast("cpu", torch.bfloat16):
+        lp, _ = _HeadLogprobs.apply(hidden, head.weight, head.bias, head, torch.arange(6), 1.0, 4, False, False)
+    lp.sum().backward()
+    assert dtypes == [torch.bfloat16] * 4

@@ -329,9 +329,10 @@ class TrainerConfig(Section):
     micro-batch is cut to its own longest row. None: micro_batch_size rows each. Bounds the activation
     memory of the backward pass (raise it on a GPU with memory to spare)."""
     logprob_chunk_tokens: int = Field(256, ge=1)
-    """backend=cpu_fast: completion tokens whose logits exist at once: log-probs and entropy are computed
+    """Completion tokens whose logits exist at once (every backend): log-probs and entropy are computed
     this many tokens at a time and recomputed in the backward pass, so the [tokens x vocab] logits are
-    never held whole."""
+    never held whole (grpo.backend.lean; a model whose logits are more than head(hidden) takes the
+    full-logits path)."""
     gradient_checkpointing: bool = False
     """Recompute each decoder layer's activations in the backward pass instead of keeping them: less
     memory for the policy's forward/backward, more compute (the training forward then also runs each
@@ -341,9 +342,10 @@ class TrainerConfig(Section):
     model.dtype). No effect on CPU."""
     backend: Literal["auto", "plain", "cpu_fast"] = "auto"
     """How log-probs and gradients are computed (grpo.backend). plain: the model's own forward and autograd
-    (what runs on CUDA and under DDP/FSDP). cpu_fast: the same numbers with less work on a CPU: oneDNN
-    matmuls forward and backward, the output head turned into log-probs trainer.logprob_chunk_tokens
-    tokens at a time with its own backward, each group's prompt run once, a sparse embedding gradient.
+    (what runs on CUDA and under DDP/FSDP), the output head turned into log-probs
+    trainer.logprob_chunk_tokens tokens at a time with its own backward, each group's prompt run once
+    (not under FSDP2 or gradient checkpointing). cpu_fast: the same numbers with less work on a CPU:
+    oneDNN matmuls forward and backward and a sparse embedding gradient on top.
     auto: cpu_fast for a policy on the CPU in one process, plain elsewhere (on CUDA, and under torchrun, where
     DDP/FSDP must see every forward). Set plain when the fast path misbehaves."""
     parallel: Literal["ddp", "fsdp"] = "ddp"

@@ -21,12 +21,16 @@ CHAT_TEMPLATE = (
 SPECIAL_TOKENS = ["<unk>", "<pad>", "<|im_start|>", "<|im_end|>"]
 
 
-def tiny_tokenizer():
-    """A character-level fast tokenizer with a ChatML chat template; EOS is `<|im_end|>`."""
+def tiny_tokenizer(vocab_size: int | None = None):
+    """A character-level fast tokenizer with a ChatML chat template; EOS is `<|im_end|>`. With vocab_size,
+    the vocabulary is filled up to that size with tokens `<tN>` that text never encodes to but that decode
+    (for a model with a real model's vocabulary size, e.g. 151936 as Qwen2.5's, in benchmarks)."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + list(string.printable))}
+    tokens = SPECIAL_TOKENS + list(string.printable)
+    tokens += [f"<t{i}>" for i in range(len(tokens), vocab_size or 0)]
+    vocab = {tok: i for i, tok in enumerate(tokens)}
     core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     core.decoder = decoders.Fuse()

@@ -1,10 +1,10 @@
 """How log-probs and gradients are computed on this device: one backend object, chosen in grpo.run.
 
-- `plain` (grpo.backend.plain): the model's own forward and autograd. Runs on CUDA, under a
-  distributed wrapper, and wherever the fast path misbehaves.
+- `plain` (grpo.backend.plain): the model's own forward and autograd, lean where the model allows (a
+  chunked output head with its own backward, each group's prompt run once: grpo.backend.lean). Runs on
+  CUDA, under a distributed wrapper, and wherever the fast path misbehaves.
 - `cpu_fast` (grpo.backend.cpu_fast): the same numbers on a CPU with less work (oneDNN matmuls, a
-  chunked output head with its own backward, each group's prompt run once, a sparse embedding
-  gradient); each piece tested against the plain path.
+  sparse embedding gradient); each piece tested against the plain path.
 
 `trainer.backend: auto` takes cpu_fast for a policy on the CPU in one process and plain elsewhere (CUDA,
 and several processes: DDP and FSDP2 must see every forward).

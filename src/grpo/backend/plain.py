@@ -1,8 +1,12 @@
-"""The plain PyTorch path: log-probs from the model's own forward, gradients as autograd makes them.
+"""The device-independent path: log-probs from the model's own forward, gradients as autograd makes them.
 
 This is what runs on CUDA and under a distributed wrapper (DDP / FSDP2 hook the model's forward and
 its parameters' gradients, so nothing may go around them), and on CPU when `trainer.backend: plain`.
-It is also the reference every fast path of `grpo.backend.cpu_fast` is tested against.
+It is as frugal as the CPU one where the model allows (grpo.backend.lean, run inside the model's own
+forward): no [rows, T, vocab] logits (the output head turned into log-probs `chunk_tokens` tokens at a
+time, with its own backward), and each group's prompt run once. `completion_logprobs_reference`, the
+full-logits version, is what every fast piece is tested against, and what runs for a model whose logits
+are more than head(hidden).
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from contextlib import ExitStack, contextmanager, nullcontext
 
 import torch
 
+from grpo.backend.lean import lean_logprobs
 from grpo.core.logprobs import SequenceBatch, logprobs_from_logits
 from grpo.models import checkpointed_layers, lora_dropout
 
@@ -40,16 +45,36 @@ def zero_padding(lp: torch.Tensor, ent: torch.Tensor | None, batch: SequenceBatc
     return lp.float() * real, ent.float() * real if ent is not None else None
 
 
+def completion_logprobs(
+    model: torch.nn.Module,
+    batch: SequenceBatch,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    entropy_grad: bool = False,
+    chunk_tokens: int = 256,
+    share_prompts: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """[n, T] float32 log-probs of the completion tokens (0 at padding), and their entropy if asked: the
+    lean path (grpo.backend.lean: chunk_tokens tokens of logits at a time; with share_prompts each group's
+    prompt once), or the full-logits reference for a model whose logits are more than head(hidden)."""
+    lean = lean_logprobs(model, batch, temperature, with_entropy, entropy_grad, chunk_tokens, share_prompts)
+    if lean is not None:
+        return lean
+    return zero_padding(*completion_logprobs_reference(model, batch, temperature, with_entropy, entropy_grad), batch)
+
+
 class PlainBackend:
-    """Log-probs through `model(...)`: the completion positions' logits (logits_to_keep), log-softmax in
-    float32. On CUDA with `autocast`, the log-prob passes run under bfloat16 autocast (weights and optimizer
-    stay in their dtype)."""
+    """Log-probs through `model(...)` (`completion_logprobs`): the output head turned into float32 log-probs
+    `chunk_tokens` completion tokens at a time, each group's prompt run once where the model allows. On CUDA
+    with `autocast`, the log-prob passes run under bfloat16 autocast (weights and optimizer stay in their
+    dtype)."""
 
     name = "plain"
 
     def __init__(self, device: torch.device, autocast: bool = True, chunk_tokens: int = 256):
         self.device = torch.device(device)
         self.autocast = autocast and self.device.type == "cuda"
+        self.chunk_tokens = max(1, chunk_tokens)
 
     @property
     def reduced_precision(self) -> bool:
@@ -65,8 +90,7 @@ class PlainBackend:
                  entropy_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """[n, T] float32 log-probs of the completion tokens (0 at padding), and their entropy if asked."""
         with torch.autocast("cuda", torch.bfloat16, enabled=self.autocast):
-            lp, ent = completion_logprobs_reference(model, batch, temperature, with_entropy, entropy_grad)
-        return zero_padding(lp, ent, batch)
+            return completion_logprobs(model, batch, temperature, with_entropy, entropy_grad, self.chunk_tokens)
 
     @contextmanager
     def grad_scope(self, model, checkpointing: bool = False):
