@@ -232,7 +232,22 @@ def weights(run_dir: Path) -> dict:
     return load_file(run_dir / "model" / "model.safetensors")
 
 
-def assert_same_run(a: Path, b: Path, atol: float = 5e-5) -> None:
+def assert_same_weights(one: dict, many: dict, lr: float) -> None:
+    """AdamW divides each gradient element by its own running size, so an element whose gradient is about AdamW's
+    eps (1e-8; rows with little signal make many) moves by a part of lr that rounding decides: every element within
+    lr / 10, and all but 0.1% of them within 5e-6 (a wrong gradient moves most elements by ~lr)."""
+    assert one.keys() == many.keys()
+    diff = torch.cat([(many[name] - w).abs().flatten() for name, w in one.items()])
+    assert float(diff.max()) <= lr / 10, float(diff.max())
+    assert float((diff > 5e-6).float().mean()) <= 1e-3, float((diff > 5e-6).float().mean())
+
+
+RUN_LR = float(next(o for o in RUN if o.startswith("trainer.lr=")).split("=")[1])
+
+
+def assert_same_run(a: Path, b: Path, exact: bool = False) -> None:
+    """The same metrics, and the same weights: bit for bit (`exact`: the same ranks, the same sums), or up to
+    the rounding of sums taken in another order as AdamW magnifies it (assert_same_weights)."""
     ma, mb = metrics(a), metrics(b)
     assert [m["step"] for m in ma] == [m["step"] for m in mb]
     for x, y in zip(ma, mb):
@@ -241,8 +256,11 @@ def assert_same_run(a: Path, b: Path, atol: float = 5e-5) -> None:
         for key in ("loss", "kl/mean", "grad_norm"):
             assert x[key] == pytest.approx(y[key], rel=1e-4, abs=1e-7), key
     wa, wb = weights(a), weights(b)
-    for name in wa:
-        torch.testing.assert_close(wb[name], wa[name], rtol=0, atol=atol, msg=name)
+    if exact:
+        for name in wa:
+            torch.testing.assert_close(wb[name], wa[name], rtol=0, atol=0, msg=name)
+    else:
+        assert_same_weights(wa, wb, RUN_LR)
 
 
 @pytest.fixture(scope="module")
@@ -345,7 +363,7 @@ def test_every_rank_resumes_its_own_rng_streams(tiny_model_dir, reward_file, tmp
     assert proc.returncode == 0, proc.stderr[-3000:]
     proc = grpo("train", "--resume", resumed, "trainer.steps=3", nproc=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert_same_run(whole, resumed, atol=0)
+    assert_same_run(whole, resumed, exact=True)
     saved = torch.load(resumed / "checkpoints" / "step-000002" / "rng.pt", weights_only=False)
     assert len(saved["ranks"]) == 2 and not torch.equal(saved["ranks"][0]["torch"], saved["ranks"][1]["torch"])
 

@@ -22,7 +22,7 @@ import random
 import pytest
 import torch
 
-from test_distributed import WORKER, groups, one_process, torchrun
+from test_distributed import WORKER, assert_same_weights, groups, one_process, torchrun
 
 FIXED = [0, 7, 12, 20, 35, 39]  # every loss type, 2 and 3 ranks, DDP and FSDP2, LoRA, dynamic sampling
 EXTRA = int(os.environ.get("GRPO_RANDOM_CONFIGS", "0"))
@@ -90,13 +90,3 @@ def test_random_configuration_on_several_ranks_makes_the_one_process_update(tmp_
                 assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
     lr = float(next((o for o in reversed(overrides) if o.startswith("trainer.lr=")), "trainer.lr=1e-3").split("=")[1])
     assert_same_weights(a_run["weights"], b_run["weights"], lr)
-
-
-def assert_same_weights(one: dict, many: dict, lr: float) -> None:
-    """AdamW divides each gradient element by its own running size, so an element whose gradient is about AdamW's
-    eps (1e-8; rows with little signal make many) moves by a part of lr that rounding decides: every element within
-    lr / 10, and all but 0.1% of them within 5e-6 (a wrong gradient moves most elements by ~lr)."""
-    assert one.keys() == many.keys()
-    diff = torch.cat([(many[name] - w).abs().flatten() for name, w in one.items()])
-    assert float(diff.max()) <= lr / 10, float(diff.max())
-    assert float((diff > 5e-6).float().mean()) <= 1e-3, float((diff > 5e-6).float().mean())
