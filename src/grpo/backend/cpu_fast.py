@@ -103,7 +103,8 @@ class _HeadLogprobs(torch.autograd.Function):
     gradient is asked), so per chunk it holds one or two [chunk, V] blocks. The head weight's gradient
     of all chunks accumulates into one [V, H] buffer (an in-place matmul) instead of a fresh [V, H]
     tensor per chunk. The matmuls run through `head` itself (its patched forward when `grpo.onednn`
-    is active) and `onednn.matmul_for`.
+    is active) and `onednn.matmul_for`; under a CPU bfloat16 autocast all three in bfloat16 (the backward
+    recomputes the logits as the forward did), the log-softmax and the gradient sums in float32.
     """
 
     @staticmethod
@@ -122,6 +123,7 @@ class _HeadLogprobs(torch.autograd.Function):
                 logp = z.sub_(lse[part, None])  # in place: [k, V] log-probs
                 entropy[part] = -(logp.exp().mul_(logp)).sum(dim=-1)
         ctx.head, ctx.temperature, ctx.chunk, ctx.entropy_grad = head, temperature, chunk, with_entropy and entropy_grad
+        ctx.bf16 = onednn.autocast_dtype(weight)  # bfloat16 under a CPU bfloat16 autocast, else None
         ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
         if not ctx.entropy_grad:
             ctx.mark_non_differentiable(entropy)
@@ -136,6 +138,9 @@ class _HeadLogprobs(torch.autograd.Function):
         grad_h = torch.zeros_like(hidden) if need_h else None  # [K, H]
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None  # [V, H]
         grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
+        cast = ctx.bf16 or hidden.dtype  # the dtype of the backward's matmuls
+        w = weight.to(cast) if need_h else None  # [V, H]
+        product = torch.empty(weight.shape, dtype=cast, device=weight.device) if need_w and ctx.bf16 else None
         matmul = onednn.matmul_for(weight)
         g_lp = grad_logp.float()
         g_ent = grad_entropy.float() if ctx.entropy_grad and grad_entropy is not None else None
@@ -143,7 +148,8 @@ class _HeadLogprobs(torch.autograd.Function):
         for start in range(0, hidden.shape[0], ctx.chunk):
             part = slice(start, start + ctx.chunk)
             h = hidden[part]  # [k, H]
-            logp = _chunk_logits(ctx.head, h, ctx.temperature).sub_(lse[part, None])  # [k, V]
+            with torch.autocast("cpu", torch.bfloat16, enabled=ctx.bf16 is not None):  # as in the forward
+                logp = _chunk_logits(ctx.head, h, ctx.temperature).sub_(lse[part, None])  # [k, V]
             p = logp.exp()
             g = g_lp[part, None]  # [k, 1]
             if g_ent is not None:  # dH/dz = -p (log p + H)
@@ -154,14 +160,16 @@ class _HeadLogprobs(torch.autograd.Function):
             grad_z[rows[:k], targets[part]] += g_lp[part]  # d log p(t) / dz = onehot(t) - p
             if ctx.temperature != 1.0:
                 grad_z.div_(ctx.temperature)
-            grad_z = grad_z.to(h.dtype)
+            grad_z = grad_z.to(cast)
             if need_h:
-                grad_h[part] = matmul(grad_z, weight.t(), None)  # [k, V] x [V, H]
-            if need_w:
+                grad_h[part] = matmul(grad_z, w.t(), None)  # [k, V] x [V, H]
+            if need_w and product is not None:  # bfloat16 product into one buffer, summed in float32
+                grad_w.add_(torch.mm(grad_z.t(), h.to(cast), out=product))
+            elif need_w:
                 with torch.autocast(grad_w.device.type, enabled=False):
                     grad_w.addmm_(grad_z.t().to(grad_w.dtype), h.to(grad_w.dtype))  # in place: no [V, H] per chunk
             if need_b:
-                grad_b += grad_z.sum(dim=0)
+                grad_b += grad_z.sum(dim=0, dtype=torch.float32)
         grad_w = grad_w.to(weight.dtype) if need_w else None
         grad_b = grad_b.to(bias.dtype) if need_b else None
         return grad_h, grad_w, grad_b, None, None, None, None, None, None
@@ -249,8 +257,8 @@ class CpuFastBackend(PlainBackend):
 
     name = "cpu_fast"
 
-    def __init__(self, device: torch.device, autocast: bool = True, chunk_tokens: int = 256):
-        super().__init__(device, autocast, chunk_tokens)
+    def __init__(self, device: torch.device, precision: str = "float32", chunk_tokens: int = 256):
+        super().__init__(device, precision, chunk_tokens)
         self.chunk_tokens = max(1, chunk_tokens)
 
     def step(self, *models):
@@ -258,7 +266,8 @@ class CpuFastBackend(PlainBackend):
 
     def logprobs(self, model, batch: SequenceBatch, temperature: float, with_entropy: bool = False,
                  entropy_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return completion_logprobs(model, batch, temperature, with_entropy, entropy_grad, self.chunk_tokens)
+        with self.precision_scope():
+            return completion_logprobs(model, batch, temperature, with_entropy, entropy_grad, self.chunk_tokens)
 
     def _grad_extras(self, stack: ExitStack, model) -> None:
         stack.enter_context(sparse_embedding_grad(model))

@@ -42,20 +42,24 @@ def zero_padding(lp: torch.Tensor, ent: torch.Tensor | None, batch: SequenceBatc
 
 class PlainBackend:
     """Log-probs through `model(...)`: the completion positions' logits (logits_to_keep), log-softmax in
-    float32. On CUDA with `autocast`, the log-prob passes run under bfloat16 autocast (weights and optimizer
-    stay in their dtype)."""
+    float32. With precision bfloat16 the log-prob passes run under bfloat16 autocast (weights and optimizer
+    stay in their dtype; grpo.backend.resolve_precision checks the device first)."""
 
     name = "plain"
 
-    def __init__(self, device: torch.device, autocast: bool = True, chunk_tokens: int = 256):
+    def __init__(self, device: torch.device, precision: str = "float32", chunk_tokens: int = 256):
         self.device = torch.device(device)
-        self.autocast = autocast and self.device.type == "cuda"
+        self.autocast = precision == "bfloat16"
 
     @property
     def reduced_precision(self) -> bool:
         """Whether the log-prob passes run in lower precision than the weights (bf16 autocast): a sampler's
         log-probs in the weights' dtype are then not the trainer's pi_old."""
         return self.autocast
+
+    def precision_scope(self):
+        """Around a log-prob pass (and the forward of the policy's backward): bfloat16 autocast if asked."""
+        return torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast)
 
     def step(self, *models):
         """The scope of one training step (sampling, log-prob passes and updates) over these models."""
@@ -64,7 +68,7 @@ class PlainBackend:
     def logprobs(self, model, batch: SequenceBatch, temperature: float, with_entropy: bool = False,
                  entropy_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """[n, T] float32 log-probs of the completion tokens (0 at padding), and their entropy if asked."""
-        with torch.autocast("cuda", torch.bfloat16, enabled=self.autocast):
+        with self.precision_scope():
             lp, ent = completion_logprobs_reference(model, batch, temperature, with_entropy, entropy_grad)
         return zero_padding(lp, ent, batch)
 
