@@ -6,18 +6,28 @@ TRL lives in its own virtualenv (never in .venv), made once:
 
 Then (prints the tables; it never asserts a time):
 
-    PYTHONPATH=src .venv/bin/python benchmarks/bench_train.py              # full fine-tuning and LoRA, both sides, ~15 min
-    PYTHONPATH=src .venv/bin/python benchmarks/bench_train.py --no-lora    # full fine-tuning only
+    PYTHONPATH=src .venv/bin/python benchmarks/bench_train.py              # full fine-tuning and LoRA, both precisions
+    PYTHONPATH=src .venv/bin/python benchmarks/bench_train.py --no-lora --steps 5   # full fine-tuning only
+    PYTHONPATH=src .venv/bin/python benchmarks/bench_train.py --precisions float32 --backends cpu_fast   # as before issue 28
     PYTHONPATH=src .venv/bin/python benchmarks/bench_train.py --only ours --markdown /tmp/train.md
     PYTHONPATH=src .venv/bin/python benchmarks/bench_train.py --steps 2 --max-new-tokens 8 --threads 1   # smoke test
     PYTHONPATH=src .venv/bin/python benchmarks/bench_train.py --only ours --no-lora --engine vllm   # a step with vLLM
+
+Precisions and backends (issue 28): for each of --precisions (float32, bfloat16) TRL runs once (bf16=True for
+bfloat16: its Trainer's bfloat16 autocast over float32 weights) and ours once per --backends entry (cpu_fast,
+plain) with trainer.precision set to match; under bfloat16 ours samples with a bfloat16 copy of the weights
+(sampling.dtype=bfloat16; --bf16-sampling-policy samples with the float32 policy instead), as TRL's generation runs
+under its autocast. A child first measures the machine's matmul peak (float32 and bfloat16, 2048^3, the faster of
+oneDNN's op and torch.mm) and the phase table gives each phase's model FLOPs as a share of the peak of its precision
+(`step_flops`: 2 FLOPs per Linear weight per token of every row's prompt and completion, the head at completion
+tokens; the training phase 3x a forward).
 
 With --engine vllm our side runs in the vLLM virtualenv (.venv-vllm, `make setup-vllm`; --ours-python
 overrides it): the whole step, sampling with a colocated vllm.LLM whose weights are pushed after the update
 (the phase table's "sync" column, also inside "train").
 
 Both sides train the default model (SmolLM2-135M-Instruct, its converted Hugging Face folder
-`grpo.models.resolve_model_folder(None)`) in float32 on the CPU with the same settings: G = 8 completions
+`grpo.models.resolve_model_folder(None)`) with float32 weights on the CPU with the same settings: G = 8 completions
 per prompt, 2 prompts per step (16 completions), --max-new-tokens (64) new tokens at most, temperature 1.0
 (no top-k / top-p), beta = 0.04 (k3 KL against a frozen reference), AdamW lr 1e-6 with a constant schedule,
 loss "grpo" (per-sequence mean, then mean over the batch), advantages centered and divided by the group
