@@ -29,6 +29,7 @@ import torch
 from grpo.backend import onednn
 from grpo.backend.cpu_fast import CpuFastBackend
 from grpo.backend.plain import PlainBackend
+from grpo.config import ConfigError
 
 BackendName = Literal["auto", "plain", "cpu_fast"]
 Precision = Literal["auto", "float32", "bfloat16"]
@@ -68,8 +69,6 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     """float32 or bfloat16: what trainer.precision=`precision` means on `device` (auto: bfloat16 on a CUDA GPU
     that supports it, float32 elsewhere). A ConfigError naming the field where bfloat16 is asked for and the
     device cannot run it in hardware."""
-    from grpo.config import ConfigError  # grpo.config does not import the backends; this keeps it so
-
     if precision == "auto":
         return "bfloat16" if torch.device(device).type == "cuda" and bf16_unsupported(device) is None else "float32"
     if precision == "bfloat16" and (why := bf16_unsupported(device)) is not None:
