@@ -6,18 +6,28 @@ TRL lives in its own virtualenv (never in .venv), made once:
 
 Then (prints the tables; it never asserts a time):
 
-    PYTHONPATH=src .venv/bin/python benchmarks/bench_train.py              # full fine-tuning and LoRA, both sides, ~15 min
-    PYTHONPATH=src .venv/bin/python benchmarks/bench_train.py --no-lora    # full fine-tuning only
+    PYTHONPATH=src .venv/bin/python benchmarks/bench_train.py              # full fine-tuning and LoRA, both precisions
+    PYTHONPATH=src .venv/bin/python benchmarks/bench_train.py --no-lora --steps 5   # full fine-tuning only
+    PYTHONPATH=src .venv/bin/python benchmarks/bench_train.py --precisions float32 --backends cpu_fast   # as before issue 28
     PYTHONPATH=src .venv/bin/python benchmarks/bench_train.py --only ours --markdown /tmp/train.md
     PYTHONPATH=src .venv/bin/python benchmarks/bench_train.py --steps 2 --max-new-tokens 8 --threads 1   # smoke test
     PYTHONPATH=src .venv/bin/python benchmarks/bench_train.py --only ours --no-lora --engine vllm   # a step with vLLM
+
+Precisions and backends (issue 28): for each of --precisions (float32, bfloat16) TRL runs once (bf16=True for
+bfloat16: its Trainer's bfloat16 autocast over float32 weights) and ours once per --backends entry (cpu_fast,
+plain) with trainer.precision set to match; under bfloat16 ours samples with a bfloat16 copy of the weights
+(sampling.dtype=bfloat16; --bf16-sampling-policy samples with the float32 policy instead), as TRL's generation runs
+under its autocast. A child first measures the machine's matmul peak (float32 and bfloat16, 2048^3, the faster of
+oneDNN's op and torch.mm) and the phase table gives each phase's model FLOPs as a share of the peak of its precision
+(`step_flops`: 2 FLOPs per Linear weight per token of every row's prompt and completion, the head at completion
+tokens; the training phase 3x a forward).
 
 With --engine vllm our side runs in the vLLM virtualenv (.venv-vllm, `make setup-vllm`; --ours-python
 overrides it): the whole step, sampling with a colocated vllm.LLM whose weights are pushed after the update
 (the phase table's "sync" column, also inside "train").
 
 Both sides train the default model (SmolLM2-135M-Instruct, its converted Hugging Face folder
-`grpo.models.resolve_model_folder(None)`) in float32 on the CPU with the same settings: G = 8 completions
+`grpo.models.resolve_model_folder(None)`) with float32 weights on the CPU with the same settings: G = 8 completions
 per prompt, 2 prompts per step (16 completions), --max-new-tokens (64) new tokens at most, temperature 1.0
 (no top-k / top-p), beta = 0.04 (k3 KL against a frozen reference), AdamW lr 1e-6 with a constant schedule,
 loss "grpo" (per-sequence mean, then mean over the batch), advantages centered and divided by the group
@@ -121,7 +131,8 @@ def overrides_for(args, model_folder: str | None = None) -> list[str]:
         "algorithm.scale_rewards": "group", "algorithm.mu": 1,
         "trainer.steps": args.steps, "trainer.batch_size": GROUP_SIZE * PROMPTS_PER_STEP,
         "trainer.micro_batch_size": GROUP_SIZE * PROMPTS_PER_STEP, "trainer.micro_batch_tokens": args.micro_batch_tokens or None,
-        "sampling.dtype": (args.lora_sampling_dtype or None) if getattr(args, "lora", False) else None,
+        "sampling.dtype": sampling_dtype(args),
+        "trainer.backend": getattr(args, "backend", "auto"), "trainer.precision": getattr(args, "precision", "float32"),
         "trainer.gradient_checkpointing": bool(getattr(args, "checkpointing", False)), "trainer.lr": LR, "trainer.lr_schedule": "constant",
         "trainer.warmup_steps": 0, "trainer.weight_decay": 0.0, "trainer.max_grad_norm": MAX_GRAD_NORM,
         "trainer.seed": args.seed, "eval.before": False, "eval.after": False,
@@ -132,6 +143,16 @@ def overrides_for(args, model_folder: str | None = None) -> list[str]:
         values.update({f"lora.{k}": v for k, v in LORA.items()})
         values["lora.enabled"] = True
     return [f"{k}={json.dumps(v)}" for k, v in values.items()]
+
+
+def sampling_dtype(args) -> str | None:
+    """Ours: sampling.dtype. LoRA: --lora-sampling-dtype (a merged copy); bfloat16 training: a bfloat16 copy
+    (TRL's bf16=True samples under its bfloat16 autocast too), unless --bf16-sampling-policy."""
+    if getattr(args, "lora", False):
+        return args.lora_sampling_dtype or None
+    if getattr(args, "precision", "float32") == "bfloat16" and not getattr(args, "bf16_sampling_policy", False):
+        return "bfloat16"
+    return None
 
 
 # -- the prompts: written once by our venv, read by both sides -----------------------------------------
@@ -202,10 +223,12 @@ def side_ours(args) -> None:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log(f"ours{' LoRA' if args.lora else ''}: {trainable / 1e6:.2f}M trainable parameters, engine {args.engine}, "
         f"{torch.get_num_threads()} threads")  # fmt: skip
-    steps, phases, tokens = [], [], []
+    steps, phases, tokens, prompt_tokens = [], [], [], []
     for i in range(args.steps):
         start = time.perf_counter()
         metrics, batch = trainer.step()
+        prompt_tokens.append(GROUP_SIZE * sum(len(encode_prompt(tokenizer, r["prompt"]))
+                                              for r in rows[i * PROMPTS_PER_STEP : (i + 1) * PROMPTS_PER_STEP]))
         steps.append(time.perf_counter() - start)
         phases.append({
             "generate": metrics.get("time/generate", 0.0), "reward": metrics.get("time/score", 0.0),
@@ -218,11 +241,50 @@ def side_ours(args) -> None:
     used = rows[: args.steps * PROMPTS_PER_STEP]
     print(json.dumps({
         "side": "ours", "lora": args.lora, "engine": args.engine, "steps": steps, "phases": phases,
-        "completion_tokens": tokens, "completions_per_step": GROUP_SIZE * PROMPTS_PER_STEP,
+        "completion_tokens": tokens, "prompt_tokens": prompt_tokens, "matmul_params": matmul_params(model),
+        "backend": trainer.backend.name, "precision": args.precision, "sampling_dtype": config.sampling.dtype, "completions_per_step": GROUP_SIZE * PROMPTS_PER_STEP,
         "peak_rss_kib": peak_rss_kib(), "threads": torch.get_num_threads(), "trainable_params": trainable,
         "prompt_digest": prompt_digest([encode_prompt(tokenizer, r["prompt"]) for r in used]),
         "torch": torch.__version__, "imported_trl": "trl" in sys.modules,
     }), flush=True)  # fmt: skip
+
+
+def matmul_params(model) -> dict:
+    """{"layers": weights of the decoder's Linear layers, "head": the output head's} (LoRA adapters not counted):
+    a token's forward costs 2 FLOPs per weight it passes."""
+    import torch
+
+    head = model.get_output_embeddings()
+    head = getattr(head, "base_layer", head)  # a LoRA-wrapped head
+    layers = sum(m.weight.numel() for name, m in model.named_modules()
+                 if isinstance(m, torch.nn.Linear) and m is not head and "lora_" not in name)
+    return {"layers": layers, "head": head.weight.numel()}
+
+
+def side_peak(args) -> None:
+    """The machine's matmul peak at --threads threads: GFLOP/s of the best of a few 2048^3 matmuls, float32 and
+    bfloat16, through oneDNN's linear op and torch.mm (the faster one counts)."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    out = {}
+    for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+        g = torch.Generator().manual_seed(0)
+        a, b = (torch.randn(2048, 2048, generator=g).to(dtype) for _ in range(2))
+        kernels = [torch.mm, lambda x, w: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")]
+        best = 0.0
+        for kernel in kernels:
+            try:
+                kernel(a, b)
+            except RuntimeError:  # no oneDNN bfloat16 on this CPU
+                continue
+            for _ in range(20):  # the best of many: a shared machine preempts some
+                start = time.perf_counter()
+                kernel(a, b)
+                best = max(best, 2 * 2048**3 / (time.perf_counter() - start) / 1e9)
+        out[name] = best
+    log(f"matmul peak at {args.threads} threads: float32 {out['float32']:.0f}, bfloat16 {out['bfloat16']:.0f} GFLOP/s")
+    print(json.dumps({"side": "peak", "gflops": out, "threads": torch.get_num_threads()}), flush=True)
 
 
 # -- TRL (this part must not import grpo) ---------------------------------------------------------------
@@ -316,7 +378,7 @@ def trl_config(args, output_dir: str):
     import trl
 
     core = dict(
-        output_dir=output_dir, use_cpu=True, bf16=False, fp16=False, per_device_train_batch_size=GROUP_SIZE * PROMPTS_PER_STEP,
+        output_dir=output_dir, use_cpu=True, bf16=args.precision == "bfloat16", fp16=False, per_device_train_batch_size=GROUP_SIZE * PROMPTS_PER_STEP,
         gradient_accumulation_steps=1, num_generations=GROUP_SIZE, max_completion_length=args.max_new_tokens,
         beta=BETA, learning_rate=LR, max_steps=args.steps, num_iterations=1, loss_type="grpo",
         temperature=TEMPERATURE, top_p=1.0, top_k=0, scale_rewards="group", max_grad_norm=MAX_GRAD_NORM, epsilon=0.2,
@@ -390,11 +452,11 @@ def side_trl(args) -> None:
                 return super()._get_per_token_logps_and_entropies(*a, **k)
             return clock.time("reference", super()._get_per_token_logps_and_entropies, *a, **k)
 
-    steps, phases, tokens, threads = [], [], [], []
+    steps, phases, tokens, threads, prompt_tokens = [], [], [], [], []
 
     class StepTimer(TrainerCallback):
         def on_step_begin(self, targs, state, control, **kw):
-            clock.current, clock.tokens = {}, 0.0
+            clock.current, clock.tokens, self.prompts_before = {}, 0.0, len(clock.prompt_ids)
             threads.append(torch.get_num_threads())
             self.start = time.perf_counter()
 
@@ -405,6 +467,7 @@ def side_trl(args) -> None:
             p["step"] = steps[-1]
             phases.append(p)
             tokens.append(clock.tokens)
+            prompt_tokens.append(GROUP_SIZE * sum(len(p) for p in clock.prompt_ids[self.prompts_before :]))
             log(f"TRL step {len(steps)}/{args.steps}: {steps[-1]:.2f} s, "
                 f"{clock.tokens / (GROUP_SIZE * PROMPTS_PER_STEP):.1f} tokens/completion")  # fmt: skip
 
@@ -431,6 +494,7 @@ def side_trl(args) -> None:
         checkpointing = any(getattr(m, "gradient_checkpointing", False) for m in layers)
     print(json.dumps({
         "side": "trl", "lora": args.lora, "steps": steps, "phases": phases, "completion_tokens": tokens,
+        "prompt_tokens": prompt_tokens, "matmul_params": matmul_params(base), "precision": args.precision,
         "completions_per_step": GROUP_SIZE * PROMPTS_PER_STEP, "peak_rss_kib": peak_rss_kib(),
         "threads": min(threads) if threads else torch.get_num_threads(), "trainable_params": trainable,
         "prompt_digest": prompt_digest(clock.prompt_ids), "torch": torch.__version__, "trl": trl.__version__,
@@ -458,6 +522,7 @@ def run_child(python: str, side: str, args, extra: list[str] = ()) -> dict:
            str(args.threads), "--max-new-tokens", str(args.max_new_tokens), "--seed", str(args.seed),
            "--engine", args.engine, *(["--vllm-eager"] if args.vllm_eager else []), "--micro-batch-tokens", str(args.micro_batch_tokens), "--lora-sampling-dtype",
            args.lora_sampling_dtype, "--prompts", args.prompts, *(["--checkpointing"] if args.checkpointing else []),
+           *(["--bf16-sampling-policy"] if args.bf16_sampling_policy else []),
            *extra]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=child_env(side != "trl", args.threads), cwd=ROOT)  # fmt: skip
@@ -481,16 +546,37 @@ def run_child(python: str, side: str, args, extra: list[str] = ()) -> dict:
     return json.loads(lines[-1])
 
 
-def summarize(result: dict | None) -> dict | None:
+def step_flops(result: dict, i: int) -> dict[str, float]:
+    """The matmul FLOPs step i's phases need: a forward costs 2 FLOPs per Linear weight per token, over each
+    distinct prompt once (a group's G rows share it) and every completion token, the head at completion tokens
+    only (attention's own products, ~2% here, left out); generation and the reference are one forward, the
+    training step three (forward, input and weight gradients; LoRA: two, the frozen weights get no gradient).
+    A side that repeats the prompt per row or pads rows does more work than this: it shows as a lower share."""
+    mm = result.get("matmul_params")
+    if not mm or not result.get("prompt_tokens"):
+        return {}
+    p, c = result["prompt_tokens"][i], result["completion_tokens"][i]
+    forward = 2 * mm["layers"] * (p / GROUP_SIZE + c) + 2 * mm["head"] * c
+    return {"generate": forward, "reference": forward, "train": (2 if result.get("lora") else 3) * forward}
+
+
+def summarize(result: dict | None, peak: dict | None = None) -> dict | None:
     if not result or "error" in result:
         return None
     timed = result["steps"][1:] or result["steps"]  # step 1 is the warm-up
     idx = list(range(1, len(result["steps"]))) or [0]
     phase = {k: statistics.median(result["phases"][i][k] for i in idx) for k in result["phases"][0]}
+    rate = (peak or {}).get(result.get("precision", "float32"))
+    fraction = {}
+    for k in ("generate", "reference", "train"):
+        per_step = [step_flops(result, i).get(k) for i in idx]
+        if rate and all(per_step) and all(result["phases"][i][k] > 0 for i in idx):
+            fraction[k] = statistics.median(f / (result["phases"][i][k] * rate * 1e9) for f, i in zip(per_step, idx))
     return {
         "s_per_step": statistics.median(timed),
         "rss_gib": result["peak_rss_kib"] / 2**20,
         "phases": phase,
+        "peak_fraction": fraction,
         "tokens_per_completion": statistics.mean(result["completion_tokens"][i] for i in idx)
         / result["completions_per_step"],
     }
@@ -504,19 +590,28 @@ def fmt(x, spec: str) -> str:
     return "-" if x is None else format(x, spec)
 
 
-def tables(results: dict, args) -> str:
+def side_name(side: str, result: dict | None, args) -> str:
+    if side == "trl":
+        return "TRL"
+    return f"ours {(result or {}).get('backend', side.split()[-1])} ({args.engine})"
+
+
+def tables(results: dict, args, peak: dict | None = None) -> str:
     lines = [
-        "| run | TRL s/step | ours s/step | ours/TRL | per completion token | TRL peak RSS GiB | ours peak RSS GiB "
-        "| ours/TRL |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| run | precision | ours backend | TRL s/step | ours s/step | ours/TRL | per completion token "
+        "| TRL peak RSS GiB | ours peak RSS GiB | ours/TRL |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for run, sides in results.items():
-        t, o = summarize(sides.get("trl")), summarize(sides.get("ours"))
-        ts, os_ = (t or {}).get("s_per_step"), (o or {}).get("s_per_step")
-        tm, om = (t or {}).get("rss_gib"), (o or {}).get("rss_gib")
-        per_token = ratio(os_ / o["tokens_per_completion"], ts / t["tokens_per_completion"]) if t and o else "-"
-        lines.append(f"| {run} | {fmt(ts, '.2f')} | {fmt(os_, '.2f')} | {ratio(os_, ts)} | {per_token} "
-                     f"| {fmt(tm, '.2f')} | {fmt(om, '.2f')} | {ratio(om, tm)} |")  # fmt: skip
+    for (run, precision), sides in results.items():
+        t = summarize(sides.get("trl"))
+        for side in [k for k in sides if k != "trl"] or ["ours"]:
+            o = summarize(sides.get(side))
+            ts, os_ = (t or {}).get("s_per_step"), (o or {}).get("s_per_step")
+            tm, om = (t or {}).get("rss_gib"), (o or {}).get("rss_gib")
+            per_token = ratio(os_ / o["tokens_per_completion"], ts / t["tokens_per_completion"]) if t and o else "-"
+            backend = (sides.get(side) or {}).get("backend", side.split()[-1]) if side != "ours" else "-"
+            lines.append(f"| {run} | {precision} | {backend} | {fmt(ts, '.2f')} | {fmt(os_, '.2f')} | {ratio(os_, ts)} "
+                         f"| {per_token} | {fmt(tm, '.2f')} | {fmt(om, '.2f')} | {ratio(om, tm)} |")  # fmt: skip
     lines += [
         "",
         "ours/TRL below 1.00x: ours takes less time / memory. Peak RSS is each process's ru_maxrss (model, reference, "
@@ -525,42 +620,65 @@ def tables(results: dict, args) -> str:
         "divides each side's s/step by its mean completion length first (pessimistic for ours: TRL pads every row "
         "to the longest completion, so its time hardly depends on the mean length, ours does).",
         "",
-        "Phase seconds (median of the timed steps) and mean completion length:",
-        "",
-        "| run | side | generate | reward | reference | train | (of which sync) | step | tokens/completion |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for run, sides in results.items():
-        for side in ("trl", "ours"):
-            s = summarize(sides.get(side))
+    if peak:
+        lines += [
+            f"Matmul peak of this machine at {args.threads} threads (best 2048^3 matmul, oneDNN or torch.mm): "
+            f"float32 {peak['float32']:.0f} GFLOP/s, bfloat16 {peak['bfloat16']:.0f} GFLOP/s. '% peak' is the matmul "
+            "FLOPs a phase needs (2 per Linear weight per token, each distinct prompt once and every completion "
+            "token, the head at completion tokens only; training 3x a forward) over its seconds times the peak "
+            "of its precision.",
+            "",
+        ]
+    lines += [
+        "Phase seconds (median of the timed steps), the share of the matmul peak each phase reaches, and mean "
+        "completion length:",
+        "",
+        "| run | precision | side | generate s | reward s | reference s | train s | (of which sync) | step s "
+        "| generate % peak | reference % peak | train % peak | tokens/completion |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for (run, precision), sides in results.items():
+        for side, r in sides.items():
+            s = summarize(r, peak)
             if s is None:
                 continue
-            p = s["phases"]
-            name = "TRL" if side == "trl" else f"ours ({args.engine})"
-            lines.append(f"| {run} | {name} | {p['generate']:.2f} | {p['reward']:.2f} | {p['reference']:.2f} "
-                         f"| {p['train']:.2f} | {p.get('sync', 0.0):.2f} | {p['step']:.2f} "
-                         f"| {s['tokens_per_completion']:.1f} |")  # fmt: skip
+            p, f = s["phases"], s["peak_fraction"]
+            pct = " | ".join(fmt(100 * f[k] if k in f else None, ".1f") for k in ("generate", "reference", "train"))
+            lines.append(f"| {run} | {precision} | {side_name(side, r, args)} | {p['generate']:.2f} | {p['reward']:.2f} "
+                         f"| {p['reference']:.2f} | {p['train']:.2f} | {p.get('sync', 0.0):.2f} | {p['step']:.2f} "
+                         f"| {pct} | {s['tokens_per_completion']:.1f} |")  # fmt: skip
     notes = []
-    for run, sides in results.items():
+    for (run, precision), sides in results.items():
         for side, r in sides.items():
             if r and "error" in r:
-                notes.append(f"- {run}, {side}: failed: {r['error'].splitlines()[-1] if r['error'] else ''}")
+                notes.append(f"- {run}, {precision}, {side}: failed: {r['error'].splitlines()[-1] if r['error'] else ''}")
         digests = {s: r.get("prompt_digest") for s, r in sides.items() if r and "error" not in r}
-        if len(digests) == 2:
+        if len(digests) >= 2:
             same = len(set(digests.values())) == 1
-            notes.append(f"- {run}: prompt token ids {'identical on both sides' if same else 'DIFFER between the sides'}")
+            notes.append(f"- {run}, {precision}: prompt token ids {'identical on every side' if same else 'DIFFER between the sides'}")
+        sampling = {r.get("sampling_dtype") for s, r in sides.items() if r and "error" not in r and s != "trl"}
+        if precision == "bfloat16" and sampling == {"bfloat16"}:
+            notes.append(f"- {run}, {precision}: ours samples with a bfloat16 copy of the weights (sampling.dtype)")
     if notes:
         lines += [""] + notes
     return "\n".join(lines)
 
 
-def main() -> None:
+def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=4, help="steps per run; the first is a warm-up")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--only", choices=["ours", "trl"], default=None, help="run one side only")
     parser.add_argument("--no-lora", action="store_true", help="full fine-tuning only")
+    parser.add_argument("--precisions", default="float32,bfloat16",
+                        help="comma-separated: float32, bfloat16 (ours trainer.precision, TRL bf16=True); each runs "
+                             "both sides (default: both precisions; bfloat16 needs a CPU with AVX512-BF16 or AMX)")
+    parser.add_argument("--backends", default="cpu_fast,plain",
+                        help="comma-separated trainer.backend values for ours, each a row beside the same TRL run")
+    parser.add_argument("--bf16-sampling-policy", action="store_true",
+                        help="ours in bfloat16: sample with the float32 policy instead of a bfloat16 copy")
     parser.add_argument("--trl-python", default=os.path.join(ROOT, ".venv-bench", "bin", "python"))
     parser.add_argument("--ours-python", default=None,
                         help="python of our venv (default: this one; with --engine vllm, .venv-vllm's)")
@@ -576,17 +694,30 @@ def main() -> None:
                         help="ours: trainer.micro_batch_tokens, the token budget of a micro-batch (0: none)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--markdown", default=None, help="also write the tables to this markdown file")
-    parser.add_argument("--side", choices=["ours", "trl", "prompts"], default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--side", choices=["ours", "trl", "prompts", "peak"], default=None, help=argparse.SUPPRESS)
     parser.add_argument("--lora", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--prompts", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--precision", default="float32", help=argparse.SUPPRESS)
+    parser.add_argument("--backend", default="auto", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.steps < 1:
         parser.error("--steps must be at least 1")
+    args.precision_list = [p for p in args.precisions.split(",") if p]
+    args.backend_list = [b for b in args.backends.split(",") if b]
+    if not set(args.precision_list) <= {"float32", "bfloat16"} or not args.precision_list:
+        parser.error("--precisions: float32 and/or bfloat16")
+    if not set(args.backend_list) <= {"auto", "plain", "cpu_fast"} or not args.backend_list:
+        parser.error("--backends: auto, plain and/or cpu_fast")
     if args.ours_python is None:
         vllm_python = os.path.join(ROOT, ".venv-vllm", "bin", "python")
         args.ours_python = vllm_python if args.engine == "vllm" and os.path.exists(vllm_python) else sys.executable
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     if args.side:
-        return {"ours": side_ours, "trl": side_trl, "prompts": side_prompts}[args.side](args)
+        return {"ours": side_ours, "trl": side_trl, "prompts": side_prompts, "peak": side_peak}[args.side](args)
 
     # the orchestrator imports neither torch nor grpo: children inherit a parent's peak RSS in ru_maxrss
     sides = [s for s in ("trl", "ours") if args.only in (None, s)]
@@ -599,29 +730,35 @@ def main() -> None:
         made = run_child(args.ours_python, "prompts", args)
         if not os.path.exists(args.prompts):
             sys.exit(f"could not write the prompts: {made.get('error', '')}")
+        peak = run_child(args.ours_python, "peak", args).get("gflops")
         runs = [("full fine-tuning", [])] + ([] if args.no_lora else [("LoRA r=16", ["--lora"])])
-        results: dict[str, dict] = {}
-        for run, extra in runs:
-            results[run] = {}
-            for side in sides:
-                print(f"{run}, {'TRL' if side == 'trl' else 'ours'}: {args.steps} steps ...", flush=True)
-                python = args.trl_python if side == "trl" else args.ours_python
-                results[run][side] = r = run_child(python, side, args, extra)
-                if "error" in r:
-                    print(f"   failed: {r['error'][-2000:]}", flush=True)
-                else:
-                    print("   " + json.dumps(r), flush=True)
+        results: dict[tuple[str, str], dict] = {}
+        for precision in args.precision_list:
+            for run, extra in runs:
+                results[run, precision] = {}
+                jobs = [("trl", "trl", [])] if "trl" in sides else []
+                jobs += [(f"ours {b}", "ours", ["--backend", b]) for b in args.backend_list] if "ours" in sides else []
+                for key, side, more in jobs:
+                    print(f"{run}, {precision}, {key}: {args.steps} steps ...", flush=True)
+                    python = args.trl_python if side == "trl" else args.ours_python
+                    r = run_child(python, side, args, [*extra, *more, "--precision", precision])
+                    results[run, precision][key] = r
+                    if "error" in r:
+                        print(f"   failed: {r['error'][-2000:]}", flush=True)
+                    else:
+                        print("   " + json.dumps(r), flush=True)
     versions = next((r for s in results.values() for r in s.values() if r and r.get("trl")), {})
     header = (
         f"GRPO step, {GROUP_SIZE * PROMPTS_PER_STEP} completions ({PROMPTS_PER_STEP} prompts x G={GROUP_SIZE}), "
-        f"max {args.max_new_tokens} new tokens, float32 CPU, {args.threads} threads, ours engine {args.engine}, "
+        f"max {args.max_new_tokens} new tokens, float32 weights on the CPU ({', '.join(args.precision_list)} matmuls), "
+        f"{args.threads} threads, ours engine {args.engine}, "
         + (f"median of steps 2-{args.steps} (step 1: warm-up)" if args.steps > 2 else
            "step 2 (step 1: warm-up)" if args.steps == 2 else "step 1 (no warm-up)")
         + (f"; TRL {versions['trl']}, transformers {versions['transformers']}, torch {versions['torch']}" if versions else "")
         + ("; gradient checkpointing on both sides" if args.checkpointing else
            "; no gradient checkpointing on either side")
     )  # fmt: skip
-    text = header + "\n\n" + tables(results, args)
+    text = header + "\n\n" + tables(results, args, peak)
     print(f"load average after: {os.getloadavg()[0]:.2f}\n")
     print(text)
     if args.markdown:

@@ -337,9 +337,17 @@ class TrainerConfig(Section):
     """Recompute each decoder layer's activations in the backward pass instead of keeping them: less
     memory for the policy's forward/backward, more compute (the training forward then also runs each
     group's prompt once per row, since checkpointed layers drop the shared prompt's cache)."""
-    autocast: bool = True
-    """On CUDA, run the log-prob forward passes under bfloat16 autocast (weights and optimizer stay in
-    model.dtype). No effect on CPU."""
+    precision: Literal["auto", "float32", "bfloat16"] = "auto"
+    """Precision of the log-prob passes' matmuls (training forward and backward, reference, pi_old; grpo.backend).
+    float32: as the weights are. bfloat16: the matmuls (and attention) under bfloat16 autocast, as mixed-precision
+    training does (Micikevicius et al. 2018, arXiv 1710.03740; bf16: Kalamkar et al. 2019, arXiv 1905.12322): weights,
+    gradients, AdamW state, log-softmax, entropy and loss stay in float32. Needs bfloat16 matmul hardware: a CUDA GPU
+    that supports it, or a CPU with AVX512-BF16 or AMX (elsewhere it is refused before the model loads, rather than
+    emulated slower than float32). auto: bfloat16 on a CUDA GPU that supports it, float32 elsewhere (on a CPU choose
+    bfloat16 yourself: its effect on learning is in benchmarks/RESULTS_demo.md). The rollout engine is not changed by
+    it (sampling.dtype=bfloat16 samples in bfloat16 too); under bfloat16 the sampler's log-probs are not the
+    trainer's, so with algorithm.mu > 1 the trainer computes pi_old itself. Replaces trainer.autocast (true: auto,
+    false: float32), which old configs may still give."""
     backend: Literal["auto", "plain", "cpu_fast"] = "auto"
     """How log-probs and gradients are computed (grpo.backend). plain: the model's own forward and autograd
     (what runs on CUDA and under DDP/FSDP), the output head turned into log-probs
@@ -385,6 +393,24 @@ class TrainerConfig(Section):
     """Numerics guard: a step whose loss, gradient norm or rewards are NaN/inf skips its update
     (`guard/skipped` in the metrics); after this many such steps in a row the run stops, saving a
     checkpoint of the last good weights."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_autocast(cls, data):
+        """trainer.autocast (before trainer.precision, in older configs and run folders): true meant bfloat16
+        autocast on CUDA (precision auto), false float32."""
+        if not isinstance(data, dict) or "autocast" not in data:
+            return data
+        data = dict(data)
+        autocast = data.pop("autocast")
+        if not isinstance(autocast, bool):
+            raise ValueError(f"trainer.autocast={autocast!r} (replaced by trainer.precision): use trainer.precision="
+                             "auto, float32 or bfloat16")
+        implied = "auto" if autocast else "float32"
+        if data.setdefault("precision", implied) != implied:
+            raise ValueError(f"trainer.autocast={str(autocast).lower()} (replaced by trainer.precision, where it means "
+                             f"{implied}) contradicts trainer.precision={data['precision']}: give trainer.precision only")
+        return data
 
     @field_validator("adam_betas")
     @classmethod

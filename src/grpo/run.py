@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from grpo import checkpoint
-from grpo.backend import make_backend
+from grpo.backend import make_backend, resolve_precision
 from grpo.config import Config, ConfigError, absolute_paths
 from grpo.data import DataError, PromptSampler, encode_rows, load_task
 from grpo.distributed import SINGLE, World, close_world, init_world
@@ -224,7 +224,7 @@ def build_trainer(config: Config, model, tokenizer, engine, train_rows: list[dic
         policy = wrap_policy(model, t.parallel, device)
         if t.parallel == "fsdp" and ref_model is not None:
             shard(ref_model, device)
-    backend = make_backend(t.backend, device, t.autocast, t.logprob_chunk_tokens, world.distributed)
+    backend = make_backend(t.backend, device, t.precision, t.logprob_chunk_tokens, world.distributed)
     optimizer = make_optimizer(model, t)  # after sharding: AdamW holds each rank's shards only
     scheduler = make_scheduler(optimizer, t, t.steps * config.algorithm.mu)
     sampler = PromptSampler(train_rows, config.data.seed)
@@ -263,9 +263,11 @@ def start_world(config: Config) -> World:
     groups per rank."""
     from grpo.models import pick_device
 
-    world = init_world(pick_device(config.model.device).type, config.trainer.dist_timeout_s)
+    device = pick_device(config.model.device)
+    world = init_world(device.type, config.trainer.dist_timeout_s)
     try:
         check_ranks(config, world.size)
+        resolve_precision(config.trainer.precision, device)  # bfloat16 without the hardware: refused before loading
     except ConfigError:
         close_world(world)
         raise

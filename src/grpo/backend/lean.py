@@ -154,6 +154,7 @@ class _HeadLogprobs(torch.autograd.Function):
                 logp = z.sub_(lse[part, None])  # in place: [k, V] log-probs
                 entropy[part] = -(logp.exp().mul_(logp)).sum(dim=-1)
         ctx.head, ctx.temperature, ctx.chunk, ctx.entropy_grad = head, temperature, chunk, with_entropy and entropy_grad
+        ctx.bf16 = onednn.autocast_dtype(weight)  # bfloat16 under a CPU bfloat16 autocast, else None
         ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
         if not ctx.entropy_grad:
             ctx.mark_non_differentiable(entropy)
@@ -174,6 +175,11 @@ def _head_backward(ctx, grad_logp, grad_entropy):
     grad_h = torch.zeros_like(hidden) if need_h else None  # [K, H]
     grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None  # [V, H]
     grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
+    # the backward's matmuls: in bfloat16 under a CPU bfloat16 autocast (oneDNN's op is not cast by autocast),
+    # the weight's gradient summed in float32 from a bfloat16 product buffer
+    cast = ctx.bf16 or hidden.dtype
+    w = weight.to(cast) if need_h else None  # [V, H]
+    product = torch.empty(weight.shape, dtype=cast, device=weight.device) if need_w and ctx.bf16 else None
     matmul = onednn.matmul_for(weight)
     g_lp = grad_logp.float()
     g_ent = grad_entropy.float() if ctx.entropy_grad and grad_entropy is not None else None
@@ -192,14 +198,16 @@ def _head_backward(ctx, grad_logp, grad_entropy):
         grad_z[rows[:k], targets[part]] += g_lp[part]  # d log p(t) / dz = onehot(t) - p
         if ctx.temperature != 1.0:
             grad_z.div_(ctx.temperature)
-        grad_z = grad_z.to(h.dtype)
+        grad_z = grad_z.to(cast)
         if need_h:
-            grad_h[part] = matmul(grad_z, weight.t(), None)  # [k, V] x [V, H]
-        if need_w:
-            with torch.autocast(grad_w.device.type, enabled=False):
+            grad_h[part] = matmul(grad_z, w.t(), None)  # [k, V] x [V, H]
+        with torch.autocast(hidden.device.type, enabled=False):
+            if need_w and product is not None:  # bfloat16 product into one buffer, summed in float32
+                grad_w.add_(torch.mm(grad_z.t(), h.to(cast), out=product))
+            elif need_w:
                 grad_w.addmm_(grad_z.t().to(grad_w.dtype), h.to(grad_w.dtype))  # in place: no [V, H] per chunk
         if need_b:
-            grad_b += grad_z.sum(dim=0)
+            grad_b += grad_z.sum(dim=0, dtype=torch.float32)
     grad_w = grad_w.to(weight.dtype) if need_w else None
     grad_b = grad_b.to(bias.dtype) if need_b else None
     return grad_h, grad_w, grad_b, None, None, None, None, None, None

@@ -40,6 +40,31 @@ def bf16_supported() -> bool:
     return available() and check is not None and bool(check())
 
 
+@functools.cache
+def bf16_matmul_hardware() -> bool:
+    """Whether this CPU multiplies bfloat16 matrices in hardware: AVX512-BF16 (Cooper Lake, Zen 4 and later) or
+    AMX (Sapphire Rapids and later), by torch's CPU check, else Linux's /proc/cpuinfo flags. Without them oneDNN
+    emulates bfloat16 (AVX512-BW) or refuses it (AVX2): slower than float32, not a reason to lose precision."""
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    if all(check is not None for check in checks):
+        return any(check() for check in checks)
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(f.read().split())
+    except OSError:
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def autocast_dtype(weight: torch.Tensor) -> torch.dtype | None:
+    """bfloat16 inside a CPU bfloat16 autocast that oneDNN can serve, else None. Autocast casts the operands of
+    `F.linear`, not of oneDNN's op: the oneDNN matmuls cast them themselves, as autocast would."""
+    if (weight.device.type != "cpu" or not torch.is_autocast_enabled("cpu")
+            or torch.get_autocast_dtype("cpu") != torch.bfloat16 or not bf16_supported()):
+        return None
+    return torch.bfloat16
+
+
 def _serves(weight: torch.Tensor) -> bool:
     if weight.device.type != "cpu" or not available():
         return False
@@ -77,8 +102,15 @@ def matmul_for(weight: torch.Tensor):
 
 
 class _Linear(torch.autograd.Function):
+    """x @ weight.T + bias through oneDNN, its two backward matmuls too. With `dtype` (bfloat16 under a CPU
+    autocast) the operands are cast to it for all three matmuls, and the gradients cast back to the inputs'
+    dtypes: autocast's own semantics for `F.linear`."""
+
     @staticmethod
-    def forward(ctx, x, weight, bias):
+    def forward(ctx, x, weight, bias, dtype):
+        ctx.dtypes = (x.dtype, weight.dtype, bias.dtype if bias is not None else None)
+        if dtype is not None:
+            x, weight, bias = x.to(dtype), weight.to(dtype), bias.to(dtype) if bias is not None else None
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
         return _matmul(x, weight, bias)
@@ -86,29 +118,36 @@ class _Linear(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):  # grad: [..., out]
-        x, weight = ctx.saved_tensors  # [..., in], [out, in]
+        x, weight = ctx.saved_tensors  # [..., in], [out, in], in the matmuls' dtype
+        grad = grad.to(x.dtype)
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = _matmul(grad, weight.t(), None)  # [..., in]
+            grad_x = _matmul(grad, weight.t(), None).to(ctx.dtypes[0])  # [..., in]
         flat = grad.reshape(-1, grad.shape[-1])  # [M, out]
         if ctx.needs_input_grad[1]:
-            grad_w = _matmul(flat.t(), x.reshape(-1, x.shape[-1]).t(), None)  # [out, M] x [M, in] -> [out, in]
+            grad_w = _matmul(flat.t(), x.reshape(-1, x.shape[-1]).t(), None).to(ctx.dtypes[1])  # [out, M] x [M, in]
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = flat.sum(dim=0)  # [out]
-        return grad_x, grad_w, grad_b
+            grad_b = flat.sum(dim=0, dtype=torch.float32).to(ctx.dtypes[2])  # [out]
+        return grad_x, grad_w, grad_b, None
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`F.linear` through oneDNN; differentiable in x, weight and bias."""
+    """`F.linear` through oneDNN; differentiable in x, weight and bias. Inside a CPU bfloat16 autocast it
+    computes in bfloat16 (see `autocast_dtype`)."""
+    dtype = autocast_dtype(weight)
     needs_grad = torch.is_grad_enabled() and (
         x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
     )
-    return _Linear.apply(x, weight, bias) if needs_grad else _matmul(x, weight, bias)
+    if needs_grad:
+        return _Linear.apply(x, weight, bias, dtype)
+    if dtype is not None:
+        x, weight, bias = x.to(dtype), weight.to(dtype), bias.to(dtype) if bias is not None else None
+    return _matmul(x, weight, bias)
 
 
 def _forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     packed = self.__dict__.get("_onednn_packed")  # set by `packed`, for no-grad forwards only
-    if packed is not None and not torch.is_grad_enabled():
+    if packed is not None and not torch.is_grad_enabled() and autocast_dtype(packed) is None:
         return _matmul(x, packed, self.bias)
     return linear(x, self.weight, self.bias)
 

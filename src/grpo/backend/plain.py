@@ -65,15 +65,15 @@ def completion_logprobs(
 
 class PlainBackend:
     """Log-probs through `model(...)` (`completion_logprobs`): the output head turned into float32 log-probs
-    `chunk_tokens` completion tokens at a time, each group's prompt run once where the model allows. On CUDA
-    with `autocast`, the log-prob passes run under bfloat16 autocast (weights and optimizer stay in their
-    dtype)."""
+    `chunk_tokens` completion tokens at a time, each group's prompt run once where the model allows. With
+    precision bfloat16 the log-prob passes run under bfloat16 autocast (weights and optimizer stay in their
+    dtype; grpo.backend.resolve_precision checks the device first)."""
 
     name = "plain"
 
-    def __init__(self, device: torch.device, autocast: bool = True, chunk_tokens: int = 256):
+    def __init__(self, device: torch.device, precision: str = "float32", chunk_tokens: int = 256):
         self.device = torch.device(device)
-        self.autocast = autocast and self.device.type == "cuda"
+        self.autocast = precision == "bfloat16"
         self.chunk_tokens = max(1, chunk_tokens)
 
     @property
@@ -82,6 +82,10 @@ class PlainBackend:
         log-probs in the weights' dtype are then not the trainer's pi_old."""
         return self.autocast
 
+    def precision_scope(self):
+        """Around a log-prob pass (and the forward of the policy's backward): bfloat16 autocast if asked."""
+        return torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast)
+
     def step(self, *models):
         """The scope of one training step (sampling, log-prob passes and updates) over these models."""
         return nullcontext()
@@ -89,7 +93,7 @@ class PlainBackend:
     def logprobs(self, model, batch: SequenceBatch, temperature: float, with_entropy: bool = False,
                  entropy_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """[n, T] float32 log-probs of the completion tokens (0 at padding), and their entropy if asked."""
-        with torch.autocast("cuda", torch.bfloat16, enabled=self.autocast):
+        with self.precision_scope():
             return completion_logprobs(model, batch, temperature, with_entropy, entropy_grad, self.chunk_tokens)
 
     @contextmanager

@@ -1,0 +1,158 @@
+"""trainer.precision: bfloat16 autocast of the matmuls against float32 (within bfloat16's rounding), cpu_fast
+against plain in bfloat16, a bfloat16 run through the CLI, the refusal on a CPU without bfloat16 matmuls, and
+old configs' trainer.autocast.
+
+Tolerances: bfloat16 keeps 8 significant bits, so rounding an operand costs a relative error of at most
+u = 2**-8 (~0.0039). Every matmul rounds its two operands (the products are summed in float32), and the
+error of the layers adds up along the tiny model's 2 layers and the output head: a few u relative on each
+logit and on the gradient. The tests allow 8u absolute on log-probs of magnitude ~5 (measured: ~2u) and
+4u relative on the whole gradient (measured: ~1.3u), and demand that bfloat16 really changed the numbers
+(more than u/8: float32 paths agree to ~1e-6).
+"""
+
+import json
+
+import pytest
+import torch
+
+import trainer_helpers
+from grpo.backend import CpuFastBackend, PlainBackend, bf16_unsupported, make_backend, onednn, resolve_precision
+from grpo.config import ConfigError, load_config
+from grpo.logging.metrics import Phases
+from trainer_helpers import gradients
+
+U = 2.0**-8  # bfloat16's unit roundoff
+WHY = bf16_unsupported(torch.device("cpu"))
+needs_bf16 = pytest.mark.skipif(WHY is not None, reason=f"trainer.precision=bfloat16 is refused here: {WHY}")
+
+
+def logprobs_and_gradient(backend: str, precision: str, batch=None):
+    """Reference log-probs [N, T] and the loss's flattened gradient (DAPO loss with KL and an entropy bonus)
+    of one batch on the tiny model; the batch is sampled by the first call and reused."""
+    t = trainer_helpers.make_trainer("algorithm.beta=0.04", "algorithm.loss_type=dapo", "algorithm.entropy_coef=0.01",
+                                     f"trainer.backend={backend}", f"trainer.precision={precision}", micro_batch_size=3)
+    with t.backend.step(t.model, t.ref_model):
+        batch = batch if batch is not None else t.make_batch(t.sampler.next(2), Phases())
+        ref = t.reference_logprobs(batch.sequences)
+        return batch, ref, gradients(t, batch), t.backend
+
+
+@pytest.fixture(scope="module")
+def float32_run():
+    return logprobs_and_gradient("plain", "float32")
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@needs_bf16
+@pytest.mark.parametrize("backend", ["plain", "cpu_fast"])
+def test_bfloat16_logprobs_and_gradients_are_float32_s_within_bfloat16_rounding(backend, float32_run):
+    batch, ref32, grad32, _ = float32_run
+    _, ref, grad, b = logprobs_and_gradient(backend, "bfloat16", batch)
+    assert b.reduced_precision and b.name == backend
+    assert ref.dtype == grad.dtype == torch.float32
+    assert float(ref32.abs().max()) > 3 and float(grad32.abs().max()) > 0.01  # not trivially small
+    assert float((ref - ref32).abs().max()) <= 8 * U
+    assert rel(grad, grad32) <= 4 * U
+    assert float((ref - ref32).abs().max()) > U / 8  # bfloat16 did run (float32 paths agree to ~1e-6)
+
+
+@needs_bf16
+def test_cpu_fast_bfloat16_equals_plain_bfloat16(float32_run):
+    """The fast path's bfloat16 (oneDNN matmuls cast by hand, the fused head's recomputed logits in bfloat16
+    too) against autocast's own: the two round at different points, so within a few u, not bit for bit."""
+    batch = float32_run[0]
+    _, ref_plain, grad_plain, _ = logprobs_and_gradient("plain", "bfloat16", batch)
+    _, ref_fast, grad_fast, _ = logprobs_and_gradient("cpu_fast", "bfloat16", batch)
+    assert float((ref_fast - ref_plain).abs().max()) <= 4 * U
+    assert rel(grad_fast, grad_plain) <= 2 * U
+
+
+@needs_bf16
+def test_onednn_linear_computes_in_bfloat16_under_a_cpu_autocast():
+    """Forward and both backward matmuls in bfloat16 like autocast's F.linear; gradients in the inputs' dtypes."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 64, generator=g, requires_grad=True)  # [..., in]
+    layer = torch.nn.Linear(64, 48)
+    out_grad = torch.randn(3, 5, 48, generator=g)
+
+    def run(fn):
+        x.grad = None
+        layer.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", torch.bfloat16):
+            y = fn(x, layer.weight, layer.bias)
+        (y.float() * out_grad).sum().backward()
+        return y, x.grad, layer.weight.grad, layer.bias.grad
+
+    want, got = run(torch.nn.functional.linear), run(onednn.linear)
+    assert got[0].dtype == torch.bfloat16 and [t.dtype for t in got[1:]] == [torch.float32] * 3
+    for w, o in zip(want, got):  # one bfloat16 rounding of a different float32 sum apart at most
+        torch.testing.assert_close(o.float(), w.float(), rtol=2 * U, atol=2 * U * float(w.detach().abs().max()))
+    with torch.no_grad():
+        y32 = onednn.linear(x, layer.weight, layer.bias)  # outside autocast: float32, as before
+    assert y32.dtype == torch.float32 and float((y32 - got[0].detach().float()).abs().max()) > 0
+
+
+@needs_bf16
+def test_a_bfloat16_training_step_through_the_cli(tiny_model_dir, tmp_path):
+    """`grpo train trainer.precision=bfloat16` on the tiny model; with mu=2 the trainer computes pi_old itself
+    (the sampler's float32 log-probs are not the bfloat16 passes')."""
+    from test_cli import TINY, grpo
+
+    out = tmp_path / "r"
+    grpo("train", f"model.path={tiny_model_dir}", f"output.dir={out}", *TINY, "trainer.steps=1", "eval.before=false",
+         "eval.after=false", "trainer.precision=bfloat16", "algorithm.mu=2")
+    assert load_config(out / "config.yaml").trainer.precision == "bfloat16"
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    step = [m for m in metrics if m.get("step") == 1][-1]
+    assert "time/old_logprobs" in step and step["loss"] == step["loss"]  # pi_old computed; a finite loss
+
+
+def test_bfloat16_is_refused_before_the_model_loads_on_a_cpu_without_it(monkeypatch, tiny_model_dir, tmp_path,
+                                                                         capsys):
+    import grpo.run
+    from grpo.cli import main
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(onednn, "bf16_matmul_hardware", lambda: False)
+    monkeypatch.setattr(grpo.run, "load_model_and_tokenizer", no_loading)
+    code = main(["train", "model.device=cpu", f"model.path={tiny_model_dir}", f"output.dir={tmp_path / 'r'}",
+                 "trainer.precision=bfloat16"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "trainer.precision=bfloat16" in err and "AVX512-BF16 nor AMX" in err and "trainer.precision=float32" in err
+    assert not (tmp_path / "r").exists()
+    with pytest.raises(ConfigError, match="trainer.precision=bfloat16"):
+        make_backend("cpu_fast", torch.device("cpu"), "bfloat16")
+
+
+def test_auto_is_bfloat16_on_a_gpu_with_it_and_float32_on_a_cpu(monkeypatch):
+    assert resolve_precision("auto", torch.device("cpu")) == "float32"
+    assert not make_backend("auto", torch.device("cpu")).reduced_precision
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert resolve_precision("auto", torch.device("cuda")) == "bfloat16"
+    assert PlainBackend(torch.device("cuda"), "bfloat16").reduced_precision
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Old GPU")
+    assert resolve_precision("auto", torch.device("cuda")) == "float32"
+    with pytest.raises(ConfigError, match="Old GPU has no bfloat16"):
+        resolve_precision("bfloat16", torch.device("cuda"))
+    assert type(make_backend("cpu_fast", torch.device("cpu"), "float32")) is CpuFastBackend
+
+
+def test_old_configs_trainer_autocast_still_load(tmp_path):
+    assert load_config(None, ["trainer.autocast=true"]).trainer.precision == "auto"
+    assert load_config(None, ["trainer.autocast=false"]).trainer.precision == "float32"
+    assert load_config(None, ["trainer.autocast=false", "trainer.precision=float32"]).trainer.precision == "float32"
+    old = tmp_path / "config.yaml"  # a run folder written before trainer.precision
+    old.write_text("trainer:\n  steps: 3\n  autocast: true\n")
+    assert load_config(old).trainer.precision == "auto"
+    assert "autocast" not in load_config(old).model_dump()["trainer"]
+    with pytest.raises(ConfigError, match="contradicts trainer.precision=bfloat16"):
+        load_config(None, ["trainer.autocast=false", "trainer.precision=bfloat16"])
+    with pytest.raises(ConfigError, match="trainer.precision"):
+        load_config(None, ["trainer.precision=float16"])
