@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from grpo.rollout.base import LogprobKind, Rollout, RolloutEngine, SamplingParams, finish_completions
+from grpo.rollout.base import (
+    LogprobKind,
+    Rollout,
+    RolloutEngine,
+    SamplingParams,
+    finish_completions,
+)
 from grpo.rollout.engine import FastEngine
 from grpo.rollout.full_copy import FullCopyEngine
 from grpo.rollout.hf import HFGenerateEngine

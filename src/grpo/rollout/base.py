@@ -9,6 +9,7 @@ so the trainer never knows which one it is talking to:
     engine.sync_weights(model)        # the trainer, after every optimizer update
     engine.logprob_kind(params)       # are the sampled log-probs the policy's own?
     engine.describe()                 # one line for the run's log
+    session = engine.episodes(prompt_ids, G, seeds=group_seeds)       # multi-turn: EpisodeSession
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ class SamplingParams:
         return self.top_p < 1.0 or self.top_k > 0 or self.min_p > 0.0
 
     @classmethod
-    def from_config(cls, sampling, max_new_tokens: int | None = None, greedy: bool = False) -> "SamplingParams":
+    def from_config(cls, sampling, max_new_tokens: int | None = None, greedy: bool = False) -> SamplingParams:
         """The parameters of a run's `sampling` section (grpo.config.SamplingConfig); `greedy` for evaluation
         (temperature 0, no truncation), `max_new_tokens` to override the section's."""
         if greedy:
@@ -70,7 +71,9 @@ class Rollout:
     """G completions for each of B prompts. Row n = b * G + g is sample g of prompt b.
 
     Completion tensors are right-padded; `completion_mask` marks the real tokens,
-    including the final EOS token when one was sampled.
+    including the final EOS token when one was sampled. In a multi-turn episode (grpo.envs) the completion is
+    every turn after the prompt, the model's tokens and the environment's, and `action_mask` marks the model's:
+    only those enter the loss, the KL, the entropy, the lengths and every normalizer (`model_mask`).
     """
 
     prompt_ids: list[list[int]]  # B prompts, unpadded token ids
@@ -85,14 +88,61 @@ class Rollout:
     # (temperature 0): temperature 1. 0 at padding. None when the engine cannot provide it.
     sampling_logprobs: torch.Tensor | None = None
     stats: dict[str, float] = field(default_factory=dict)  # engine's own timings / counters
+    # [N, T] bool: the tokens the model sampled; the others (environment messages) only condition later turns.
+    # None: every completion token is the model's (single-turn).
+    action_mask: torch.Tensor | None = None
+    episodes: list | None = None  # N grpo.envs.episodes.Episode records (multi-turn), else None
 
     @property
     def num_completions(self) -> int:  # N
         return self.completion_ids.shape[0]
 
     @property
-    def lengths(self) -> torch.Tensor:  # [N] long
+    def model_mask(self) -> torch.Tensor:  # [N, T] bool: the model's own tokens
+        return self.completion_mask if self.action_mask is None else self.action_mask
+
+    @property
+    def lengths(self) -> torch.Tensor:  # [N] long: the model's own tokens
+        return self.model_mask.sum(dim=1)
+
+    @property
+    def spans(self) -> torch.Tensor:  # [N] long: every real completion token, the environment's included
         return self.completion_mask.sum(dim=1)
+
+
+@dataclass
+class TurnSample:
+    """One model turn of one episode (`EpisodeSession.sample`)."""
+
+    ids: list[int]  # the tokens sampled this turn, the EOS or the stop string's last token included when it ended so
+    logprobs: list[float]  # the sampling log-prob of each (whole tempered distribution, as Rollout.sampling_logprobs)
+    stopped: bool  # ended by EOS or a stop string; False: it reached its token limit
+
+
+class EpisodeSession(Protocol):
+    """Multi-turn sampling for B prompts x G episodes (N rows, row n = b * G + g), turn by turn (grpo.envs.episodes).
+
+    An engine's `episodes(prompt_ids, group_size, seeds)` opens one. Turn k of row n draws its random numbers from
+    its own stream, `turn_seeds(seeds, G, k)[n]` (one `torch.rand((T, 1))` stream per row), whatever else is in the
+    batch: `engine.generate([transcript of row n], 1, params, seeds=[that seed])` draws the same numbers, which is
+    how `grpo.rollout.session.TranscriptSession` samples (and how an engine's own session is tested)."""
+
+    def sample(self, rows: list[int], params: SamplingParams, limits: list[int]) -> list[TurnSample]:
+        """One model turn for each of `rows` (the live episodes), in one batch; row rows[i] samples at most
+        limits[i] tokens (<= params.max_new_tokens)."""
+        ...
+
+    def extend(self, rows: list[int], tokens: list[list[int]]) -> None:
+        """Append the environment's tokens to these rows' transcripts; they condition the rows' next turns."""
+        ...
+
+    def close(self) -> None: ...  # release what the session holds (caches)
+
+
+def turn_seeds(seeds: list[int], group_size: int, turn: int) -> list[int]:
+    """The N = len(seeds) * G row seeds of a multi-turn batch's turn `turn`: row b * G + g gets
+    group_seed(seeds[b], g, turn)."""
+    return [group_seed(s, g, turn) for s in seeds for g in range(group_size)]
 
 
 class RolloutEngine(Protocol):
@@ -104,7 +154,7 @@ class RolloutEngine(Protocol):
     """
 
     @classmethod
-    def from_config(cls, sampling, model, tokenizer) -> "RolloutEngine": ...  # sampling: SamplingConfig
+    def from_config(cls, sampling, model, tokenizer) -> RolloutEngine: ...  # sampling: SamplingConfig
 
     def logprob_kind(self, params: SamplingParams) -> LogprobKind: ...  # POLICY: usable as pi_old's
 
@@ -120,6 +170,9 @@ class RolloutEngine(Protocol):
     def sync_weights(self, model: torch.nn.Module) -> None: ...
 
     def describe(self) -> str: ...  # one line for the run's log: which engine, and how it decodes
+
+    def episodes(self, prompt_ids: list[list[int]], group_size: int, seeds: list[int] | None) -> EpisodeSession:
+        ...  # multi-turn sampling (None seeds: greedy)
 
 
 def group_seed(*keys: int) -> int:
@@ -236,6 +289,8 @@ def select_groups(rollout: Rollout, groups: list[int]) -> Rollout:
         group_size=g,
         sampling_logprobs=None if rollout.sampling_logprobs is None else rollout.sampling_logprobs[rows],
         stats=dict(rollout.stats),
+        action_mask=None if rollout.action_mask is None else rollout.action_mask[rows],
+        episodes=None if rollout.episodes is None else [rollout.episodes[i] for i in rows.tolist()],
     )
 
 
@@ -251,6 +306,8 @@ def concat_rollouts(rollouts: list[Rollout], pad_token_id: int) -> Rollout:
         for k, v in r.stats.items():
             stats[k] = stats.get(k, 0.0) + v
     logprobs = [r.sampling_logprobs for r in rollouts]
+    multi_turn = any(r.action_mask is not None for r in rollouts)
+    episodes = [e for r in rollouts for e in (r.episodes or [None] * r.num_completions)]
     return Rollout(
         prompt_ids=[p for r in rollouts for p in r.prompt_ids],
         completion_ids=torch.cat([pad(r.completion_ids, pad_token_id) for r in rollouts]),
@@ -259,4 +316,6 @@ def concat_rollouts(rollouts: list[Rollout], pad_token_id: int) -> Rollout:
         group_size=rollouts[0].group_size,
         sampling_logprobs=None if any(x is None for x in logprobs) else torch.cat([pad(x, 0.0) for x in logprobs]),
         stats=stats,
+        action_mask=torch.cat([pad(r.model_mask, False) for r in rollouts]) if multi_turn else None,
+        episodes=episodes if any(e is not None for e in episodes) else None,
     )

@@ -31,10 +31,18 @@ import torch
 from grpo.backend import onednn
 from grpo.core.logprobs import left_pad
 from grpo.models import is_lora, merged_copy, pad_token_id, refresh_merged
-from grpo.rollout.base import LogprobKind, Rollout, SamplingParams, draw_seeds, group_uniforms, stop_string_end
+from grpo.rollout.base import (
+    LogprobKind,
+    Rollout,
+    SamplingParams,
+    draw_seeds,
+    group_uniforms,
+    stop_string_end,
+)
 from grpo.rollout.cache import KVCache, fill_holes
 from grpo.rollout.decoder import FusedDecoder, unsupported
 from grpo.rollout.hf import eos_token_ids
+from grpo.rollout.session import TranscriptSession
 
 # Attention implementations that take a ready 4D additive mask [n, 1, q, L].
 MASKED_ATTENTION = ("sdpa", "eager")
@@ -274,7 +282,7 @@ class FastEngine:
         self.sync_weights(model)
 
     @classmethod
-    def from_config(cls, sampling, model, tokenizer) -> "FastEngine":
+    def from_config(cls, sampling, model, tokenizer) -> FastEngine:
         """The engine a run's `sampling` section (grpo.config.SamplingConfig) asks for."""
         return cls(model, tokenizer, dtype=sampling.dtype, prepack=sampling.prepack,
                    fused=None if sampling.fused else False)
@@ -352,6 +360,10 @@ class FastEngine:
             sampling_logprobs=logprobs.masked_fill(~mask, 0.0).float(),
             stats=stats,
         )
+
+    def episodes(self, prompt_ids, group_size, seeds):
+        """Multi-turn sampling (grpo.rollout.base.EpisodeSession)."""
+        return TranscriptSession(self, prompt_ids, group_size, seeds)
 
     def _use_onednn(self, device: torch.device) -> bool:
         possible = onednn.usable(self.runner)

@@ -19,7 +19,10 @@ from grpo.rollout.base import LogprobKind
 def full_state_dict(model) -> dict[str, torch.Tensor]:
     """The whole weights of a (possibly sharded) model, on every rank (every rank takes part). Not offloaded
     to the CPU: with cpu_offload, torch gives them to rank 0 only."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+    )
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
 
@@ -48,6 +51,9 @@ class FullCopyEngine:
 
     def generate(self, *args, **kwargs):
         return self.inner.generate(*args, **kwargs)
+
+    def episodes(self, *args, **kwargs):
+        return self.inner.episodes(*args, **kwargs)
 
     def logprob_kind(self, params):
         return LogprobKind.OTHER if self.reduced_precision else self.inner.logprob_kind(params)

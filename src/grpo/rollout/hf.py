@@ -14,7 +14,14 @@ import torch
 
 from grpo.core.logprobs import left_pad  # engines pad prompts the way training does
 from grpo.models import pad_token_id
-from grpo.rollout.base import LogprobKind, Rollout, SamplingParams, draw_seeds, rollout_from_raw
+from grpo.rollout.base import (
+    LogprobKind,
+    Rollout,
+    SamplingParams,
+    draw_seeds,
+    rollout_from_raw,
+)
+from grpo.rollout.session import TranscriptSession
 
 
 def eos_token_ids(model, tokenizer) -> set[int]:
@@ -66,7 +73,7 @@ class HFGenerateEngine:
         self.eos_ids = eos_token_ids(model, tokenizer)
 
     @classmethod
-    def from_config(cls, sampling, model, tokenizer) -> "HFGenerateEngine":
+    def from_config(cls, sampling, model, tokenizer) -> HFGenerateEngine:
         """The engine for a run's `sampling` section; generate has no options of its own."""
         return cls(model, tokenizer)
 
@@ -77,6 +84,10 @@ class HFGenerateEngine:
 
     def describe(self) -> str:
         return "hf engine: transformers generate"
+
+    def episodes(self, prompt_ids, group_size, seeds):
+        """Multi-turn sampling: each turn one generate over every live episode's whole transcript."""
+        return TranscriptSession(self, prompt_ids, group_size, seeds)
 
     def sync_weights(self, model) -> None:  # same model object: nothing to copy
         self.model = model
@@ -94,7 +105,7 @@ class HFGenerateEngine:
                 raise ValueError(f"got {len(seeds)} group seeds for {len(prompt_ids)} prompts")
             parts = [self._generate([p] * group_size, params, seed) for p, seed in zip(prompt_ids, seeds)]
             width = max(r.shape[1] for r, _ in parts)
-            pad = lambda x, value: torch.nn.functional.pad(x, (0, width - x.shape[1]), value=value)  # noqa: E731
+            pad = lambda x, value: torch.nn.functional.pad(x, (0, width - x.shape[1]), value=value)
             raw = torch.cat([pad(r, self.pad_id) for r, _ in parts])
             logprobs = torch.cat([pad(lp, 0.0) for _, lp in parts])
         return rollout_from_raw(prompt_ids, raw, logprobs, group_size, params, self.eos_ids, self.pad_id,

@@ -44,8 +44,15 @@ from contextlib import contextmanager
 import torch
 
 from grpo.models import is_lora, pad_token_id, plain_state_dict
-from grpo.rollout.base import LogprobKind, Rollout, SamplingParams, draw_seeds, rollout_from_raw
+from grpo.rollout.base import (
+    LogprobKind,
+    Rollout,
+    SamplingParams,
+    draw_seeds,
+    rollout_from_raw,
+)
 from grpo.rollout.hf import eos_token_ids
+from grpo.rollout.session import TranscriptSession
 
 # vLLM's per-request seeds: each sample adds its index, so keep the sum inside a signed 64-bit integer
 SEED_RANGE = 2**62
@@ -136,7 +143,7 @@ class VLLMEngine:
         self.sync_weights(model)
 
     @classmethod
-    def from_config(cls, sampling, model, tokenizer) -> "VLLMEngine":
+    def from_config(cls, sampling, model, tokenizer) -> VLLMEngine:
         """The engine a run's `sampling` section (grpo.config.SamplingConfig) asks for."""
         return cls(model, tokenizer, dtype=sampling.dtype, gpu_memory_utilization=sampling.gpu_memory_utilization,
                    sleep_mode=sampling.sleep_mode, enforce_eager=sampling.enforce_eager)
@@ -144,6 +151,11 @@ class VLLMEngine:
     def logprob_kind(self, params: SamplingParams) -> LogprobKind:
         """OTHER: vLLM's kernels (and maybe dtype) are not the trainer's, so pi_old is recomputed."""
         return LogprobKind.OTHER
+
+    def episodes(self, prompt_ids, group_size, seeds):
+        """Multi-turn sampling: each turn one generate over every live episode's whole transcript (vLLM's prefix
+        caching finds the transcript's cache)."""
+        return TranscriptSession(self, prompt_ids, group_size, seeds)
 
     def describe(self) -> str:
         extras = [f"{self.dtype}", "prefix caching", "weights pushed after every update"]
