@@ -6,10 +6,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from grpo.data import DataError, accuracy_reward, encode_rows
+from grpo.data import DataError, accuracy_reward
 from grpo.distributed import SINGLE, World
-from grpo.rewards import Reward, build_rewards, get_reward, reward_columns, score
+from grpo.rewards import Reward, build_rewards, get_reward
 from grpo.rollout.base import SamplingParams, group_seed
+from grpo.sample import sample_rows, score_sampled
 
 
 @dataclass
@@ -119,23 +120,19 @@ def _evaluate_batch(parts: _EvalParts, tokenizer, engine, chunk: list[dict], sta
     """One batch of held-out rows (the first is row `start`): per-row values of each reward, the total, the
     accuracy check and pass@k, and each row's example."""
     data, k, acc = config.data, config.eval.k, parts.acc
-    prompt_ids = encode_rows(tokenizer, chunk, data)
-    texts, lengths = _complete(engine, tokenizer, prompt_ids, 1, parts.greedy, None)
-    result = _score(parts.specs, tokenizer, prompt_ids, texts, lengths, chunk, data.prompt_column, 1, parts.max_new)
+    greedy = sample_rows(engine, tokenizer, chunk, data, 1, parts.greedy, None)
+    result = score_sampled(greedy, parts.specs)
     out = {"start": start, "rewards": {name: v.tolist() for name, v in result.per_function.items()},
            "totals": result.total.tolist(), "correct": [], "passed": []}
     if acc is not None:  # eval.metric's values are in result already; the task's own check runs here
-        right = result if acc.reward is None else _score(parts.acc_specs, tokenizer, prompt_ids, texts, lengths,
-                                                         chunk, data.prompt_column, 1, parts.max_new)
+        right = result if acc.reward is None else score_sampled(greedy, parts.acc_specs)
         out["correct"] = right.per_function[acc.name].tolist()
     out["examples"] = [{"prompt": r[data.prompt_column], "answer": r.get("answer"), "completion": text,
                         "correct": _finite(out["correct"][i]) if acc is not None else None,
-                        "reward": _finite(out["totals"][i])} for i, (r, text) in enumerate(zip(chunk, texts))]
+                        "reward": _finite(out["totals"][i])} for i, (r, text) in enumerate(zip(chunk, greedy.completions))]
     if k > 1:  # check_eval refused pass@k without a check
         seeds = [group_seed(config.trainer.seed + 1, start + i) for i in range(len(chunk))]  # problem i's stream
-        texts, lengths = _complete(engine, tokenizer, prompt_ids, k, parts.sampled, seeds)
-        right = _score(parts.acc_specs, tokenizer, prompt_ids, texts, lengths, chunk, data.prompt_column, k,
-                       parts.max_new)
+        right = score_sampled(sample_rows(engine, tokenizer, chunk, data, k, parts.sampled, seeds), parts.acc_specs)
         out["passed"] = (right.per_function[acc.name].view(-1, k) == 1).any(dim=1).float().tolist()
     return out
 
@@ -189,18 +186,6 @@ def _mean(values: list[float]) -> float | None:
 
 def _finite(v) -> float | None:
     return v if v is not None and math.isfinite(v) else None
-
-
-def _complete(engine, tokenizer, prompt_ids, k, params, seeds) -> tuple[list[str], list[int]]:
-    rollout = engine.generate(prompt_ids, k, params, seeds=seeds)
-    return tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True), rollout.lengths.tolist()
-
-
-def _score(specs, tokenizer, prompt_ids, texts, lengths, rows, prompt_column, k, max_new):
-    """Rewards as in training: every column of the rows (a row without one gets None), and the
-    completion lengths and max_new_tokens that length rewards read."""
-    prompts = [text for text in tokenizer.batch_decode(prompt_ids) for _ in range(k)]
-    return score(specs, prompts, texts, reward_columns(rows, k, prompt_column, lengths, max_new))
 
 
 def summary(result: dict) -> str:

@@ -49,14 +49,15 @@ from grpo.core.logprobs import (MicroBatch, SequenceBatch, build_sequences, micr
                                 plan_micro_batches)
 from grpo.core.losses import (BatchTotals, aggregate, clipped_surrogate, kl_penalty, masked_mean, per_token_loss,
                               truncated_importance_weights)
-from grpo.data import PromptSampler, encode_rows
+from grpo.data import PromptSampler
 from grpo.distributed import SINGLE, World
 from grpo.logging.metrics import Phases, step_metrics
 from grpo.models import is_lora, pad_token_id
 from grpo.optim import extend_schedule, load_optimizer_state_dict, optimizer_state_dict
 from grpo.parallel import grad_sync, is_sharded
-from grpo.rewards import Reward, reward_columns, score
+from grpo.rewards import Reward
 from grpo.rewards.process import step_table
+from grpo.sample import sample_rows, score_sampled
 from grpo.rollout.base import LogprobKind, Rollout, RolloutEngine, SamplingParams, group_seed
 
 
@@ -184,16 +185,10 @@ class Trainer:
         batch."""
         seeds = [group_seed(self.cfg.trainer.seed, self.step_count, round_, first_group + i) for i in range(len(rows))]
         with phases.time("generate"):
-            prompt_ids = encode_rows(self.tokenizer, rows, self.cfg.data)
-            rollout = self.engine.generate(prompt_ids, self.cfg.sampling.group_size, self.params, seeds=seeds)
-            g = rollout.group_size
-            prompts = [text for text in self.tokenizer.batch_decode(prompt_ids) for _ in range(g)]
+            sampled = sample_rows(self.engine, self.tokenizer, rows, self.cfg.data, self.cfg.sampling.group_size,
+                                  self.params, seeds)
         with phases.time("score"):
-            completions = self.tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
-            columns = reward_columns(rows, g, self.cfg.data.prompt_column, rollout.lengths.tolist(),
-                                     self.params.max_new_tokens)
-            rewards = score(self.reward_specs, prompts, completions, columns)
-        return Scored(rows, rollout, prompts, completions, rewards)
+            return sampled.scored(score_sampled(sampled, self.reward_specs))
 
     def sample_groups(self, rows: list[dict], phases: Phases, first_group: int = 0) -> tuple[Scored, dict[str, float]]:
         """Steps 1-2 for `rows`; with dynamic sampling (DAPO) more rounds of fresh prompts until B groups
