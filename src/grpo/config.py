@@ -243,6 +243,45 @@ class SamplingConfig(Section):
         return self
 
 
+class EnvironmentConfig(Section):
+    """Multi-turn episodes (grpo.envs): the model's turns and an environment's answers, trained token in, token out.
+    Off unless `name` or `tools` is set."""
+
+    name: str | None = None
+    """The environment: a built-in (calculator, guess_number, python), or your own class, `path/to/file.py:Class`
+    (relative to the current directory) or `package.module:Class`, a subclass of grpo.envs.Environment. None with
+    `tools` set: the default tool environment (grpo.envs.ToolEnvironment). None without tools: single-turn."""
+    tools: list[str] = []
+    """Plain functions the model may call, `path/to/file.py:function` or `package.module:function`: their JSON
+    schemas (from type hints and the docstring, as transformers derives them) are shown to the model, its calls are
+    run and answered with tool messages. With `name` unset they make the default tool environment."""
+    args: dict[str, Any] = {}
+    """Keyword arguments of the environment's constructor, e.g. {format: tags, timeout: 5} for a tool environment."""
+    max_turns: int = Field(4, ge=1)
+    """Model turns per episode; an episode still going after the last is truncated."""
+    max_tokens: int | None = Field(None, ge=2)
+    """Longest transcript, prompt plus every turn (the model's and the environment's), in tokens; an episode that
+    reaches it is truncated. None: no limit but max_turns x sampling.max_new_tokens and the model's context."""
+    on_error: Literal["raise", "none"] = "raise"
+    """When the environment raises: "raise" stops the run naming the environment, the row and the turn; "none" ends
+    that episode (its environment reward does not apply) and counts it in `env/errors`. Tool errors never raise:
+    they are answered to the model as tool messages."""
+    concurrency: int = Field(8, ge=1)
+    """Environment steps of a turn run at once (threads)."""
+
+    @property
+    def enabled(self) -> bool:
+        return self.name is not None or bool(self.tools)
+
+    @model_validator(mode="after")
+    def _loadable(self):
+        if self.enabled:
+            from grpo.envs.episodes import environment_class
+
+            environment_class(self)  # imports the class and the tools, checks args: the error names the field
+        return self
+
+
 class AlgorithmConfig(Section):
     """The GRPO recipe (docs/algorithm.md sections 2-4). Names map to one registry each in grpo.core."""
 
@@ -482,6 +521,8 @@ class Config(Section):
     rewards: list[RewardSpec] = [RewardSpec(name="answer_accuracy")]
     """Reward functions and weights; a completion's reward is the weighted sum of those that apply."""
     sampling: SamplingConfig = SamplingConfig()
+    environment: EnvironmentConfig = EnvironmentConfig()
+    """Multi-turn episodes with an environment or tools (off by default: one completion per prompt)."""
     algorithm: AlgorithmConfig = AlgorithmConfig()
     trainer: TrainerConfig = TrainerConfig()
     eval: EvalConfig = EvalConfig()

@@ -10,6 +10,7 @@ from grpo.data import DataError, accuracy_reward
 from grpo.distributed import SINGLE, World
 from grpo.rewards import Reward, build_rewards, get_reward
 from grpo.rollout.base import SamplingParams, group_seed
+from grpo.envs.episodes import Episodes
 from grpo.sample import sample_rows, score_sampled
 
 
@@ -120,7 +121,8 @@ def _evaluate_batch(parts: _EvalParts, tokenizer, engine, chunk: list[dict], sta
     """One batch of held-out rows (the first is row `start`): per-row values of each reward, the total, the
     accuracy check and pass@k, and each row's example."""
     data, k, acc = config.data, config.eval.k, parts.acc
-    greedy = sample_rows(engine, tokenizer, chunk, data, 1, parts.greedy, None)
+    episodes = Episodes.from_config(config, tokenizer)  # None without an environment
+    greedy = sample_rows(engine, tokenizer, chunk, data, 1, parts.greedy, None, episodes)
     result = score_sampled(greedy, parts.specs)
     out = {"start": start, "rewards": {name: v.tolist() for name, v in result.per_function.items()},
            "totals": result.total.tolist(), "correct": [], "passed": []}
@@ -130,9 +132,12 @@ def _evaluate_batch(parts: _EvalParts, tokenizer, engine, chunk: list[dict], sta
     out["examples"] = [{"prompt": r[data.prompt_column], "answer": r.get("answer"), "completion": text,
                         "correct": _finite(out["correct"][i]) if acc is not None else None,
                         "reward": _finite(out["totals"][i])} for i, (r, text) in enumerate(zip(chunk, greedy.completions))]
+    for example, episode in zip(out["examples"], greedy.rollout.episodes or []):  # the whole conversation
+        example["episode"] = episode.to_dict()
     if k > 1:  # check_eval refused pass@k without a check
         seeds = [group_seed(config.trainer.seed + 1, start + i) for i in range(len(chunk))]  # problem i's stream
-        right = score_sampled(sample_rows(engine, tokenizer, chunk, data, k, parts.sampled, seeds), parts.acc_specs)
+        right = score_sampled(sample_rows(engine, tokenizer, chunk, data, k, parts.sampled, seeds, episodes),
+                              parts.acc_specs)
         out["passed"] = (right.per_function[acc.name].view(-1, k) == 1).any(dim=1).float().tolist()
     return out
 

@@ -205,6 +205,12 @@ def load_model_and_tokenizer(model_config, log=print):
     return model, tokenizer, folder
 
 
+def load_tokenizer_only(model_config):
+    """The tokenizer load_model_and_tokenizer would give, without loading the model."""
+    adapter = adapter_folder(model_config.path)
+    return load_tokenizer(adapter if adapter is not None else resolve_model_folder(model_config.path, lambda *_: None))
+
+
 # --- LoRA (peft) -------------------------------------------------------------------------------
 
 
@@ -375,14 +381,15 @@ def checkpointed_layers(model: torch.nn.Module, enabled: bool = True):
             m.training = flag
 
 
-def encode_prompt(tokenizer, messages: list[dict]) -> list[int]:
-    """Token ids of a chat prompt, ready for the assistant's answer."""
+def encode_prompt(tokenizer, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+    """Token ids of a chat prompt, ready for the assistant's answer; `tools`: JSON schemas the template renders."""
     if not getattr(tokenizer, "chat_template", None):
         raise ModelError(
             "the tokenizer has no chat template, so chat prompts cannot be formatted; "
             "use a chat (instruct) model or set tokenizer.chat_template in the model folder"
         )
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    kwargs = {"tools": tools} if tools else {}
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **kwargs)
     return tokenizer(text, add_special_tokens=False).input_ids
 
 

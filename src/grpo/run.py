@@ -27,7 +27,8 @@ from grpo.evaluate import check_eval, curve_due, curve_metrics, evaluate, format
 from grpo.logging.console import format_duration, make_console
 from grpo.logging.metrics import sample_records
 from grpo.logging.run import RunLog, write_json
-from grpo.models import apply_lora, frozen_copy, load_model_and_tokenizer
+from grpo.envs.episodes import Episodes
+from grpo.models import apply_lora, frozen_copy, load_model_and_tokenizer, load_tokenizer_only
 from grpo.optim import make_optimizer, make_scheduler
 from grpo.parallel import shard, wrap_policy
 from grpo.resume import restore, resume_point
@@ -74,6 +75,13 @@ def prompt_too_long(where: str, n: int, max_new: int, context: int, split: str) 
     return (f"{where}: the prompt is {n} tokens, and with {max_new} new tokens it does not fit the model's context "
             f"of {context} tokens; shorten or drop that prompt, or lower "
             f"{'sampling' if split == 'train' else 'eval'}.max_new_tokens to at most {context - n}")
+
+
+def check_environment(config: Config) -> None:
+    """With an environment: build it once against the model's tokenizer (not the model), so that a class, tool or
+    chat template that cannot serve it is refused before the model loads."""
+    if config.environment.enabled:
+        Episodes.from_config(config, load_tokenizer_only(config.model))
 
 
 def set_threads(config: Config) -> None:
@@ -229,7 +237,8 @@ def build_trainer(config: Config, model, tokenizer, engine, train_rows: list[dic
     scheduler = make_scheduler(optimizer, t, t.steps * config.algorithm.mu)
     sampler = PromptSampler(train_rows, config.data.seed)
     return Trainer(config, model, tokenizer, engine, backend, optimizer, scheduler, sampler,
-                   build_rewards(config.rewards), ref_model=ref_model, policy=policy, world=world)
+                   build_rewards(config.rewards), ref_model=ref_model, policy=policy, world=world,
+                   episodes=Episodes.from_config(config, tokenizer))
 
 
 def train(config: Config, quiet: bool = False, console_mode: str = "auto", resume: bool | str = False) -> dict:
@@ -283,6 +292,7 @@ def run_flow(config: Config, world: World, quiet: bool, console_mode: str, resum
             check_eval(config, task.eval)
         else:
             console.info(f"training without held-out evaluation: {no_eval_split(config.data)}")
+    check_environment(config)  # and what the environment cannot do with this model's chat template
     run_dir = Path(config.output.dir).expanduser()
     ckpt, restart = starting_point(run_dir, config, task, resume, console, world)
     set_threads(config)
@@ -387,6 +397,7 @@ def eval_only(config: Config, model_path: str | None, output: Path | None, quiet
     console = make_console("quiet" if quiet else console_mode, 1)
     task = load_task(config.data, needed_columns(config))
     check_eval(config, task.eval)  # before the model loads
+    check_environment(config)
     set_threads(config)
     cfg = config.model_copy(update={"model": config.model.model_copy(update={"path": model_path})}) if model_path else config
     with console.phase("loading the model"):

@@ -30,15 +30,39 @@ class Sampled:
 
 
 def sample_rows(engine, tokenizer, rows: list[dict], data, group_size: int, params: SamplingParams,
-                seeds: list[int] | None) -> Sampled:
-    """G completions for each row (`data`: the run's DataConfig), group b under seeds[b] (None: greedy)."""
-    prompt_ids = encode_rows(tokenizer, rows, data)
-    rollout = engine.generate(prompt_ids, group_size, params, seeds=seeds)
+                seeds: list[int] | None, episodes=None) -> Sampled:
+    """G completions for each row (`data`: the run's DataConfig), group b under seeds[b] (None: greedy); with
+    `episodes` (grpo.envs.episodes.Episodes), G multi-turn episodes instead.
+
+    An episode's completion text is every turn after the prompt, the model's and the environment's, as the model
+    read it (special tokens skipped), so a reward that checks the last number sees the final answer; reward
+    functions also get `messages` (the whole conversation), `turn_rewards` (the environment's reward of each turn)
+    and `turn_ends` (the character offset where each model turn ends in the completion text, for step rewards)."""
+    if episodes is None:
+        prompt_ids = encode_rows(tokenizer, rows, data)
+        rollout = engine.generate(prompt_ids, group_size, params, seeds=seeds)
+    else:
+        rollout = episodes.run(engine, tokenizer, rows, group_size, params, seeds)
+        prompt_ids = rollout.prompt_ids
     g = rollout.group_size
     prompts = [text for text in tokenizer.batch_decode(prompt_ids) for _ in range(g)]
     completions = tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
     columns = reward_columns(rows, g, data.prompt_column, rollout.lengths.tolist(), params.max_new_tokens)
+    if rollout.episodes is not None:
+        columns.update(episode_columns(rollout, tokenizer))
     return Sampled(rows, rollout, prompts, completions, columns)
+
+
+def episode_columns(rollout: Rollout, tokenizer) -> dict[str, list]:
+    """What reward functions get about each episode (see sample_rows)."""
+    ends = []
+    for row, ep in zip(rollout.completion_ids.tolist(), rollout.episodes):
+        # a turn's reward lands just past the turn's text: on its last token or on the environment's next ones,
+        # which no model token comes between (step_token_index puts an offset past the text on the last token)
+        ends.append([len(tokenizer.decode(row[: t + 1], skip_special_tokens=True)) + 1 for t in ep.turn_ends])
+    return {"messages": [ep.messages for ep in rollout.episodes],
+            "turn_rewards": [list(ep.turn_rewards) for ep in rollout.episodes],
+            "turn_ends": ends}
 
 
 def score_sampled(sampled: Sampled, rewards) -> RewardResult:

@@ -76,9 +76,11 @@ class Trainer:
         ref_model=None,
         policy=None,
         world: World = SINGLE,
+        episodes=None,
     ):
         """policy: the module the training forward runs through (a DDP wrapper, or the model FSDP2 sharded in
-        place; None: the model itself); world: this process's place among the run's ranks."""
+        place; None: the model itself); world: this process's place among the run's ranks; episodes: multi-turn
+        episodes instead of single completions (grpo.envs.episodes.Episodes, from the config's environment)."""
         if config.algorithm.beta > 0 and ref_model is None and not is_lora(model):
             raise ValueError("algorithm.beta > 0 needs a reference model (ref_model), or a LoRA policy whose base "
                              "weights are the reference")
@@ -92,6 +94,10 @@ class Trainer:
         self.sampler, self.reward_specs = sampler, rewards
         self.pad_id = pad_token_id(tokenizer)
         self.params = SamplingParams.from_config(config.sampling)
+        self.episodes = episodes
+        # the most tokens the model writes in one completion (dr_grpo's constant): every turn's, in an episode
+        self.max_completion_tokens = config.sampling.max_new_tokens * (
+            config.environment.max_turns if episodes is not None else 1)
         self.step_count = 0
         self.bad_steps = 0  # consecutive steps the guard skipped
         self.skipped_steps = 0  # all steps the guard skipped
@@ -165,7 +171,7 @@ class Trainer:
         with phases.time("score"):
             advantages, num_steps = self.advantages(s)
         r = s.rollout
-        mask = r.completion_mask & ~r.truncated[:, None] if a.overlong_filter else r.completion_mask
+        mask = r.model_mask & ~r.truncated[:, None] if a.overlong_filter else r.model_mask  # the model's own tokens
         sequences = build_sequences(r.prompt_ids, r.completion_ids, r.completion_mask, self.pad_id)
         batch = StepBatch(s, advantages, sequences, mask, sampling=sampling, num_steps=num_steps)
         if a.beta > 0:
@@ -186,7 +192,7 @@ class Trainer:
         seeds = [group_seed(self.cfg.trainer.seed, self.step_count, round_, first_group + i) for i in range(len(rows))]
         with phases.time("generate"):
             sampled = sample_rows(self.engine, self.tokenizer, rows, self.cfg.data, self.cfg.sampling.group_size,
-                                  self.params, seeds)
+                                  self.params, seeds, self.episodes)
         with phases.time("score"):
             return sampled.scored(score_sampled(sampled, self.reward_specs))
 
@@ -262,8 +268,8 @@ class Trainer:
             std = self.global_std(total[~torch.isnan(total)])
             return outcome_advantages(total, g, a.scale_rewards, a.advantage_eps, std), None
         weights = {r.name: r.weight for r in self.reward_specs}
-        ids, lengths = s.rollout.completion_ids, s.rollout.lengths
-        values, rows, index = step_table(s.rewards.steps, s.rewards.per_function, weights, ids, lengths, self.tokenizer)
+        ids, spans = s.rollout.completion_ids, s.rollout.spans  # an episode's last token is its model's
+        values, rows, index = step_table(s.rewards.steps, s.rewards.per_function, weights, ids, spans, self.tokenizer)
         n, t = ids.shape
         std = self.global_std(values)
         return process_advantages(values, rows, index, t, g, n, a.scale_rewards, a.advantage_eps, std), \
@@ -364,7 +370,7 @@ class Trainer:
         m = take(batch.loss_mask)
         lp, entropy = self.logprobs(self.policy, mb, with_entropy=True, entropy_grad=a.entropy_coef > 0)
         old = lp.detach() if batch.old_logprobs is None else take(batch.old_logprobs)
-        completion_mask = take(batch.rollout.completion_mask)
+        completion_mask = take(batch.rollout.model_mask)
         advantages = take(batch.advantages).to(lp.dtype)  # computed in float64, exact zeros stay zeros
         sur = clipped_surrogate(lp, old, advantages, a.eps_low, a.eps_high, completion_mask,
                                 a.importance_sampling_level, a.delta)
@@ -382,8 +388,8 @@ class Trainer:
         gradients equals the gradient of the whole batch (normalizers are the global batch's).
         compare_rollout (before the first update): also the mean |log pi_theta - sampler's log-prob|."""
         mask = batch.loss_mask  # [N, T] this rank's rows
-        local = BatchTotals.of(mask, self.cfg.sampling.max_new_tokens)
-        sampled_tokens = int(batch.rollout.completion_mask.sum())
+        local = BatchTotals.of(mask, self.max_completion_tokens)
+        sampled_tokens = int(batch.rollout.model_mask.sum())
         with self.world.during("loss normalizers"):  # the global batch's counts (docs/algorithm.md section 3)
             n, tokens, sampled_tokens = (int(x) for x in self.world.sum([local.num_completions, local.num_tokens,
                                                                           sampled_tokens]))
@@ -407,7 +413,7 @@ class Trainer:
                 # scaling by the world size makes them the sum, the gradient of the global loss
                 (loss * self.world.size if self.world.distributed else loss).backward()
             if sampled is not None:  # how far the sampler's log-probs are from the policy's (docs/algorithm.md section 5)
-                c = mb.take(batch.rollout.completion_mask)
+                c = mb.take(batch.rollout.model_mask)
                 mismatch += float(((lp.detach().cpu() - mb.take(sampled)).abs() * c).sum()) / max(sampled_tokens, 1)
             share = int(m.sum()) / max(totals.num_tokens, 1)  # token-weighted metric averages
             sums["loss"] += float(loss.detach())

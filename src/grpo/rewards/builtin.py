@@ -294,3 +294,21 @@ def code_tests(
     limits = Limits(timeout=timeout, cpu_seconds=max(1, math.ceil(timeout)), memory_mb=memory_mb)
     cases, _ = run_tests(extract_code(completion), tests, limits, per_test_timeout)
     return sum(c.passed for c in cases) / len(cases) if cases else None
+
+
+@register_reward("environment")
+def environment_reward(completions, turn_rewards: list | None = None, turn_ends: list | None = None,
+                       per_turn: bool = False, **_) -> list:
+    """The environment's own rewards (grpo.envs): the sum of an episode's turn rewards, its return; None where no
+    turn was rewarded (or the run has no environment). per_turn: one step per rewarded turn instead, at the end of
+    the turn (for algorithm.advantage=process: each turn's reward reaches only the turns up to it)."""
+    if turn_rewards is None:
+        return [None] * len(completions)
+    out: list = []
+    for rewards, ends in zip(turn_rewards, turn_ends or [None] * len(completions)):
+        rewarded = [(end, r) for end, r in zip(ends or [0] * len(rewards), rewards) if r is not None]
+        if not rewarded:
+            out.append(None)
+        else:
+            out.append(rewarded if per_turn else float(sum(r for _, r in rewarded)))
+    return out
