@@ -95,9 +95,6 @@ class Trainer:
         self.pad_id = pad_token_id(tokenizer)
         self.params = SamplingParams.from_config(config.sampling)
         self.episodes = episodes
-        # the most tokens the model writes in one completion (dr_grpo's constant): every turn's, in an episode
-        self.max_completion_tokens = config.sampling.max_new_tokens * (
-            config.environment.max_turns if episodes is not None else 1)
         self.step_count = 0
         self.bad_steps = 0  # consecutive steps the guard skipped
         self.skipped_steps = 0  # all steps the guard skipped
@@ -106,6 +103,12 @@ class Trainer:
         self.last_lr = scheduler.get_last_lr()[0]
         self.sync_seconds = 0.0  # this step's time in engine.sync_weights (metric time/weight_sync)
         self.schedule_note: str | None = None  # a resume's warning about its learning-rate schedule
+
+    @property
+    def max_completion_tokens(self) -> int:
+        """The most tokens the model writes in one completion (dr_grpo's constant): every turn's, in an episode."""
+        turns = self.episodes.limits.max_turns if self.episodes is not None else 1
+        return self.cfg.sampling.max_new_tokens * turns
 
     # -- resume: the Trainer's own state (weights and global RNGs: grpo.checkpoint) -------------
     def state_dict(self, optimizer: bool = True) -> dict:

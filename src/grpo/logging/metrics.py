@@ -66,7 +66,7 @@ def step_metrics(
         m[f"reward/{name}/nonfinite"] = count
     m["reward/zero_std_frac"] = float(zero_std_groups(r, s.group_size).float().mean())
     adv = batch.advantages
-    abs_adv = adv.abs().mean() if adv.dim() == 1 else masked_mean(adv.abs(), s.rollout.completion_mask)
+    abs_adv = adv.abs().mean() if adv.dim() == 1 else masked_mean(adv.abs(), s.rollout.model_mask)
     m["advantage/abs_mean"] = float(abs_adv)
     if batch.num_steps is not None:  # process supervision
         m["advantage/steps_per_completion"] = batch.num_steps / len(s.completions)
@@ -76,6 +76,8 @@ def step_metrics(
     m["completion/length_min"] = float(lengths.min())
     m["completion/length_max"] = float(lengths.max())
     m["completion/truncated_frac"] = float(s.rollout.truncated.float().mean())
+    if s.rollout.episodes is not None:
+        m.update(episode_metrics(s.rollout))
     if overlong_filter:
         m["completion/filtered_frac"] = float((~batch.loss_mask.any(dim=1)).float().mean())
     m["loss"] = opt["loss"]
@@ -103,6 +105,24 @@ def step_metrics(
     return m
 
 
+def episode_metrics(rollout) -> dict[str, float]:
+    """Multi-turn episodes (grpo.envs): turns per episode, tool calls and tool errors per episode, the fraction
+    truncated and the environment errors (environment.on_error=none), environment tokens per episode."""
+    eps = [e for e in rollout.episodes if e is not None]
+    n = max(len(eps), 1)
+    env_tokens = rollout.spans - rollout.lengths  # [N]
+    return {
+        "env/turns_mean": sum(e.turns for e in eps) / n,
+        "env/turns_max": float(max((e.turns for e in eps), default=0)),
+        "env/tool_calls_mean": sum(e.tool_calls for e in eps) / n,
+        "env/tool_errors_mean": sum(e.tool_errors for e in eps) / n,
+        "env/truncated_frac": sum(e.truncated for e in eps) / n,
+        "env/errors": float(sum(e.error is not None for e in eps)),
+        "env/env_tokens_mean": float(env_tokens.float().mean()),
+        "time/environment": sum(e.seconds for e in eps),  # summed over episodes (they run concurrently)
+    }
+
+
 def sample_records(step: int, batch: StepBatch, k: int) -> list[dict]:
     """k completions to show: the best and the worst of each group first."""
     s = batch.scored
@@ -125,6 +145,7 @@ def sample_records(step: int, batch: StepBatch, k: int) -> list[dict]:
                 "advantage": float(batch.advantages[i].flatten()[0]),  # first token's, for process
                 "length": int(s.rollout.lengths[i]),
                 "truncated": bool(s.rollout.truncated[i]),
+                **({"episode": s.rollout.episodes[i].to_dict()} if s.rollout.episodes is not None else {}),
             }
         )
     return records
