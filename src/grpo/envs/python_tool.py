@@ -28,8 +28,9 @@ def truncate(text: str, limit: int) -> str:
     """`text` cut to at most `limit` characters, saying how much was left out."""
     if len(text) <= limit:
         return text
-    note = f"\n... ({len(text) - limit} more characters)"
-    return text[: max(0, limit - len(note))] + note
+    note = "\n... ({} more characters)"
+    kept = limit - len(note.format(len(text)))
+    return text[:limit] if kept < 1 else text[:kept] + note.format(len(text) - kept)
 
 
 @register_environment("python")
