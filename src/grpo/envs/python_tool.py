@@ -4,10 +4,13 @@ The tool `python(code)` runs the code as a program (`python -I -S`, the standard
 sandbox of grpo.rewards.sandbox (its own process, uid, namespaces, time, CPU and memory limits; see
 jail.py) and returns what it printed, followed on failure by the reason (the error's last line, a
 timeout, a limit), cut to `max_output` characters. A ```python fence around the code is removed.
-The final turn is checked against the row's `answer` like the calculator's (None when the row has none).
+A program that fails is a result the model reads (not a tool error, which is a call that could not
+run: malformed, wrong arguments, or the tool itself past its timeout). The final turn is checked against the row's `answer` like the calculator's (None when the row has none).
 """
 
 from __future__ import annotations
+
+import math
 
 from grpo.envs.base import register_environment
 from grpo.envs.tools import TAGS_INSTRUCTIONS, Format, ToolEnvironment
@@ -57,7 +60,8 @@ class PythonEnvironment(ToolEnvironment):
     ):
         if max_output < 1:
             raise ValueError(f"python environment: max_output must be >= 1, got {max_output}")
-        self.limits = Limits(timeout=timeout, cpu_seconds=max(1, int(timeout + 0.999)), memory_mb=memory_mb)
+        # CPU seconds one past the wall clock: the wall clock ends a busy program, with the clearer message
+        self.limits = Limits(timeout=timeout, cpu_seconds=math.ceil(timeout) + 1, memory_mb=memory_mb)
         self.max_output = max_output
         example = {"python": "print(2 ** 10)"}
         super().__init__([self.python], format, timeout + 5.0, result_role, example, instructions, answer_column)

@@ -222,7 +222,7 @@ def convert_value(text: str, types: Sequence[str]) -> Any:
             return _CONVERT[t](text)
         except (ValueError, KeyError, json.JSONDecodeError):
             continue
-    raise ValueError(f"{text!r} is not a {' or '.join(types)}")
+    raise ValueError(f"{text!r} is not of type {' or '.join(types)}")
 
 
 def _integer(text: str) -> int:
