@@ -93,7 +93,7 @@ def get_reward(name: str) -> RewardFn:
     target, func = name.rsplit(":", 1)
     if not func.isidentifier():
         raise RewardLoadError(f"reward {name!r}: {func!r} after the ':' is not a function name")
-    module = _load_file(name, target) if file_target(name) else _import(name, target)
+    module = load_module(name)
     if not hasattr(module, func):
         defined = sorted(k for k, v in vars(module).items() if inspect.isfunction(v) and not k.startswith("_"))
         raise RewardLoadError(f"reward {name!r}: {target} has no function {func!r}; functions there: {', '.join(defined) or 'none'}")
@@ -111,10 +111,17 @@ def file_target(name: str) -> str | None:
     return target if target.endswith(".py") or "/" in target or "\\" in target else None
 
 
-def _load_file(name: str, target: str):
+def load_module(name: str, kind: str = "reward"):
+    """The module that `path/to/file.py:attr` (a file, imported once) or `package.module:attr` names.
+    Raises RewardLoadError naming the `kind` ("reward", "environment", "tool") and what is wrong."""
+    target = name.rsplit(":", 1)[0]
+    return _load_file(name, target, kind) if file_target(name) else _import(name, target, kind)
+
+
+def _load_file(name: str, target: str, kind: str = "reward"):
     path = Path(target).expanduser()
     if not path.is_file():
-        raise RewardLoadError(f"reward {name!r}: no such file {target} (relative paths start at the current directory, {Path.cwd()})")
+        raise RewardLoadError(f"{kind} {name!r}: no such file {target} (relative paths start at the current directory, {Path.cwd()})")
     path = path.resolve()
     if path not in _FILE_MODULES:
         module_name = f"grpo_user_rewards_{path.stem}_{hashlib.sha1(str(path).encode()).hexdigest()[:8]}"
@@ -126,18 +133,18 @@ def _load_file(name: str, target: str):
             spec.loader.exec_module(module)
         except Exception as e:
             sys.modules.pop(module_name, None)
-            raise RewardLoadError(f"reward {name!r}: importing {target} failed: {type(e).__name__}: {e}{_where(e)}") from None
+            raise RewardLoadError(f"{kind} {name!r}: importing {target} failed: {type(e).__name__}: {e}{_where(e)}") from None
         finally:
             sys.path.remove(str(path.parent))
         _FILE_MODULES[path] = module
     return _FILE_MODULES[path]
 
 
-def _import(name: str, target: str):
+def _import(name: str, target: str, kind: str = "reward"):
     try:
         return importlib.import_module(target)
     except Exception as e:
-        raise RewardLoadError(f"reward {name!r}: cannot import module {target!r}: {type(e).__name__}: {e}") from None
+        raise RewardLoadError(f"{kind} {name!r}: cannot import module {target!r}: {type(e).__name__}: {e}") from None
 
 
 def _parameters(fn: RewardFn) -> tuple[list[inspect.Parameter], bool]:

@@ -50,6 +50,8 @@ def _eval_node(node):
         left, right = _eval_node(node.left), _eval_node(node.right)
         if isinstance(node.op, ast.Pow) and abs(right) > 64:
             raise ValueError("exponent too large")
+        if isinstance(node.op, ast.Pow) and isinstance(left, int) and abs(left) > 1 and right * math.log2(abs(left)) > 4096:
+            raise ValueError("result too large")  # ((9**64)**64)**64 would take minutes and gigabytes
         return _OPS[type(node.op)](left, right)
     if isinstance(node, ast.UnaryOp) and type(node.op) in _OPS:
         return _OPS[type(node.op)](_eval_node(node.operand))
@@ -67,10 +69,10 @@ def to_number(text: str | int | float | None) -> float | None:
     if not s or len(s) > 100:
         return None
     try:
-        value = _eval_node(parse_python(s, mode="eval").body)
+        value = float(_eval_node(parse_python(s, mode="eval").body))  # OverflowError: an int past float's range
     except (SyntaxError, ValueError, ZeroDivisionError, OverflowError, TypeError, RecursionError):
         return None
-    return float(value) if math.isfinite(value) else None
+    return value if math.isfinite(value) else None
 
 
 @register_reward("answer_accuracy")

@@ -1,0 +1,80 @@
+"""The `guess_number` built-in: a game whose answer needs feedback over several turns.
+
+The environment thinks of a whole number in [low, high]; each model turn guesses one (the last number
+in its text) and the environment answers, as the user, that the number is higher or lower, until the
+guess is right: reward 1.0 on the winning turn (the episode ends), 0.0 on every other turn.
+
+Why 1..16 by default: bisection finds any of 16 numbers in ceil(log2(17)) = 5 guesses, so with
+`environment.max_turns: 5` a perfect player always wins while a player that ignores the feedback wins
+about 5/16 of the time (5 distinct guesses), and a model that follows "higher"/"lower" even loosely
+does clearly better: a signal the 135M default model can climb within a short run, in episodes of
+a few short turns. A wider range needs max_turns >= ceil(log2(high - low + 2)).
+
+It needs no data: `guess_number_rows(n, seed)` makes the rows (a prompt, and the `secret` that every
+episode of a row plays, so the G episodes of a group face the same game).
+"""
+
+from __future__ import annotations
+
+import random
+
+from grpo.envs.base import Environment, Step, register_environment
+from grpo.rewards.builtin import extract_answer, to_number
+
+RULES = (
+    "I am thinking of a whole number from {low} to {high}. Guess it: reply with one number. After each "
+    "guess I will tell you whether my number is higher or lower."
+)
+"""The rules the episode starts with (formatted with low and high)."""
+
+
+def guess_number_rows(n: int, seed: int, low: int = 1, high: int = 16) -> list[dict]:
+    """`n` rows for the guess_number environment: `prompt` (the rules) and `secret` (drawn from
+    random.Random(seed), uniform in [low, high])."""
+    rng = random.Random(seed)
+    return [{"prompt": RULES.format(low=low, high=high), "secret": rng.randint(low, high)} for _ in range(n)]
+
+
+def read_guess(text: str) -> int | None:
+    """The guess in a model turn: its last number (or its <answer>/\\boxed{}), when it is a whole number."""
+    value = to_number(extract_answer(text))
+    return int(value) if value is not None and value.is_integer() else None
+
+
+@register_environment("guess_number")
+class GuessNumberEnvironment(Environment):
+    """Guess a secret whole number in [low, high] with "higher"/"lower" hints.
+
+    Args:
+        low, high: the range of the secret (both included).
+        secret_column: the row column holding the secret (guess_number_rows writes it); a row without it
+            gets a secret drawn from random.Random(seed), i.e. one per episode.
+    """
+
+    def __init__(self, low: int = 1, high: int = 16, secret_column: str = "secret"):
+        if low > high:
+            raise ValueError(f"guess_number: low ({low}) must be <= high ({high})")
+        self.low, self.high, self.secret_column = low, high, secret_column
+        self.secret: int | None = None
+
+    def reset(self, row: dict, seed: int) -> list[dict]:
+        """Pick the secret (the row's, else a seeded draw) and tell the rules (the row's prompt is not used:
+        the rules follow this environment's low and high)."""
+        secret = row.get(self.secret_column)
+        self.secret = random.Random(seed).randint(self.low, self.high) if secret is None else int(secret)
+        if not self.low <= self.secret <= self.high:
+            raise ValueError(f"guess_number: the row's {self.secret_column} {self.secret} is outside [{self.low}, {self.high}]")
+        return self.prompt_messages({self.prompt_column: RULES.format(low=self.low, high=self.high)})
+
+    def step(self, text: str) -> Step:
+        """Compare the turn's guess with the secret: 1.0 and done when right, else a hint and 0.0."""
+        guess = read_guess(text)
+        if guess is None:
+            hint = f"Your reply has no whole number. Reply with one number from {self.low} to {self.high}."
+        elif guess == self.secret:
+            return Step(messages=[], reward=1.0, done=True)
+        elif not self.low <= guess <= self.high:
+            hint = f"{guess} is not from {self.low} to {self.high}. Guess again."
+        else:
+            hint = f"My number is {'higher' if self.secret > guess else 'lower'} than {guess}. Guess again."
+        return Step(messages=[{"role": "user", "content": hint}], reward=0.0)
