@@ -10,7 +10,6 @@ from grpo.envs import (
     Environment,
     EnvironmentLoadError,
     Step,
-    ToolEnvironment,
     check_environment_args,
     guess_number_rows,
     load_environment,
