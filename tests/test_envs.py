@@ -10,7 +10,6 @@ from grpo.envs import (
     Environment,
     EnvironmentLoadError,
     Step,
-    ToolEnvironment,
     check_environment_args,
     guess_number_rows,
     load_environment,
@@ -318,7 +317,7 @@ def test_python_environment_tool_schema_and_stop():
     assert env.stop == ("</python>",)
     assert env.schemas[0]["function"]["name"] == "python"
     assert list(env.schemas[0]["function"]["parameters"]["properties"]) == ["code"]
-    assert env.timeout == 8.0 and env.limits.timeout == 3 and env.limits.cpu_seconds == 4
+    assert env.timeout == 60.0 and env.limits.timeout == 3 and env.limits.cpu_seconds == 4
     with pytest.raises(ValueError, match="max_output must be >= 1"):
         PythonEnvironment(max_output=0)
 

@@ -14,9 +14,9 @@ from grpo.envs.base import (
     register_environment,
 )
 from grpo.envs.tools import ToolEnvironment, load_tools
-from grpo.envs import calculator as _calculator  # noqa: F401,E402  (registers the built-ins)
-from grpo.envs import guess_number as _guess_number  # noqa: F401,E402
-from grpo.envs import python_tool as _python_tool  # noqa: F401,E402
+from grpo.envs import calculator as _calculator  # noqa: F401  (registers the built-ins)
+from grpo.envs import guess_number as _guess_number  # noqa: F401
+from grpo.envs import python_tool as _python_tool  # noqa: F401
 from grpo.envs.guess_number import guess_number_rows
 
 __all__ = [

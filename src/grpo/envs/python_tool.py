@@ -41,7 +41,8 @@ class PythonEnvironment(ToolEnvironment):
     """A ToolEnvironment with one tool, `python(code)`, run in the sandbox.
 
     Args:
-        timeout: wall-clock seconds per program (the sandbox's limit; the tool call itself gets 5 more).
+        timeout: wall-clock seconds per program (the sandbox's limit; the call itself may wait 10x + 30 s,
+            in case it queues for a free sandbox).
         memory_mb: memory of the program's whole process tree.
         max_output: characters of output the model reads.
         format, result_role, instructions, answer_column: as ToolEnvironment's (the final answer is
@@ -64,7 +65,9 @@ class PythonEnvironment(ToolEnvironment):
         self.limits = Limits(timeout=timeout, cpu_seconds=math.ceil(timeout) + 1, memory_mb=memory_mb)
         self.max_output = max_output
         example = {"python": "print(2 ** 10)"}
-        super().__init__([self.python], format, timeout + 5.0, result_role, example, instructions, answer_column)
+        # The sandbox ends the program after `timeout`; the call's own limit only catches a call stuck waiting
+        # for a free sandbox (at most sandbox.set_max_concurrency run at once) or in the sandbox itself.
+        super().__init__([self.python], format, 10 * timeout + 30, result_role, example, instructions, answer_column)
 
     def python(self, code: str) -> str:
         """Run a Python program (standard library only) and return what it prints.

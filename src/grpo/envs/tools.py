@@ -44,6 +44,7 @@ from grpo.envs.base import Environment, EnvironmentLoadError, Step, load_attribu
 
 Format = Literal["auto", "template", "tags"]
 FORMATS = ("auto", "template", "tags")
+"""The tool-call formats (see the module docstring)."""
 
 TAGS_INSTRUCTIONS = (
     "You can use tools. To call one, write the call as shown below and stop; its result comes back in the "
@@ -387,7 +388,8 @@ class ToolEnvironment(Environment):
         return self.call_format
 
     def template_tools(self, tokenizer) -> list[dict] | None:
-        """The tools' schemas when the format resolves to "template" for this tokenizer, else None."""
+        """The tools' schemas when the format resolves to "template" for this tokenizer, else None.
+        Raises ValueError for format "template" with a chat template that renders no tools."""
         return self.schemas if resolve_format(self.format, tokenizer) == "template" else None
 
     def reset(self, row: dict, seed: int) -> list[dict]:

@@ -51,7 +51,7 @@ def _eval_node(node):
         if isinstance(node.op, ast.Pow) and abs(right) > 64:
             raise ValueError("exponent too large")
         if isinstance(node.op, ast.Pow) and isinstance(left, int) and abs(left) > 1 and right * math.log2(abs(left)) > 4096:
-            raise ValueError("result too large")  # ((9**64)**64)**64 would take minutes and gigabytes
+            raise ValueError("result too large")  # (((9**64)**64)**64)**64 would run for minutes
         return _OPS[type(node.op)](left, right)
     if isinstance(node, ast.UnaryOp) and type(node.op) in _OPS:
         return _OPS[type(node.op)](_eval_node(node.operand))
