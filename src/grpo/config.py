@@ -82,9 +82,10 @@ class LoRAConfig(Section):
 
 
 class DataConfig(Section):
-    task: Literal["arithmetic", "countdown", "file", "gsm8k", "math"] = "arithmetic"
+    task: Literal["arithmetic", "countdown", "file", "gsm8k", "math", "guess_number"] = "arithmetic"
     """Prompt source: the built-in seeded tasks "arithmetic" and "countdown" (reach a target with
-    given numbers and + - * /), or a file (train_file / eval_file): "file" (a prompt column and
+    given numbers and + - * /), "guess_number" (a secret number in 1..16 per row, for environment.name=guess_number:
+    secrets repeat between the splits, since it is a game of feedback, not of recall), or a file (train_file / eval_file): "file" (a prompt column and
     any others), "gsm8k" (question, answer ending in "#### 72"), "math" (problem, solution with
     the answer in \\boxed{}; or an answer column)."""
     train_file: str | None = None

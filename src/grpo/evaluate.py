@@ -25,10 +25,13 @@ class AccuracyCheck:
 
 def accuracy_check(config, rows: list[dict]) -> AccuracyCheck | None:
     """The reward whose mean eval reports as accuracy (a completion scoring 1 is right, for pass@k): the run's
-    reward labelled eval.metric; else the task's own check (grpo.data.ACCURACY_REWARDS), which for a prompt
+    reward labelled eval.metric; with an environment its own reward (`environment`: an episode's return, 1 for a
+    right final answer in the built-ins); else the task's own check (grpo.data.ACCURACY_REWARDS), which for a prompt
     file is answer_accuracy only when its rows carry an answer; else None (eval reports reward means only)."""
     if config.eval.metric is not None:
         return AccuracyCheck(config.eval.metric, None)
+    if config.environment.enabled:  # the environment judges its episodes (the transcript holds tool results too)
+        return AccuracyCheck("environment", Reward("environment", get_reward("environment"), 0.0))
     task = config.data.task
     if task == "file" and not any(r.get("answer") is not None for r in rows):
         return None

@@ -36,8 +36,9 @@ def sample_rows(engine, tokenizer, rows: list[dict], data, group_size: int, para
 
     An episode's completion text is every turn after the prompt, the model's and the environment's, as the model
     read it (special tokens skipped), so a reward that checks the last number sees the final answer; reward
-    functions also get `messages` (the whole conversation), `turn_rewards` (the environment's reward of each turn)
-    and `turn_ends` (the character offset where each model turn ends in the completion text, for step rewards)."""
+    functions also get `messages` (the whole conversation), `turn_rewards` (the environment's reward of each turn),
+    `turn_ends` (the character offset where each model turn ends in the completion text, for step rewards) and
+    `environment_error` (what the environment raised, under environment.on_error=none; else None)."""
     if episodes is None:
         prompt_ids = encode_rows(tokenizer, rows, data)
         rollout = engine.generate(prompt_ids, group_size, params, seeds=seeds)
@@ -62,7 +63,8 @@ def episode_columns(rollout: Rollout, tokenizer) -> dict[str, list]:
         ends.append([len(tokenizer.decode(row[: t + 1], skip_special_tokens=True)) + 1 for t in ep.turn_ends])
     return {"messages": [ep.messages for ep in rollout.episodes],
             "turn_rewards": [list(ep.turn_rewards) for ep in rollout.episodes],
-            "turn_ends": ends}
+            "turn_ends": ends,
+            "environment_error": [ep.error for ep in rollout.episodes]}
 
 
 def score_sampled(sampled: Sampled, rewards) -> RewardResult:

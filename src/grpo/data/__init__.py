@@ -20,6 +20,7 @@ INSTRUCTIONS = {
     "gsm8k": "{question}\nThink step by step, then write the final number inside <answer></answer>.",
     "math": "{question}\nThink step by step, then put the final answer inside \\boxed{{}}.",
     "file": "{question}",
+    "guess_number": "",  # the rules come with each row (grpo.envs.guess_number)
 }
 """The default prompt text of each task (data.instruction overrides it)."""
 
@@ -27,6 +28,7 @@ ACCURACY_REWARDS = {
     "arithmetic": "answer_accuracy",
     "countdown": "countdown",
     "file": "answer_accuracy",
+    "guess_number": "environment",
     "gsm8k": "answer_accuracy",
     "math": "math_accuracy",
 }
@@ -55,6 +57,11 @@ def load_task(data, needed_columns: list[str]) -> Task:
         train, eval_ = countdown_rows(data.countdown_numbers, data.num_train, data.num_eval, instruction, data.seed)
         _check_columns(train, data.task, needed_columns)
         return Task(train, eval_, f"countdown-{data.countdown_numbers}")
+    if data.task == "guess_number":
+        from grpo.envs.guess_number import guess_number_rows
+
+        return Task(guess_number_rows(data.num_train, data.seed), guess_number_rows(data.num_eval, data.seed + 1),
+                    "guess_number")
     if data.task in ("gsm8k", "math"):
         load = lambda path: dataset_rows(path, data.task, data.question_column, data.answer_column, instruction)  # noqa: E731
         train = load(data.train_file)

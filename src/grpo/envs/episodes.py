@@ -31,11 +31,12 @@ def environment_class(cfg) -> tuple[type, dict]:
     arguments, the tools loaded; ValueError naming the field when the class, a tool or an argument is wrong."""
     import inspect
 
-    from grpo.envs.base import check_environment_args, load_environment, load_tools
-    from grpo.envs.tools import ToolEnvironment
+    from grpo.envs import ToolEnvironment, check_environment_args, load_environment, load_tools
 
     cls = load_environment(cfg.name) if cfg.name else ToolEnvironment
     args = dict(cfg.args)
+    if "tools" in args:
+        raise ValueError("environment.args: tools are named in environment.tools (path/to/file.py:function), not in args")
     if cfg.tools:
         if "tools" not in inspect.signature(cls).parameters:
             raise ValueError(f"environment.tools: environment {cfg.name!r} takes no tools; give tools to the default "

@@ -300,17 +300,21 @@ def code_tests(
 
 @register_reward("environment")
 def environment_reward(completions, turn_rewards: list | None = None, turn_ends: list | None = None,
-                       per_turn: bool = False, **_) -> list:
-    """The environment's own rewards (grpo.envs): the sum of an episode's turn rewards, its return; None where no
-    turn was rewarded (or the run has no environment). per_turn: one step per rewarded turn instead, at the end of
-    the turn (for algorithm.advantage=process: each turn's reward reaches only the turns up to it)."""
+                       environment_error: list | None = None, per_turn: bool = False, **_) -> list:
+    """The environment's own rewards (grpo.envs): an episode's return, the sum of its turn rewards (0.0 when no turn
+    was rewarded, e.g. an episode cut before its final answer); None where the environment raised
+    (environment.on_error=none) or the run has no environment. per_turn: one step per rewarded turn instead, at
+    the end of the turn (for algorithm.advantage=process: a turn's reward reaches the tokens up to it)."""
     if turn_rewards is None:
         return [None] * len(completions)
     out: list = []
-    for rewards, ends in zip(turn_rewards, turn_ends or [None] * len(completions)):
+    errors = environment_error or [None] * len(completions)
+    for rewards, ends, error in zip(turn_rewards, turn_ends or [None] * len(completions), errors):
         rewarded = [(end, r) for end, r in zip(ends or [0] * len(rewards), rewards) if r is not None]
-        if not rewarded:
+        if error is not None:
             out.append(None)
+        elif per_turn:
+            out.append(rewarded)
         else:
-            out.append(rewarded if per_turn else float(sum(r for _, r in rewarded)))
+            out.append(float(sum(r for _, r in rewarded)))
     return out
