@@ -306,10 +306,13 @@ def main(argv: list[str] | None = None) -> int:
     from grpo.run import TrainingStopped
     from grpo.rundir import RunFolderError
     from grpo.distributed import DistributedError
+    from grpo.envs.chat import TemplateError
+    from grpo.envs.episodes import EnvironmentFailure
 
     try:
         return {"train": cmd_train, "eval": cmd_eval, "sweep": cmd_sweep, "report": cmd_report}[args.command](args)
-    except (ConfigError, DataError, ModelError, RunFolderError, RewardError, CheckpointError) as e:
+    except (ConfigError, DataError, ModelError, RunFolderError, RewardError, CheckpointError, EnvironmentFailure,
+            TemplateError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except TrainingStopped as e:

@@ -81,7 +81,10 @@ def check_environment(config: Config) -> None:
     """With an environment: build it once against the model's tokenizer (not the model), so that a class, tool or
     chat template that cannot serve it is refused before the model loads."""
     if config.environment.enabled:
-        Episodes.from_config(config, load_tokenizer_only(config.model))
+        try:
+            Episodes.from_config(config, load_tokenizer_only(config.model))
+        except ValueError as e:  # the environment refuses this tokenizer, e.g. a tool format its template lacks
+            raise ConfigError(f"environment: {e}") from None
 
 
 def set_threads(config: Config) -> None:
