@@ -118,3 +118,13 @@ def test_bad_environment_configs_are_refused_before_the_model_loads(tiny_model_d
     code, out, err = train(f"model.path={tiny_model_dir}", *BASE, *bad, f"output.dir={tmp_path}/r")
     assert code != 0
     assert message in err + out and "the model was loaded" not in err + out, err + out
+
+
+def test_episodes_train_a_lora_policy(tiny_model_dir, files, tmp_path):
+    """With LoRA only the adapters move, on the model's tokens of multi-turn episodes."""
+    code, _, err = train(*env_args(tiny_model_dir, files, "lora.enabled=true", "trainer.lr=1e-2"), "trainer.steps=2",
+                         f"output.dir={tmp_path / 'run'}")
+    assert code == 0, err
+    lines = metrics(tmp_path / "run")
+    assert all(m["env/turns_mean"] > 1 for m in lines) and any(m["grad_norm"] > 0 for m in lines)
+    assert (tmp_path / "run" / "model" / "adapter_config.json").is_file()
