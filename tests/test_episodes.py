@@ -129,3 +129,32 @@ def test_episodes_of_a_group_must_start_alike():
     _, tok, engine = setup()
     with pytest.raises(EnvironmentFailure, match="same state"):
         play(engine, tok, make_env=Different)
+
+
+def test_turn_rewards_land_between_their_turn_and_the_next():
+    """Process advantages: each turn's environment reward is a step that lands at or after the turn's last token and
+    before the next turn's first (the final turn's on the last token), so it reaches exactly the turns up to it."""
+    from grpo.rewards import Reward, get_reward, score
+    from grpo.rewards.process import step_table
+    from grpo.sample import episode_columns
+
+    _, tok, engine = setup()
+    r = play(engine, tok)
+    columns = episode_columns(r, tok)
+    texts = tok.batch_decode(r.completion_ids, skip_special_tokens=True)
+    result = score([Reward("environment", get_reward("environment"), 1.0, {"per_turn": True})], [""] * len(texts),
+                   texts, columns)
+    values, rows, index = step_table(result.steps, result.per_function, {"environment": 1.0}, r.completion_ids,
+                                     r.spans, tok)
+    placed = 0
+    for n, ep in enumerate(r.episodes):
+        action, span = r.action_mask[n].tolist(), int(r.spans[n])
+        mine = [(float(v), int(t)) for v, row, t in zip(values, rows, index) if int(row) == n]
+        rewarded = [(k, x) for k, x in enumerate(ep.turn_rewards) if x is not None]
+        assert [v for v, _ in mine] == [x for _, x in rewarded]
+        for (k, _), (_, t) in zip(rewarded, mine):
+            end = ep.turn_ends[k]
+            nxt = next((j for j in range(end + 1, span) if action[j]), span)  # the next turn's first token
+            assert end <= t < nxt or (nxt == span and t == span - 1), (n, k, t, end, nxt)
+            placed += 1
+    assert placed >= r.num_completions
