@@ -3,6 +3,8 @@ from a file, the built-ins, exact resume of an episode run, and refusals before 
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 
 import pytest
@@ -71,11 +73,27 @@ def test_a_users_environment_trains_and_resumes_exactly(tiny_model_dir, files, t
     assert all(m["env/turns_mean"] > 1 for m in lines) and any(m["grad_norm"] > 0 for m in lines)
     sample = json.loads((tmp_path / "straight" / "samples.jsonl").read_text().splitlines()[0])
     assert [m["role"] for m in sample["episode"]["messages"][:3]] == ["user", "assistant", "user"]
+    html = (tmp_path / "straight" / "report.html").read_text()
+    assert 'class="episode"' in html and "turn 2 reward" in html  # the report shows whole episodes
     code, _, err = train(*args, "trainer.steps=2", f"output.dir={tmp_path / 'split'}")
     assert code == 0, err
     code, out, err = train("--resume", tmp_path / "split", "trainer.steps=4")
     assert code == 0 and "resumed from" in out, err
     assert_same_run(tmp_path / "straight", tmp_path / "split")
+
+
+def test_grpo_eval_runs_and_shows_episodes(tiny_model_dir, files, tmp_path):
+    from grpo.cli import main
+
+    run = tmp_path / "run"
+    code, _, err = train(*env_args(tiny_model_dir, files), "trainer.steps=1", f"output.dir={run}")
+    assert code == 0, err
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["eval", str(run), "--output", str(tmp_path / "eval.json")]) == 0
+    result = json.loads((tmp_path / "eval.json").read_text())
+    assert all(ex["episode"]["messages"][0]["role"] == "user" for ex in result["examples"])
+    assert "[assistant] (turn 1, reward" in out.getvalue()
 
 
 def test_plain_tools_and_the_builtins_run_through_the_cli(tiny_model_dir, files, tmp_path):

@@ -196,6 +196,26 @@ def _finite(v) -> float | None:
     return v if v is not None and math.isfinite(v) else None
 
 
+def episode_transcripts(result: dict, count: int = 2) -> str:
+    """The first `count` held-out episodes as text (multi-turn runs): each turn under its role, the environment's
+    reward per model turn, and whether the answer was right."""
+    out = []
+    for ex in [x for x in result.get("examples", []) if x.get("episode")][:count]:
+        ep = ex["episode"]
+        turn, lines = 0, []
+        for m in ep["messages"][ep.get("first_messages", 0):]:
+            note = ""
+            if m.get("role") == "assistant":
+                rewards = ep.get("turn_rewards") or []
+                note = f" (turn {turn + 1}, reward {rewards[turn] if turn < len(rewards) else None})"
+                turn += 1
+            lines.append(f"  [{m.get('role')}]{note} {m.get('content', '')}")
+        right = {1.0: "right", 0.0: "wrong"}.get(ex.get("correct"), "")
+        prompt = ex["prompt"] if isinstance(ex["prompt"], str) else ex["prompt"][-1]["content"]
+        out.append(f"episode: {prompt} {right}".rstrip() + "\n" + "\n".join(lines))
+    return "\n".join(out)
+
+
 def summary(result: dict) -> str:
     """One line: the accuracy and its check where there is one, else the mean total reward."""
     if result.get("accuracy") is not None:

@@ -23,7 +23,8 @@ from grpo.backend import make_backend, resolve_precision
 from grpo.config import Config, ConfigError, absolute_paths
 from grpo.data import DataError, PromptSampler, encode_rows, load_task
 from grpo.distributed import SINGLE, World, close_world, init_world
-from grpo.evaluate import check_eval, curve_due, curve_metrics, evaluate, format_table, no_eval_split, summary
+from grpo.evaluate import (check_eval, curve_due, curve_metrics, episode_transcripts, evaluate, format_table,
+                           no_eval_split, summary)
 from grpo.logging.console import format_duration, make_console
 from grpo.logging.metrics import sample_records
 from grpo.logging.run import RunLog, write_json
@@ -412,5 +413,7 @@ def eval_only(config: Config, model_path: str | None, output: Path | None, quiet
     result["model"] = str(folder)
     if output:
         write_json(output, result)
+    if config.environment.enabled:  # what the episodes look like, not only their score
+        console.result(episode_transcripts(result))
     console.result(format_table({"eval": result}))
     return result

@@ -102,8 +102,9 @@ class Episode:
         return len(self.turn_ends)
 
     def to_dict(self) -> dict:
-        return {"messages": self.messages, "turn_rewards": self.turn_rewards, "tool_calls": self.tool_calls,
-                "tool_errors": self.tool_errors, "truncated": self.truncated, "error": self.error}
+        return {"messages": self.messages, "first_messages": self.first_messages, "turn_rewards": self.turn_rewards,
+                "tool_calls": self.tool_calls, "tool_errors": self.tool_errors, "truncated": self.truncated,
+                "error": self.error}
 
 
 @dataclass(frozen=True)

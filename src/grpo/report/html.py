@@ -44,6 +44,8 @@ CHARTS: list[tuple[str, list[str], str]] = [
     ("Phase timings (s)", ["time/*"], "Wall time of each phase of a step."),
     ("Throughput (completion tokens/s)", ["throughput/tokens_per_s", "throughput/generate_*", "throughput/reference_*", "throughput/train_*", "throughput/old_logprobs_*"],
      "Completion tokens per second of the whole step and of the model phases (scoring has its own chart below)."),
+    ("Episodes", ["env/turns_mean", "env/tool_calls_mean", "env/tool_errors_mean", "env/truncated_frac"],
+     "Multi-turn episodes (environment): model turns, tool calls and tool errors per episode, and the share cut by a limit (max_turns, max_tokens, max_new_tokens)."),
     ("Advantage", ["advantage/abs_mean", "ratio/mean"], "Mean |advantage| (0 when every group is all-equal) and the mean policy ratio."),
 ]
 
@@ -191,7 +193,8 @@ def _eval_examples(evals: dict[str, dict]) -> str:
             mark = '<span class="ok">right</span>' if ok == 1 else ('<span class="bad">wrong</span>' if ok == 0 else "")
             if ok is None and _num(ex.get("reward")) is not None:  # no check of right answers: the reward
                 mark = f'<span class="chip">reward {_fmt_or(ex.get("reward"))}</span>'
-            cells.append(f"<td>{mark}<pre>{e(_cut(ex.get('completion'), 600))}</pre></td>")
+            body = episode_html(ex["episode"], 600) if ex.get("episode") else f"<pre>{e(_cut(ex.get('completion'), 600))}</pre>"
+            cells.append(f"<td>{mark}{body}</td>")
         answer = f"<td>{e(first.get('answer'))}</td>" if answers else ""
         rows.append(f"<tr><td>{prompt_html(first.get('prompt'), 400)}</td>{answer}{''.join(cells)}</tr>")
     head = ("<th>answer</th>" if answers else "") + "".join(f"<th>{e(k)}</th>" for k in names)
@@ -279,11 +282,34 @@ def _adv(v) -> str:
 def _sample_card(r: dict, label: str) -> str:
     chips = "".join(f'<span class="chip">{e(k)} {_fmt_or(v)}</span>' for k, v in (r.get("rewards") or {}).items())
     trunc = '<span class="chip warn">truncated</span>' if r.get("truncated") else ""
+    body = episode_html(r["episode"]) if r.get("episode") else f'<pre class="completion">{e(_cut(r.get("completion")))}</pre>'
     return (
         f'<div class="sample {label}"><div class="meta"><b>{label}</b> reward {_fmt_or(r.get("reward"))} '
         f"&middot; advantage {_adv(r.get('advantage'))} &middot; {e(r.get('length'))} tokens {trunc}</div>"
-        f'<div class="chips">{chips}</div><pre class="completion">{e(_cut(r.get("completion")))}</pre></div>'
+        f'<div class="chips">{chips}</div>{body}</div>'
     )
+
+
+def episode_html(episode: dict, n: int = MAX_TEXT) -> str:
+    """A multi-turn episode after its prompt: each model turn (with the environment's reward for it) and each
+    message the environment answered with, under its role; tool calls and errors counted at the end."""
+    messages = episode.get("messages") or []
+    rewards = list(episode.get("turn_rewards") or [])
+    parts, turn = [], 0
+    for m in messages[int(episode.get("first_messages", 0)):]:
+        chip = ""
+        if m.get("role") == "assistant":
+            reward = rewards[turn] if turn < len(rewards) else None
+            chip = f' <span class="chip">turn {turn + 1} reward {_fmt_or(reward)}</span>'
+            turn += 1
+        parts.append(f'<div class="msg"><span class="role">{e(m.get("role", ""))}</span>{chip}'
+                     f'<pre>{e(_cut(m.get("content", ""), n))}</pre></div>')
+    notes = [f"{episode.get('tool_calls', 0)} tool calls", f"{episode.get('tool_errors', 0)} tool errors"]
+    if episode.get("truncated"):
+        notes.append("truncated")
+    if episode.get("error"):
+        notes.append(f"environment error: {_cut(episode['error'], 300)}")
+    return f'<div class="episode">{"".join(parts)}<div class="muted">{e(" · ".join(notes))}</div></div>'
 
 
 def summary_section(metrics: list[dict], evals: dict[str, dict], total_steps: int | None) -> str:
