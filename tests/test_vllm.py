@@ -184,3 +184,62 @@ def test_three_grpo_steps_with_engine_vllm_through_the_cli(tmp_path):
         assert 0 <= m["rollout/logprob_diff"] < 1e-3  # fp32 on both sides: kernel rounding only
         assert 0 < m["tis/weight_mean"] <= 2 and 0 <= m["tis/capped_frac"] <= 1
     assert "vllm engine" in done.stdout + done.stderr
+
+
+class _Turns:
+    """A duck-typed environment: three turns, each answered with a user message whose length depends on the turn."""
+
+    stop = tuple("aeiou0123456789")  # the tiny model's turns end on one of these
+    prompt_column, system_prompt = "prompt", None
+
+    def bind(self, tokenizer):
+        pass
+
+    def template_tools(self, tokenizer):
+        return None
+
+    def reset(self, row, seed):
+        self.turn = 0
+        return [{"role": "user", "content": row["prompt"]}]
+
+    def step(self, text):
+        from types import SimpleNamespace
+
+        self.turn += 1
+        return SimpleNamespace(messages=[{"role": "user", "content": "x" * (self.turn * 2 + len(text) % 3)}],
+                               reward=float(len(text) % 2), done=self.turn >= 3, tool_calls=0, tool_errors=0)
+
+
+def test_multi_turn_episodes_keep_tokens_and_logprobs(engine, policy, tok):
+    """Episodes through vLLM (each turn a generate over the whole transcript, prefix-cached): between turns exactly the
+    template's continuation, and every model token's sampling log-prob is the policy's over that transcript."""
+    from grpo.envs.chat import continuation_ids
+    from grpo.envs.episodes import EpisodeLimits, run_episodes
+    from grpo.rollout.base import group_seed
+
+    rows = [{"prompt": t} for t in TEXTS]
+    r = run_episodes(engine, tok, rows, _Turns, 2, SamplingParams(max_new_tokens=8),
+                     [group_seed(3, b) for b in range(len(rows))], EpisodeLimits(4, None), name="turns")
+    assert sum(ep.turns for ep in r.episodes) >= 2 * r.num_completions
+    for n, ep in enumerate(r.episodes):
+        span = int(r.completion_mask[n].sum())
+        ids, action = r.completion_ids[n, :span].tolist(), r.action_mask[n, :span]
+        for k, end in enumerate(ep.turn_ends[:-1]):
+            nxt = next(j for j in range(end + 1, span) if action[j])  # the next turn's first token
+            assert ids[end + 1: nxt] == continuation_ids(tok, [ep.messages[ep.first_messages + 2 * k + 1]], ids[end])
+        ref = reference_logprobs(policy, r.prompt_ids[n // 2], ids)
+        torch.testing.assert_close(r.sampling_logprobs[n, :span][action], ref[action], rtol=0, atol=LOGPROB_ATOL)
+
+
+def test_an_environment_run_with_engine_vllm_through_the_cli(tmp_path):
+    folder = save_tiny_model(tmp_path / "tiny", hidden=HIDDEN)
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "grpo", "train", f"model.path={folder}", "sampling.engine=vllm",
+           "sampling.enforce_eager=true", "trainer.steps=2", "trainer.batch_size=8", "sampling.group_size=4",
+           "sampling.max_new_tokens=6", "environment.name=calculator", "environment.max_turns=2",
+           "rewards=[{name: environment}]", "data.operators=['*']", "eval.before=false", "eval.after=false",
+           f"output.dir={run}", "--log-format", "jsonl"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [1, 2] and all("env/turns_mean" in m for m in lines)
