@@ -146,3 +146,15 @@ def test_episodes_train_a_lora_policy(tiny_model_dir, files, tmp_path):
     lines = metrics(tmp_path / "run")
     assert all(m["env/turns_mean"] > 1 for m in lines) and any(m["grad_norm"] > 0 for m in lines)
     assert (tmp_path / "run" / "model" / "adapter_config.json").is_file()
+
+
+def test_the_example_environment_runs(tiny_model_dir, tmp_path, monkeypatch):
+    """examples/agent.yaml (a user's environment class and a prompt file) trains a step and evaluates."""
+    from pathlib import Path
+
+    monkeypatch.chdir(Path(__file__).resolve().parent.parent)  # the example's paths start at the repository root
+    code, _, err = train("examples/agent.yaml", f"model.path={tiny_model_dir}", "trainer.steps=1",
+                         "trainer.batch_size=8", "sampling.group_size=4", "sampling.max_new_tokens=6",
+                         "eval.num_problems=2", "model.threads=1", f"output.dir={tmp_path / 'run'}")
+    assert code == 0, err
+    assert json.loads((tmp_path / "run" / "eval_after.json").read_text())["metric"] == "environment"
