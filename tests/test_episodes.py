@@ -158,3 +158,13 @@ def test_turn_rewards_land_between_their_turn_and_the_next():
             assert end <= t < nxt or (nxt == span and t == span - 1), (n, k, t, end, nxt)
             placed += 1
     assert placed >= r.num_completions
+
+
+def test_async_environments_are_awaited():
+    class Async(Chatty):
+        async def step(self, text):
+            return Chatty.step(self, text)
+
+    _, tok, engine = setup()
+    r = play(engine, tok, make_env=Async)
+    assert sum(ep.turns for ep in r.episodes) >= 2 * r.num_completions and all(ep.error is None for ep in r.episodes)

@@ -98,13 +98,14 @@ def test_grpo_eval_runs_and_shows_episodes(tiny_model_dir, files, tmp_path):
 
 def test_plain_tools_and_the_builtins_run_through_the_cli(tiny_model_dir, files, tmp_path):
     base = [f"model.path={tiny_model_dir}", *BASE, "rewards=[{name: environment}]", "sampling.max_new_tokens=6",
-            "trainer.steps=1", "environment.max_turns=2"]
+            "trainer.steps=2", "environment.max_turns=2"]
     for i, extra in enumerate([[f"environment.tools=[{files / 'my_tools.py'}:shout]"],
                                ["environment.name=calculator", "data.digits=2", "data.operators=['*']"],
-                               ["environment.name=guess_number", "data.task=guess_number", "data.num_train=8"]]):
+                               ["environment.name=guess_number", "data.task=guess_number", "data.num_train=8"],
+                               ["environment.name=python", "environment.args={timeout: 2}"]]):
         code, _, err = train(*base, *extra, f"output.dir={tmp_path / str(i)}")
         assert code == 0, (extra, err)
-        assert "env/turns_mean" in metrics(tmp_path / str(i))[0]
+        assert [m["step"] for m in metrics(tmp_path / str(i))] == [1, 2] and "env/turns_mean" in metrics(tmp_path / str(i))[0]
 
 
 def test_an_environment_that_raises_stops_the_run_naming_it(tiny_model_dir, files, tmp_path):

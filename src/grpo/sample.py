@@ -34,6 +34,7 @@ def sample_rows(engine, tokenizer, rows: list[dict], data, group_size: int, para
     """G completions for each row (`data`: the run's DataConfig), group b under seeds[b] (None: greedy); with
     `episodes` (grpo.envs.episodes.Episodes), G multi-turn episodes instead.
 
+    Length rewards (overlong_penalty) read an episode's model tokens against max_new_tokens x environment.max_turns.
     An episode's completion text is every turn after the prompt, the model's and the environment's, as the model
     read it (special tokens skipped), so a reward that checks the last number sees the final answer; reward
     functions also get `messages` (the whole conversation), `turn_rewards` (the environment's reward of each turn),
@@ -48,7 +49,8 @@ def sample_rows(engine, tokenizer, rows: list[dict], data, group_size: int, para
     g = rollout.group_size
     prompts = [text for text in tokenizer.batch_decode(prompt_ids) for _ in range(g)]
     completions = tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
-    columns = reward_columns(rows, g, data.prompt_column, rollout.lengths.tolist(), params.max_new_tokens)
+    most = params.max_new_tokens * (episodes.limits.max_turns if episodes is not None else 1)  # the model's tokens
+    columns = reward_columns(rows, g, data.prompt_column, rollout.lengths.tolist(), most)
     if rollout.episodes is not None:
         columns.update(episode_columns(rollout, tokenizer))
     return Sampled(rows, rollout, prompts, completions, columns)

@@ -15,6 +15,8 @@ The model's tokens are never decoded and encoded again: their text is only what 
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -233,7 +235,10 @@ def _step_all(envs, call, episodes, indices, limits: EpisodeLimits, name: str, r
     def timed(k):
         start = time.perf_counter()
         try:
-            return call(k, envs[k]), None
+            value = call(k, envs[k])
+            if inspect.isawaitable(value):  # an `async def` reset or step: run to completion in this thread
+                value = asyncio.run(_awaited(value))
+            return value, None
         except Exception as exc:  # noqa: BLE001 - the environment is user code: report what it raised
             return None, exc
         finally:
@@ -258,6 +263,10 @@ def _step_all(envs, call, episodes, indices, limits: EpisodeLimits, name: str, r
         episodes[k].error = message
         out.append(None)
     return out
+
+
+async def _awaited(value):
+    return await value
 
 
 def _short(row: dict) -> str:
