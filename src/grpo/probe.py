@@ -1,0 +1,324 @@
+"""`grpo probe`: can this task teach the starting model anything? Answered before any training.
+
+GRPO learns only from groups whose rewards differ: a group of G equal rewards has advantages that are all 0
+(grpo.core.advantages.zero_std_groups, the trainer's reward/zero_std_frac). A reward the starting model never
+earns, or always earns, trains nothing however long the run. The probe samples what the run's first steps would
+sample and says how much of it carries a signal:
+
+    grpo probe configs/default.yaml --prompts 32
+
+It builds the model, the rollout engine and the rewards as `grpo train` does (grpo.run.load_for_training,
+grpo.rewards.build_rewards), draws the first `--prompts` training prompts in the order the run draws them
+(grpo.data.PromptSampler) and samples each step's B = prompts_per_step groups in one call under the seeds the
+trainer gives them (prompt i is group i % B of step i // B: group_seed(trainer.seed, step, 0, i % B); prompts
+past the first step are what later steps would draw, sampled from the starting weights). Dynamic sampling's extra
+rounds are not drawn: the probe reports what the first round finds. Multi-turn episodes come through the same
+`grpo.sample.sample_rows`.
+
+The numbers (pure functions below, of the rewards and the rollout):
+- each reward's and the weighted total's distribution over the N = prompts x G completions: mean and std (of the
+  values that are not None, as the training metrics reward/<label>/mean and /std), min, max, how many are None,
+  and the count of each value when there are at most COUNTS_MAX distinct ones, else a histogram;
+- hits: per reward, the fraction of all N completions it scores above 0 (a format or answer reward's "got it"),
+  and the fraction it scores None (does not apply); and the fraction of groups in which its own values differ
+  (which reward the total's signal comes from);
+- accuracy and pass@G where the task has a check of right answers (grpo.evaluate.accuracy_check): the fraction of
+  completions the check scores 1, and of prompts with at least one such completion among their G;
+- groups: the fraction whose G total rewards are all equal (no signal), split into those all at the probe's
+  highest total and those all at its lowest, and the mean within-group (sample) std of the totals;
+- completions: the mean length in model tokens and the fraction truncated (hit sampling.max_new_tokens);
+- episodes (multi-turn, where the rollout has them): turns per episode and tool calls, as the records carry them.
+
+The verdict (thresholds below): TEACHABLE when at least TEACHABLE_MIN of the groups have a signal; WEAK SIGNAL
+from SIGNAL_MIN; under that TOO EASY when more of the equal groups are all at the top than at the bottom, else NO
+SIGNAL (naming the trained rewards no completion scores above 0 on). NO REWARD when every reward is None.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from grpo.core.advantages import group_view, masked_group_mean_std, zero_std_groups
+from grpo.data import PromptSampler, load_task
+from grpo.evaluate import accuracy_check
+from grpo.logging.metrics import mean_std
+from grpo.rewards import build_rewards
+from grpo.rollout.base import SamplingParams, group_seed
+from grpo.sample import sample_rows, score_sampled
+
+TEACHABLE_MIN = 0.25  # of groups with a signal: with 4 groups a step, about one a step, and dynamic sampling finds more
+SIGNAL_MIN = 0.10  # below this the run mostly trains on nothing (or, with dynamic sampling, redraws for ever)
+COUNTS_MAX = 8  # distinct values of a reward shown as value counts; more: a histogram of HISTOGRAM_BINS bins
+HISTOGRAM_BINS = 6
+
+
+# -- the statistics: pure functions of tensors -------------------------------------------------------------
+
+
+def distribution(values: torch.Tensor) -> dict:  # values [N] float64, NaN where the reward was None
+    """Mean, std (as the training metrics), min, max, None count, and value counts or a histogram."""
+    valid = values[~torch.isnan(values)].double()
+    out: dict = {"count": int(valid.numel()), "none": int(values.numel() - valid.numel())}
+    if valid.numel() == 0:
+        return {**out, "mean": None, "std": None, "min": None, "max": None}
+    m = mean_std("r", valid)
+    out.update(mean=m["r/mean"], std=m["r/std"], min=float(valid.min()), max=float(valid.max()))
+    distinct, counts = torch.unique(valid, return_counts=True)  # sorted
+    if distinct.numel() <= COUNTS_MAX:
+        out["counts"] = {f"{float(v):g}": int(c) for v, c in zip(distinct, counts)}
+    else:
+        out["histogram"] = histogram(valid, HISTOGRAM_BINS)
+    return out
+
+
+def histogram(values: torch.Tensor, bins: int) -> dict:  # values [M] float64, M > 0
+    """`bins` equal-width bins from min to max (the last one closed): their edges [bins + 1] and counts [bins]."""
+    lo, hi = float(values.min()), float(values.max())
+    width = (hi - lo) / bins
+    index = ((values - lo) / width).floor().long().clamp(0, bins - 1) if width > 0 else torch.zeros_like(values).long()
+    counts = torch.bincount(index, minlength=bins)
+    return {"edges": [lo + k * width for k in range(bins)] + [hi], "counts": counts.tolist()}
+
+
+def hits(values: torch.Tensor) -> dict:  # values [N] float64, NaN where the reward was None
+    """The fraction of all N completions the reward scores above 0, and the fraction it scores None."""
+    n = values.numel()
+    return {"hit_frac": float((values > 0).sum()) / n, "none_frac": float(torch.isnan(values).sum()) / n}
+
+
+def group_signal(totals: torch.Tensor, group_size: int) -> dict:  # totals [N] float64, N = B * G
+    """How many of the B groups carry a signal: `no_signal` the fraction whose valid totals are all equal (the
+    trainer's reward/zero_std_frac), `equal_at_top` / `equal_at_bottom` the fractions of groups that are equal at
+    the highest / lowest total of all N (both, where every total is the same), `all_none` those with no valid
+    total; `mean_group_std` the mean over groups of the sample std of their valid totals."""
+    r = group_view(totals, group_size).double()  # [B, G]
+    valid = ~torch.isnan(r)
+    equal = zero_std_groups(totals, group_size)  # [B] bool
+    _, std = masked_group_mean_std(r, valid)  # [B, 1]
+    first = torch.where(valid, r, torch.full_like(r, -math.inf)).amax(dim=1)  # [B]: an equal group's value, exactly
+    any_valid = valid.any(dim=1)  # [B]
+    top = bottom = torch.zeros_like(equal)
+    if any_valid.any():
+        hi, lo = float(r[valid].max()), float(r[valid].min())
+        top, bottom = equal & any_valid & (first == hi), equal & any_valid & (first == lo)
+    b = equal.numel()
+    return {
+        "groups": b,
+        "no_signal": float(equal.sum()) / b,
+        "equal_at_top": float(top.sum()) / b,
+        "equal_at_bottom": float(bottom.sum()) / b,
+        "all_none": float((~any_valid).sum()) / b,
+        "mean_group_std": float(std.mean()),
+    }
+
+
+def pass_at_group(correct: torch.Tensor, group_size: int) -> dict:  # correct [N] float64 (1: right)
+    """The fraction of completions the check scores 1 (`accuracy`) and of groups with at least one (`pass_at_g`)."""
+    right = group_view(correct, group_size) == 1  # [B, G]
+    return {"accuracy": float(right.float().mean()), "pass_at_g": float(right.any(dim=1).float().mean())}
+
+
+def length_stats(lengths: torch.Tensor, truncated: torch.Tensor) -> dict:  # [N] long, [N] bool
+    """The mean completion length in model tokens and the fraction that hit sampling.max_new_tokens."""
+    return {"mean_length": float(lengths.double().mean()), "truncated": float(truncated.double().mean())}
+
+
+def episode_stats(episodes: list | None) -> dict | None:
+    """Turns per episode and tool calls / errors of multi-turn episodes (grpo.envs.episodes records), as far as
+    the records carry them: a field a record lacks is left out (None: no episodes)."""
+    if not episodes:
+        return None
+    out = {"episodes": len(episodes)}
+    for key, names in (("turns", ("turns", "num_turns")), ("tool_calls", ("tool_calls",)),
+                       ("tool_errors", ("tool_errors",))):
+        counts = [_count(e, names) for e in episodes]
+        if all(c is not None for c in counts):
+            out[f"{key}_mean"] = sum(counts) / len(counts)
+            if key == "turns":
+                out["turns_max"] = max(counts)
+    return out
+
+
+def _count(record, names: tuple[str, ...]) -> int | None:
+    """The first of `names` the record has, as a number: an int as it is, a list by its length."""
+    for name in names:
+        value = record.get(name) if isinstance(record, dict) else getattr(record, name, None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return value
+        if isinstance(value, (list, tuple)):
+            return len(value)
+    return None
+
+
+def verdict(stats: dict) -> str:
+    """One line: can GRPO learn from these groups? (the module docstring has the rule)"""
+    g, total = stats["groups"], stats["reward"]
+    signal = 1 - g["no_signal"]
+    if total["count"] == 0:
+        return ("NO REWARD: every reward is None for every completion; check the rewards' columns and the cases "
+                "they return None for")
+    if signal >= TEACHABLE_MIN:
+        line = f"TEACHABLE: {signal:.0%} of groups have a signal (total rewards that differ within the group)"
+    elif signal >= SIGNAL_MIN:
+        line = (f"WEAK SIGNAL: only {signal:.0%} of groups have a signal; learning will be slow: "
+                "algorithm.dynamic_sampling=true trains only on those, a larger sampling.group_size or "
+                "sampling.temperature finds more")
+    elif g["equal_at_top"] > g["equal_at_bottom"]:
+        line = (f"TOO EASY: {g['no_signal']:.0%} of groups have equal rewards, {g['equal_at_top']:.0%} all at the "
+                f"top ({total['max']:g}); the model already does this: use harder prompts or a stricter reward")
+    else:
+        never = [name for name, r in stats["rewards"].items() if r["weight"] != 0 and r["hit_frac"] == 0]
+        why = (f"no completion scores above 0 on {', '.join(never)}" if never
+               else f"{g['equal_at_bottom']:.0%} of groups score all {total['min']:g}")
+        line = (f"NO SIGNAL: {g['no_signal']:.0%} of groups have equal rewards; {why}; change the prompt or the "
+                "reward (partial credit for a step towards it), or sample more (sampling.group_size, "
+                "sampling.temperature)")
+    if stats["completions"]["truncated"] >= 0.5:
+        line += f" (note: {stats['completions']['truncated']:.0%} of completions hit sampling.max_new_tokens)"
+    return line
+
+
+def probe_stats(per_function: dict[str, torch.Tensor], totals: torch.Tensor, weights: dict[str, float],
+                lengths: torch.Tensor, truncated: torch.Tensor, group_size: int,
+                correct: torch.Tensor | None = None, episodes: list | None = None) -> dict:
+    """Every number of the probe from its N completions (B whole groups of G, row n = b * G + g): each reward's
+    values [N] (NaN: None) and weight, the weighted totals [N], model-token lengths [N], truncated flags [N], the
+    accuracy check's values [N] (None: the task has no check) and the episode records (None: single-turn)."""
+    stats = {
+        "group_size": group_size,
+        "reward": distribution(totals),
+        "rewards": {name: {**distribution(v), **hits(v), "weight": weights[name],
+                           "groups_differ": 1 - group_signal(v, group_size)["no_signal"]}
+                    for name, v in per_function.items()},
+        "accuracy": None if correct is None else pass_at_group(correct, group_size),
+        "groups": group_signal(totals, group_size),
+        "completions": {"count": int(totals.numel()), **length_stats(lengths, truncated)},
+        "episodes": episode_stats(episodes),
+    }
+    stats["verdict"] = verdict(stats)
+    return stats
+
+
+# -- the probe: the run's starting model on the run's first prompts --------------------------------------------
+
+
+def probe(config, num_prompts: int = 32, log=print) -> dict:
+    """Sample G completions for each of the first `num_prompts` training prompts with the model training would
+    start from, score them with the run's rewards, and return probe_stats' numbers with the run's sampling
+    settings, the accuracy check's name (`metric`) and every group's completions and values (`samples`)."""
+    from grpo.run import check_prompt_lengths, load_for_training, needed_columns, set_threads
+
+    task = load_task(config.data, needed_columns(config))  # data errors before any model loads
+    set_threads(config)
+    torch.manual_seed(config.trainer.seed)
+    no_reference = config.model_copy(update={"algorithm": config.algorithm.model_copy(update={"beta": 0.0})})
+    model, tokenizer, folder, engine, _ = load_for_training(no_reference, log=log)  # sampling needs no reference
+    check_prompt_lengths(config, task, tokenizer, model)
+    rows = PromptSampler(task.train, config.data.seed).next(num_prompts)  # the run's first draws
+    specs, params = build_rewards(config.rewards), SamplingParams.from_config(config.sampling)
+    acc = accuracy_check(config, rows)
+    b, g = config.prompts_per_step, config.sampling.group_size
+    parts = []
+    for step, start in enumerate(range(0, len(rows), b)):  # one step's B groups a call, as the trainer samples
+        log(f"sampling {g} completions for prompts {start + 1}-{min(start + b, len(rows))} of {len(rows)}")
+        chunk = rows[start : start + b]
+        seeds = [group_seed(config.trainer.seed, step, 0, i) for i in range(len(chunk))]
+        sampled = sample_rows(engine, tokenizer, chunk, config.data, g, params, seeds)
+        result = score_sampled(sampled, specs)
+        right = None if acc is None else (result if acc.reward is None else score_sampled(sampled, [acc.reward]))
+        parts.append((sampled, result, None if right is None else right.per_function[acc.name]))
+    out = {"model": str(folder), "prompts": len(rows), "temperature": config.sampling.temperature,
+           "max_new_tokens": config.sampling.max_new_tokens, "metric": acc.name if acc else None}
+    out.update(_stats(parts, {s.name: s.weight for s in specs}, g))
+    out["samples"] = [group for sampled, result, correct in parts
+                      for group in _groups(sampled, result, correct, config.data.prompt_column)]
+    return out
+
+
+def _stats(parts: list, weights: dict[str, float], group_size: int) -> dict:
+    """probe_stats over the batches' (Sampled, RewardResult, correct values or None), concatenated in order."""
+    cat = lambda tensors: torch.cat(list(tensors))  # noqa: E731
+    results = [result for _, result, _ in parts]
+    episodes = [e for sampled, _, _ in parts for e in (sampled.rollout.episodes or [])]
+    return probe_stats(
+        {name: cat(r.per_function[name] for r in results) for name in results[0].per_function},
+        cat(r.total for r in results), weights,
+        cat(s.rollout.lengths for s, _, _ in parts), cat(s.rollout.truncated for s, _, _ in parts), group_size,
+        correct=None if parts[0][2] is None else cat(c for _, _, c in parts), episodes=episodes or None)
+
+
+def _groups(sampled, result, correct, prompt_column: str) -> list[dict]:
+    """Each group of a batch as plain data: its prompt, answer, G completions and their values (None: None)."""
+    g, r = sampled.rollout.group_size, sampled.rollout
+    values = lambda t, b: [_finite(float(v)) for v in t[b * g : (b + 1) * g]]  # noqa: E731
+    return [{
+        "prompt": row[prompt_column], "answer": row.get("answer"),
+        "completions": sampled.completions[b * g : (b + 1) * g],
+        "totals": values(result.total, b),
+        "rewards": {name: values(v, b) for name, v in result.per_function.items()},
+        "correct": None if correct is None else values(correct, b),
+        "lengths": r.lengths[b * g : (b + 1) * g].tolist(),
+        "truncated": r.truncated[b * g : (b + 1) * g].tolist(),
+    } for b, row in enumerate(sampled.rows)]
+
+
+def _finite(v: float) -> float | None:
+    return v if math.isfinite(v) else None
+
+
+# -- the printed table ----------------------------------------------------------------------------------------
+
+
+def format_probe(result: dict) -> str:
+    """The probe's result as text: what was sampled, the reward table, accuracy and pass@G, the groups, the
+    completions, the episodes, two examples and the verdict."""
+    g, groups, comp = result["group_size"], result["groups"], result["completions"]
+    lines = [f"probe: {result['prompts']} training prompts x {g} completions (temperature {result['temperature']:g}, "
+             f"max_new_tokens {result['max_new_tokens']}) from {result['model']}, before any training", ""]
+    lines.append(f"{'reward':<20}{'weight':>7}{'mean':>8}{'std':>8}{'min':>8}{'max':>8}{'> 0':>7}{'None':>7}"
+                 f"{'differ':>8}   values")
+    rows = [("total", result["reward"], None)] + [(n, r, r) for n, r in result["rewards"].items()]
+    for name, d, r in rows:
+        cells = [d[k] for k in ("mean", "std", "min", "max")]
+        lines.append(f"{name:<20}" + (f"{r['weight']:>7g}" if r else f"{'':>7}")
+                     + "".join(f"{'-':>8}" if v is None else f"{v:>8.3g}" for v in cells)
+                     + (f"{r['hit_frac']:>7.0%}{r['none_frac']:>7.0%}{r['groups_differ']:>8.0%}" if r else
+                        f"{'':>7}{d['none'] / comp['count']:>7.0%}{1 - groups['no_signal']:>8.0%}")
+                     + "   " + _values(d))
+    lines.append("(> 0: the fraction of completions scored above 0; None: scored None (does not apply); differ: the "
+                 "fraction of groups whose G values differ)")
+    acc = result["accuracy"]
+    lines.append("")
+    lines.append(f"accuracy ({result['metric']}): {acc['accuracy']:.1%} of completions right; pass@{g}: "
+                 f"{acc['pass_at_g']:.1%} of prompts have a right one" if acc else
+                 "accuracy: the task has no check of right answers (eval.metric, an answer column): skipped")
+    lines.append(f"groups with equal rewards (no signal): {groups['no_signal']:.1%} of {groups['groups']} "
+                 f"({groups['equal_at_top']:.1%} all at the highest total, {groups['equal_at_bottom']:.1%} all at "
+                 f"the lowest); mean within-group std {groups['mean_group_std']:.3g}")
+    lines.append(f"completions: mean length {comp['mean_length']:.1f} tokens; {comp['truncated']:.1%} truncated "
+                 f"(hit max_new_tokens {result['max_new_tokens']})")
+    if result["episodes"]:
+        lines.append("episodes: " + ", ".join(f"{k.replace('_', ' ')} {v:.2f}" for k, v in result["episodes"].items()
+                                              if k != "episodes") + f" ({result['episodes']['episodes']} episodes)")
+    for sample in result["samples"][:1]:
+        lines.append(f"\nexample group: {_short(sample['prompt'])}")
+        lines += [f"  {'None' if t is None else f'{t:.3g}':>6}  {_short(c)}" for t, c in
+                  zip(sample["totals"][:3], sample["completions"][:3])]
+    lines += ["", f"verdict: {result['verdict']}"]
+    return "\n".join(lines)
+
+
+def _values(d: dict) -> str:
+    if "counts" in d:
+        return ", ".join(f"{v}: {n}" for v, n in d["counts"].items())
+    if "histogram" in d:
+        h = d["histogram"]
+        return f"{len(h['counts'])} bins from {h['edges'][0]:g} to {h['edges'][-1]:g}: " + " ".join(map(str, h["counts"]))
+    return ""
+
+
+def _short(text, width: int = 90) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= width else text[: width - 3] + "..."
