@@ -85,14 +85,15 @@ def histogram(values: torch.Tensor, bins: int) -> dict:  # values [M] float64, M
 def hits(values: torch.Tensor) -> dict:  # values [N] float64, NaN where the reward was None
     """The fraction of all N completions the reward scores above 0, and the fraction it scores None."""
     n = values.numel()
-    return {"hit_frac": float((values > 0).sum()) / n, "none_frac": float(torch.isnan(values).sum()) / n}
+    return {"hit_frac": int((values > 0).sum()) / n, "none_frac": int(torch.isnan(values).sum()) / n}
 
 
 def group_signal(totals: torch.Tensor, group_size: int) -> dict:  # totals [N] float64, N = B * G
     """How many of the B groups carry a signal: `no_signal` the fraction whose valid totals are all equal (the
-    trainer's reward/zero_std_frac), `equal_at_top` / `equal_at_bottom` the fractions of groups that are equal at
-    the highest / lowest total of all N (both, where every total is the same), `all_none` those with no valid
-    total; `mean_group_std` the mean over groups of the sample std of their valid totals."""
+    trainer's reward/zero_std_frac) and `signal` the others; `equal_at_top` / `equal_at_bottom` the fractions of
+    groups that are equal at the highest / lowest total of all N (both, where every total is the same),
+    `all_none` those with no valid total; `mean_group_std` the mean over groups of the sample std of their valid
+    totals."""
     r = group_view(totals, group_size).double()  # [B, G]
     valid = ~torch.isnan(r)
     equal = zero_std_groups(totals, group_size)  # [B] bool
@@ -106,10 +107,11 @@ def group_signal(totals: torch.Tensor, group_size: int) -> dict:  # totals [N] f
     b = equal.numel()
     return {
         "groups": b,
-        "no_signal": float(equal.sum()) / b,
-        "equal_at_top": float(top.sum()) / b,
-        "equal_at_bottom": float(bottom.sum()) / b,
-        "all_none": float((~any_valid).sum()) / b,
+        "signal": int((~equal).sum()) / b,
+        "no_signal": int(equal.sum()) / b,
+        "equal_at_top": int(top.sum()) / b,
+        "equal_at_bottom": int(bottom.sum()) / b,
+        "all_none": int((~any_valid).sum()) / b,
         "mean_group_std": float(std.mean()),
     }
 
@@ -117,12 +119,12 @@ def group_signal(totals: torch.Tensor, group_size: int) -> dict:  # totals [N] f
 def pass_at_group(correct: torch.Tensor, group_size: int) -> dict:  # correct [N] float64 (1: right)
     """The fraction of completions the check scores 1 (`accuracy`) and of groups with at least one (`pass_at_g`)."""
     right = group_view(correct, group_size) == 1  # [B, G]
-    return {"accuracy": float(right.float().mean()), "pass_at_g": float(right.any(dim=1).float().mean())}
+    return {"accuracy": int(right.sum()) / right.numel(), "pass_at_g": int(right.any(dim=1).sum()) / right.shape[0]}
 
 
 def length_stats(lengths: torch.Tensor, truncated: torch.Tensor) -> dict:  # [N] long, [N] bool
     """The mean completion length in model tokens and the fraction that hit sampling.max_new_tokens."""
-    return {"mean_length": float(lengths.double().mean()), "truncated": float(truncated.double().mean())}
+    return {"mean_length": float(lengths.double().mean()), "truncated": int(truncated.sum()) / truncated.numel()}
 
 
 def episode_stats(episodes: list | None) -> dict | None:
@@ -155,7 +157,7 @@ def _count(record, names: tuple[str, ...]) -> int | None:
 def verdict(stats: dict) -> str:
     """One line: can GRPO learn from these groups? (the module docstring has the rule)"""
     g, total = stats["groups"], stats["reward"]
-    signal = 1 - g["no_signal"]
+    signal = g["signal"]
     if total["count"] == 0:
         return ("NO REWARD: every reward is None for every completion; check the rewards' columns and the cases "
                 "they return None for")
@@ -190,7 +192,7 @@ def probe_stats(per_function: dict[str, torch.Tensor], totals: torch.Tensor, wei
         "group_size": group_size,
         "reward": distribution(totals),
         "rewards": {name: {**distribution(v), **hits(v), "weight": weights[name],
-                           "groups_differ": 1 - group_signal(v, group_size)["no_signal"]}
+                           "groups_differ": group_signal(v, group_size)["signal"]}
                     for name, v in per_function.items()},
         "accuracy": None if correct is None else pass_at_group(correct, group_size),
         "groups": group_signal(totals, group_size),
@@ -285,7 +287,7 @@ def format_probe(result: dict) -> str:
         lines.append(f"{name:<20}" + (f"{r['weight']:>7g}" if r else f"{'':>7}")
                      + "".join(f"{'-':>8}" if v is None else f"{v:>8.3g}" for v in cells)
                      + (f"{r['hit_frac']:>7.0%}{r['none_frac']:>7.0%}{r['groups_differ']:>8.0%}" if r else
-                        f"{'':>7}{d['none'] / comp['count']:>7.0%}{1 - groups['no_signal']:>8.0%}")
+                        f"{'':>7}{d['none'] / comp['count']:>7.0%}{groups['signal']:>8.0%}")
                      + "   " + _values(d))
     lines.append("(> 0: the fraction of completions scored above 0; None: scored None (does not apply); differ: the "
                  "fraction of groups whose G values differ)")

@@ -1,0 +1,201 @@
+"""`grpo probe`: the statistics on hand-built rewards, and the command end to end on the tiny random model."""
+
+import contextlib
+import io
+import json
+import math
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from grpo.probe import (distribution, episode_stats, group_signal, hits, histogram, length_stats, pass_at_group,
+                        probe_stats, verdict)
+
+nan = math.nan
+T = lambda *v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
+
+
+# -- the pure statistics ---------------------------------------------------------------------------------------
+
+
+def test_distribution_of_few_values_counts_them_and_leaves_none_out():
+    d = distribution(T(0, 1, 1, nan))
+    assert d["count"] == 3 and d["none"] == 1 and d["min"] == 0 and d["max"] == 1
+    assert d["mean"] == pytest.approx(2 / 3, rel=0, abs=1e-12)
+    assert d["std"] == pytest.approx(math.sqrt(1 / 3), rel=0, abs=1e-12)  # sample std of 0, 1, 1 (as reward/std)
+    assert d["counts"] == {"0": 1, "1": 2} and "histogram" not in d
+
+
+def test_distribution_of_many_values_is_a_histogram():
+    d = distribution(torch.arange(10, dtype=torch.float64))  # 10 distinct values > COUNTS_MAX
+    assert "counts" not in d
+    assert d["histogram"] == {"edges": [0, 1.5, 3, 4.5, 6, 7.5, 9], "counts": [2, 1, 2, 1, 2, 2]}
+    assert histogram(T(2, 2), 3) == {"edges": [2, 2, 2, 2], "counts": [2, 0, 0]}  # no spread: one bin
+
+
+def test_distribution_of_only_none():
+    assert distribution(T(nan, nan)) == {"count": 0, "none": 2, "mean": None, "std": None, "min": None, "max": None}
+
+
+def test_hits_count_above_zero_and_none_over_all_completions():
+    assert hits(T(0, 0.5, nan, -1)) == {"hit_frac": 0.25, "none_frac": 0.25}
+
+
+def test_group_signal():
+    # G = 2: all 1 (top), all 0 (bottom), mixed, all None, all 0.5 (equal, neither end)
+    g = group_signal(T(1, 1, 0, 0, 0, 1, nan, nan, 0.5, 0.5), 2)
+    assert g["groups"] == 5 and g["no_signal"] == 4 / 5 and g["signal"] == 1 / 5
+    assert g["equal_at_top"] == 1 / 5 and g["equal_at_bottom"] == 1 / 5 and g["all_none"] == 1 / 5
+    assert g["mean_group_std"] == pytest.approx(math.sqrt(0.5) / 5, rel=0, abs=1e-12)
+    one = group_signal(T(nan, 1, 0, 1), 2)  # a group with one valid reward has no signal (as the trainer's)
+    assert one["no_signal"] == 0.5 and one["equal_at_top"] == 0.5
+
+
+def test_pass_at_group_and_lengths():
+    assert pass_at_group(T(1, 0, 0, 0, 1, 1), 2) == {"accuracy": 0.5, "pass_at_g": 2 / 3}
+    assert pass_at_group(T(0.5, nan), 2) == {"accuracy": 0.0, "pass_at_g": 0.0}  # right means exactly 1
+    assert length_stats(torch.tensor([3, 5, 12, 12]), torch.tensor([False, False, True, True])) == {
+        "mean_length": 8.0, "truncated": 0.5}
+
+
+def test_episode_stats_take_what_the_records_have():
+    assert episode_stats(None) is None and episode_stats([]) is None
+    records = [SimpleNamespace(turns=[1, 2, 3], tool_calls=2, tool_errors=0), {"turns": 1, "tool_calls": 0}]
+    assert episode_stats(records) == {"episodes": 2, "turns_mean": 2.0, "turns_max": 3, "tool_calls_mean": 1.0}
+    assert episode_stats([SimpleNamespace(num_turns=4)]) == {"episodes": 1, "turns_mean": 4.0, "turns_max": 4}
+
+
+def stats(totals, G=2, per_function=None, weights=None, truncated=0.0):
+    n = len(totals)
+    per_function = per_function or {"r": T(*totals)}
+    weights = weights or dict.fromkeys(per_function, 1.0)
+    trunc = torch.arange(n) < round(truncated * n)
+    return probe_stats(per_function, T(*totals), weights, torch.full((n,), 4), trunc, G)
+
+
+def test_probe_stats_collects_every_number():
+    s = stats([1, 0, 0, 0], per_function={"a": T(1, 0, 0, 0), "b": T(nan, 0, 0, 0)}, weights={"a": 1.0, "b": 0.0})
+    assert s["rewards"]["a"]["groups_differ"] == 0.5 and s["rewards"]["b"]["groups_differ"] == 0.0
+    assert s["rewards"]["b"]["none_frac"] == 0.25 and s["rewards"]["b"]["count"] == 3 and s["rewards"]["b"]["weight"] == 0
+    assert s["groups"]["no_signal"] == 0.5 and s["completions"] == {"count": 4, "mean_length": 4.0, "truncated": 0.0}
+    assert s["accuracy"] is None and s["episodes"] is None
+    assert s["verdict"].startswith("TEACHABLE: 50% of groups have a signal")
+
+
+def test_verdicts():
+    assert stats([0, 1] + [0, 0] * 9)["verdict"].startswith("WEAK SIGNAL: only 10% of groups have a signal")
+    easy = stats([0, 1] + [1, 1] * 19 + [0, 0])["verdict"]
+    assert easy.startswith("TOO EASY: 95% of groups have equal rewards, 90% all at the top (1)")
+    none = stats([0, 0] * 10, per_function={"strict": T(*[0] * 20), "lenient": T(*[1, 0] * 10)},
+                 weights={"strict": 1.0, "lenient": 0.0})["verdict"]  # a reward of weight 0 trains nothing
+    assert none.startswith("NO SIGNAL: 100% of groups have equal rewards; no completion scores above 0 on strict;")
+    same = stats([0.5, 0.5] * 4)["verdict"]
+    assert same.startswith("NO SIGNAL: 100% of groups have equal rewards; 100% of groups score all 0.5;")
+    assert stats([nan] * 4)["verdict"].startswith("NO REWARD")
+    assert "(note: 75% of completions hit sampling.max_new_tokens)" in stats([0, 1, 0, 1], truncated=0.75)["verdict"]
+    assert "note" not in stats([0, 1, 0, 1], truncated=0.25)["verdict"]
+
+
+def test_verdict_reads_only_the_stats():
+    s = {"groups": {"signal": 0.2, "no_signal": 0.8, "equal_at_top": 0.0, "equal_at_bottom": 0.8}, "reward": {"count": 1},
+         "rewards": {}, "completions": {"truncated": 0.0}}
+    assert verdict(s).startswith("WEAK SIGNAL: only 20%")
+
+
+# -- the command ---------------------------------------------------------------------------------------------
+
+TINY = ["trainer.batch_size=8", "sampling.group_size=4", "sampling.max_new_tokens=12", "data.digits=1",
+        "data.num_eval=6", "rewards=[{name: answer_accuracy}, {name: format, weight: 0.5}]"]
+
+
+def probe_cli(*args) -> str:
+    from grpo.cli import main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+        assert main(["probe", *map(str, args)]) == 0
+    return out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def probed(tiny_model_dir):
+    """The probe's JSON and its table, of 3 prompts (two steps' draws: 2 prompts a step) on the tiny model."""
+    args = [f"model.path={tiny_model_dir}", *TINY, "--prompts", 3]
+    return json.loads(probe_cli(*args, "--json")), probe_cli(*args)
+
+
+def test_probe_json_numbers_are_those_of_its_samples(probed):
+    from grpo.rewards import get_reward
+
+    result, _ = probed
+    samples = result["samples"]
+    assert result["prompts"] == 3 and result["group_size"] == 4 and len(samples) == 3
+    assert result["metric"] == "answer_accuracy"
+    totals = [t for s in samples for t in s["totals"]]
+    fmt = [v for s in samples for v in s["rewards"]["format"]]
+    acc = [v for s in samples for v in s["rewards"]["answer_accuracy"]]
+    for s in samples:  # each reward's values are the reward function's on the completions
+        assert s["rewards"]["answer_accuracy"] == get_reward("answer_accuracy")(s["completions"], [s["answer"]] * 4)
+        assert s["correct"] == s["rewards"]["answer_accuracy"]
+    assert totals == [a + 0.5 * f for a, f in zip(acc, fmt)]
+    assert result["reward"]["mean"] == pytest.approx(sum(totals) / 12, rel=0, abs=1e-12)
+    assert result["reward"]["min"] == min(totals) and result["reward"]["max"] == max(totals)
+    assert result["rewards"]["format"]["hit_frac"] == sum(v > 0 for v in fmt) / 12
+    equal = [len(set(s["totals"])) == 1 for s in samples]
+    assert result["groups"]["no_signal"] == sum(equal) / 3
+    assert result["accuracy"]["pass_at_g"] == sum(1 in s["correct"] for s in samples) / 3
+    lengths = [n for s in samples for n in s["lengths"]]
+    assert result["completions"]["mean_length"] == pytest.approx(sum(lengths) / 12, rel=0, abs=1e-12)
+    assert result["completions"]["truncated"] == sum(t for s in samples for t in s["truncated"]) / 12
+    assert all(0 < n <= 12 for n in lengths)
+
+
+def test_probe_table_prints_the_json_numbers(probed):
+    result, table = probed
+    g = result["groups"]
+    assert f"pass@4: {result['accuracy']['pass_at_g']:.1%} of prompts" in table
+    assert f"groups with equal rewards (no signal): {g['no_signal']:.1%} of 3" in table
+    assert f"mean length {result['completions']['mean_length']:.1f} tokens" in table
+    assert table.rstrip().endswith(f"verdict: {result['verdict']}")
+    fmt = result["rewards"]["format"]
+    assert any(line.startswith("format") and f"{fmt['mean']:.3g}" in line and f"{fmt['hit_frac']:.0%}" in line
+               for line in table.splitlines())
+
+
+def test_probe_samples_what_training_step_one_samples(probed, tiny_model_dir):
+    """The probe's first B groups are step 1's: the same prompts, seeds, engine and completions."""
+    from grpo.config import load_config
+    from grpo.data import load_task
+    from grpo.logging.metrics import Phases
+    from grpo.run import build_trainer, load_for_training
+
+    result, _ = probed
+    config = load_config(None, [f"model.path={tiny_model_dir}", *TINY])
+    model, tokenizer, _, engine, ref = load_for_training(config, log=lambda text: None)
+    trainer = build_trainer(config, model, tokenizer, engine, load_task(config.data, []).train, ref_model=ref)
+    rows = trainer.sampler.next(config.prompts_per_step)
+    scored = trainer.generate_and_score(rows, Phases())
+    assert [s["prompt"] for s in result["samples"][:2]] == [r["prompt"] for r in rows]
+    assert [c for s in result["samples"][:2] for c in s["completions"]] == scored.completions
+    assert [t for s in result["samples"][:2] for t in s["totals"]] == scored.rewards.total.tolist()
+
+
+def grpo(*args):
+    return subprocess.run([sys.executable, "-m", "grpo", *map(str, args)], capture_output=True, text=True, timeout=300)
+
+
+def test_probe_refuses_a_bad_config_before_the_model_loads(tiny_model_dir):
+    proc = grpo("probe", f"model.path={tiny_model_dir}", *TINY, "trainer.lrr=1")
+    assert proc.returncode == 2 and "did you mean 'lr'" in proc.stderr and "Traceback" not in proc.stderr
+    assert "sampling:" not in proc.stderr + proc.stdout  # load_for_training never ran
+    proc = grpo("probe", f"model.path={tiny_model_dir}", "--prompts", 0)
+    assert proc.returncode == 2 and "--prompts 0: give at least 1 prompt" in proc.stderr
+
+
+def test_probe_in_help():
+    assert "probe" in grpo("--help").stdout
+    text = grpo("probe", "--help").stdout
+    assert "--prompts" in text and "--json" in text and "TEACHABLE" in text and "sampling.group_size" in text
