@@ -310,7 +310,7 @@ def cmd_probe(args) -> int:
     config = load_config(path, overrides)  # a bad config fails here, before the model loads
     log = (lambda text: None) if args.quiet else (lambda text: print(text, file=sys.stderr, flush=True))  # noqa: E731
     result = probe(config, args.prompts, log=log)
-    print(json.dumps(result) if args.json else format_probe(result))
+    print(json.dumps(result, default=str) if args.json else format_probe(result))
     return 0
 
 

@@ -37,6 +37,7 @@ SIGNAL (naming the trained rewards no completion scores above 0 on). NO REWARD w
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -44,9 +45,9 @@ from grpo.core.advantages import group_view, masked_group_mean_std, zero_std_gro
 from grpo.data import PromptSampler, load_task
 from grpo.evaluate import accuracy_check
 from grpo.logging.metrics import mean_std
-from grpo.rewards import build_rewards
+from grpo.rewards import RewardResult, build_rewards
 from grpo.rollout.base import SamplingParams, group_seed
-from grpo.sample import sample_rows, score_sampled
+from grpo.sample import Sampled, sample_rows, score_sampled
 
 TEACHABLE_MIN = 0.25  # of groups with a signal: with 4 groups a step, about one a step, and dynamic sampling finds more
 SIGNAL_MIN = 0.10  # below this the run mostly trains on nothing (or, with dynamic sampling, redraws for ever)
@@ -219,51 +220,65 @@ def probe(config, num_prompts: int = 32, log=print) -> dict:
     model, tokenizer, folder, engine, _ = load_for_training(no_reference, log=log)  # sampling needs no reference
     check_prompt_lengths(config, task, tokenizer, model)
     rows = PromptSampler(task.train, config.data.seed).next(num_prompts)  # the run's first draws
-    specs, params = build_rewards(config.rewards), SamplingParams.from_config(config.sampling)
-    acc = accuracy_check(config, rows)
+    specs, acc = build_rewards(config.rewards), accuracy_check(config, rows)
     b, g = config.prompts_per_step, config.sampling.group_size
-    parts = []
+    batches = []
     for step, start in enumerate(range(0, len(rows), b)):  # one step's B groups a call, as the trainer samples
         log(f"sampling {g} completions for prompts {start + 1}-{min(start + b, len(rows))} of {len(rows)}")
-        chunk = rows[start : start + b]
-        seeds = [group_seed(config.trainer.seed, step, 0, i) for i in range(len(chunk))]
-        sampled = sample_rows(engine, tokenizer, chunk, config.data, g, params, seeds)
-        result = score_sampled(sampled, specs)
-        right = None if acc is None else (result if acc.reward is None else score_sampled(sampled, [acc.reward]))
-        parts.append((sampled, result, None if right is None else right.per_function[acc.name]))
+        batches.append(_sample_step(engine, tokenizer, rows[start : start + b], config, specs, acc, step))
     out = {"model": str(folder), "prompts": len(rows), "temperature": config.sampling.temperature,
            "max_new_tokens": config.sampling.max_new_tokens, "metric": acc.name if acc else None}
-    out.update(_stats(parts, {s.name: s.weight for s in specs}, g))
-    out["samples"] = [group for sampled, result, correct in parts
-                      for group in _groups(sampled, result, correct, config.data.prompt_column)]
+    out.update(_stats(batches, {s.name: s.weight for s in specs}, g))
+    out["samples"] = [group for batch in batches for group in _groups(batch, config.data.prompt_column)]
     return out
 
 
-def _stats(parts: list, weights: dict[str, float], group_size: int) -> dict:
-    """probe_stats over the batches' (Sampled, RewardResult, correct values or None), concatenated in order."""
+@dataclass
+class _Batch:
+    """One step's groups as the trainer would sample and score them, and the accuracy check's values."""
+
+    sampled: Sampled
+    rewards: RewardResult
+    correct: torch.Tensor | None  # [N] float64 (1: right); None: the task has no check
+
+
+def _sample_step(engine, tokenizer, rows: list[dict], config, specs, acc, step: int) -> _Batch:
+    """Training step `step + 1`'s groups of `rows` (group i under the trainer's seed for it), scored."""
+    seeds = [group_seed(config.trainer.seed, step, 0, i) for i in range(len(rows))]  # as Trainer.generate_and_score
+    params = SamplingParams.from_config(config.sampling)
+    sampled = sample_rows(engine, tokenizer, rows, config.data, config.sampling.group_size, params, seeds)
+    result = score_sampled(sampled, specs)
+    if acc is None:
+        return _Batch(sampled, result, None)
+    right = result if acc.reward is None else score_sampled(sampled, [acc.reward])  # as grpo.evaluate
+    return _Batch(sampled, result, right.per_function[acc.name])
+
+
+def _stats(batches: list[_Batch], weights: dict[str, float], group_size: int) -> dict:
+    """probe_stats over the batches, concatenated in order (each holds whole groups)."""
     cat = lambda tensors: torch.cat(list(tensors))  # noqa: E731
-    results = [result for _, result, _ in parts]
-    episodes = [e for sampled, _, _ in parts for e in (sampled.rollout.episodes or [])]
+    rollouts = [b.sampled.rollout for b in batches]
+    episodes = [e for r in rollouts for e in (r.episodes or [])]
     return probe_stats(
-        {name: cat(r.per_function[name] for r in results) for name in results[0].per_function},
-        cat(r.total for r in results), weights,
-        cat(s.rollout.lengths for s, _, _ in parts), cat(s.rollout.truncated for s, _, _ in parts), group_size,
-        correct=None if parts[0][2] is None else cat(c for _, _, c in parts), episodes=episodes or None)
+        {name: cat(b.rewards.per_function[name] for b in batches) for name in weights},
+        cat(b.rewards.total for b in batches), weights,
+        cat(r.lengths for r in rollouts), cat(r.truncated for r in rollouts), group_size,
+        correct=None if batches[0].correct is None else cat(b.correct for b in batches), episodes=episodes or None)
 
 
-def _groups(sampled, result, correct, prompt_column: str) -> list[dict]:
+def _groups(batch: _Batch, prompt_column: str) -> list[dict]:
     """Each group of a batch as plain data: its prompt, answer, G completions and their values (None: None)."""
-    g, r = sampled.rollout.group_size, sampled.rollout
+    r, g = batch.sampled.rollout, batch.sampled.rollout.group_size
     values = lambda t, b: [_finite(float(v)) for v in t[b * g : (b + 1) * g]]  # noqa: E731
     return [{
         "prompt": row[prompt_column], "answer": row.get("answer"),
-        "completions": sampled.completions[b * g : (b + 1) * g],
-        "totals": values(result.total, b),
-        "rewards": {name: values(v, b) for name, v in result.per_function.items()},
-        "correct": None if correct is None else values(correct, b),
+        "completions": batch.sampled.completions[b * g : (b + 1) * g],
+        "totals": values(batch.rewards.total, b),
+        "rewards": {name: values(v, b) for name, v in batch.rewards.per_function.items()},
+        "correct": None if batch.correct is None else values(batch.correct, b),
         "lengths": r.lengths[b * g : (b + 1) * g].tolist(),
         "truncated": r.truncated[b * g : (b + 1) * g].tolist(),
-    } for b, row in enumerate(sampled.rows)]
+    } for b, row in enumerate(batch.sampled.rows)]
 
 
 def _finite(v: float) -> float | None:
@@ -275,10 +290,11 @@ def _finite(v: float) -> float | None:
 
 def format_probe(result: dict) -> str:
     """The probe's result as text: what was sampled, the reward table, accuracy and pass@G, the groups, the
-    completions, the episodes, two examples and the verdict."""
+    completions, the episodes, the first group's first three completions and the verdict."""
     g, groups, comp = result["group_size"], result["groups"], result["completions"]
-    lines = [f"probe: {result['prompts']} training prompts x {g} completions (temperature {result['temperature']:g}, "
-             f"max_new_tokens {result['max_new_tokens']}) from {result['model']}, before any training", ""]
+    head = (f"probe: {result['prompts']} training prompts x {g} completions (temperature {result['temperature']:g}, "
+            f"max_new_tokens {result['max_new_tokens']}) from {result['model']}, before any training")
+    lines = [head, ""]
     lines.append(f"{'reward':<20}{'weight':>7}{'mean':>8}{'std':>8}{'min':>8}{'max':>8}{'> 0':>7}{'None':>7}"
                  f"{'differ':>8}   values")
     rows = [("total", result["reward"], None)] + [(n, r, r) for n, r in result["rewards"].items()]
