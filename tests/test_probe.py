@@ -79,7 +79,8 @@ def stats(totals, G=2, per_function=None, weights=None, truncated=0.0):
 def test_probe_stats_collects_every_number():
     s = stats([1, 0, 0, 0], per_function={"a": T(1, 0, 0, 0), "b": T(nan, 0, 0, 0)}, weights={"a": 1.0, "b": 0.0})
     assert s["rewards"]["a"]["groups_differ"] == 0.5 and s["rewards"]["b"]["groups_differ"] == 0.0
-    assert s["rewards"]["b"]["none_frac"] == 0.25 and s["rewards"]["b"]["count"] == 3 and s["rewards"]["b"]["weight"] == 0
+    b = s["rewards"]["b"]
+    assert b["none_frac"] == 0.25 and b["count"] == 3 and b["weight"] == 0
     assert s["groups"]["no_signal"] == 0.5 and s["completions"] == {"count": 4, "mean_length": 4.0, "truncated": 0.0}
     assert s["accuracy"] is None and s["episodes"] is None
     assert s["verdict"].startswith("TEACHABLE: 50% of groups have a signal")
@@ -100,9 +101,11 @@ def test_verdicts():
 
 
 def test_verdict_reads_only_the_stats():
-    s = {"groups": {"signal": 0.2, "no_signal": 0.8, "equal_at_top": 0.0, "equal_at_bottom": 0.8}, "reward": {"count": 1},
-         "rewards": {}, "completions": {"truncated": 0.0}}
+    s = {"groups": {"signal": 0.2, "no_signal": 0.8, "equal_at_top": 0.0, "equal_at_bottom": 0.8},
+         "reward": {"count": 1}, "rewards": {}, "completions": {"truncated": 0.0}}
     assert verdict(s).startswith("WEAK SIGNAL: only 20%")
+    assert "algorithm.dynamic_sampling=true trains only on those" in verdict(s)
+    assert "algorithm.dynamic_sampling (on) draws about 5 groups for each it trains on" in verdict(s, True)
 
 
 # -- the command ---------------------------------------------------------------------------------------------
@@ -199,3 +202,20 @@ def test_probe_in_help():
     assert "probe" in grpo("--help").stdout
     text = grpo("probe", "--help").stdout
     assert "--prompts" in text and "--json" in text and "TEACHABLE" in text and "sampling.group_size" in text
+
+
+def test_table_without_a_check_with_episodes_and_a_histogram():
+    from grpo.probe import format_probe
+
+    n = 10
+    s = probe_stats({"close": torch.arange(n, dtype=torch.float64)}, torch.arange(n, dtype=torch.float64),
+                    {"close": 1.0}, torch.full((n,), 7), torch.zeros(n, dtype=torch.bool), 2,
+                    episodes=[{"turns": 2, "tool_calls": 1}] * n)
+    s.update(model="m", prompts=5, temperature=1.0, max_new_tokens=8, metric=None,
+             samples=[{"prompt": "p", "totals": [0.0, None], "completions": ["a", "b"]}])
+    table = format_probe(s)
+    assert "accuracy: the task has no check of right answers (eval.metric, an answer column): skipped" in table
+    assert "episodes: turns mean 2, turns max 2, tool calls mean 1 (10 episodes)" in table
+    assert "6 bins from 0 to 9: 2 1 2 1 2 2" in table and "     0  a" in table and "  None  b" in table
+    assert table.rstrip().endswith("verdict: TEACHABLE: 100% of groups have a signal (total rewards that "
+                                          "differ within the group)")

@@ -1,4 +1,4 @@
-"""`grpo train | eval | sweep | probe | report`: the command line. Each command parses, validates, then calls grpo.run."""
+"""`grpo train | eval | sweep | probe | report`: the command line. Each parses, validates, then calls grpo.run."""
 
 from __future__ import annotations
 

@@ -155,8 +155,9 @@ def _count(record, names: tuple[str, ...]) -> int | None:
     return None
 
 
-def verdict(stats: dict) -> str:
-    """One line: can GRPO learn from these groups? (the module docstring has the rule)"""
+def verdict(stats: dict, dynamic_sampling: bool = False) -> str:
+    """One line: can GRPO learn from these groups? (the module docstring has the rule; `dynamic_sampling`: the run
+    has algorithm.dynamic_sampling on, which the advice takes into account)"""
     g, total = stats["groups"], stats["reward"]
     signal = g["signal"]
     if total["count"] == 0:
@@ -165,9 +166,10 @@ def verdict(stats: dict) -> str:
     if signal >= TEACHABLE_MIN:
         line = f"TEACHABLE: {signal:.0%} of groups have a signal (total rewards that differ within the group)"
     elif signal >= SIGNAL_MIN:
-        line = (f"WEAK SIGNAL: only {signal:.0%} of groups have a signal; learning will be slow: "
-                "algorithm.dynamic_sampling=true trains only on those, a larger sampling.group_size or "
-                "sampling.temperature finds more")
+        redraw = (f"algorithm.dynamic_sampling (on) draws about {1 / signal:.0f} groups for each it trains on"
+                  if dynamic_sampling else "algorithm.dynamic_sampling=true trains only on those")
+        line = (f"WEAK SIGNAL: only {signal:.0%} of groups have a signal; learning will be slow: {redraw}; a larger "
+                "sampling.group_size or sampling.temperature finds more")
     elif g["equal_at_top"] > g["equal_at_bottom"]:
         line = (f"TOO EASY: {g['no_signal']:.0%} of groups have equal rewards, {g['equal_at_top']:.0%} all at the "
                 f"top ({total['max']:g}); the model already does this: use harder prompts or a stricter reward")
@@ -185,10 +187,12 @@ def verdict(stats: dict) -> str:
 
 def probe_stats(per_function: dict[str, torch.Tensor], totals: torch.Tensor, weights: dict[str, float],
                 lengths: torch.Tensor, truncated: torch.Tensor, group_size: int,
-                correct: torch.Tensor | None = None, episodes: list | None = None) -> dict:
+                correct: torch.Tensor | None = None, episodes: list | None = None,
+                dynamic_sampling: bool = False) -> dict:
     """Every number of the probe from its N completions (B whole groups of G, row n = b * G + g): each reward's
     values [N] (NaN: None) and weight, the weighted totals [N], model-token lengths [N], truncated flags [N], the
-    accuracy check's values [N] (None: the task has no check) and the episode records (None: single-turn)."""
+    accuracy check's values [N] (None: the task has no check), the episode records (None: single-turn) and whether
+    the run has algorithm.dynamic_sampling on (for the verdict's advice)."""
     stats = {
         "group_size": group_size,
         "reward": distribution(totals),
@@ -200,7 +204,7 @@ def probe_stats(per_function: dict[str, torch.Tensor], totals: torch.Tensor, wei
         "completions": {"count": int(totals.numel()), **length_stats(lengths, truncated)},
         "episodes": episode_stats(episodes),
     }
-    stats["verdict"] = verdict(stats)
+    stats["verdict"] = verdict(stats, dynamic_sampling)
     return stats
 
 
@@ -228,7 +232,7 @@ def probe(config, num_prompts: int = 32, log=print) -> dict:
         batches.append(_sample_step(engine, tokenizer, rows[start : start + b], config, specs, acc, step))
     out = {"model": str(folder), "prompts": len(rows), "temperature": config.sampling.temperature,
            "max_new_tokens": config.sampling.max_new_tokens, "metric": acc.name if acc else None}
-    out.update(_stats(batches, {s.name: s.weight for s in specs}, g))
+    out.update(_stats(batches, {s.name: s.weight for s in specs}, g, config.algorithm.dynamic_sampling))
     out["samples"] = [group for batch in batches for group in _groups(batch, config.data.prompt_column)]
     return out
 
@@ -254,7 +258,7 @@ def _sample_step(engine, tokenizer, rows: list[dict], config, specs, acc, step: 
     return _Batch(sampled, result, right.per_function[acc.name])
 
 
-def _stats(batches: list[_Batch], weights: dict[str, float], group_size: int) -> dict:
+def _stats(batches: list[_Batch], weights: dict[str, float], group_size: int, dynamic_sampling: bool) -> dict:
     """probe_stats over the batches, concatenated in order (each holds whole groups)."""
     cat = lambda tensors: torch.cat(list(tensors))  # noqa: E731
     rollouts = [b.sampled.rollout for b in batches]
@@ -263,7 +267,8 @@ def _stats(batches: list[_Batch], weights: dict[str, float], group_size: int) ->
         {name: cat(b.rewards.per_function[name] for b in batches) for name in weights},
         cat(b.rewards.total for b in batches), weights,
         cat(r.lengths for r in rollouts), cat(r.truncated for r in rollouts), group_size,
-        correct=None if batches[0].correct is None else cat(b.correct for b in batches), episodes=episodes or None)
+        correct=None if batches[0].correct is None else cat(b.correct for b in batches), episodes=episodes or None,
+        dynamic_sampling=dynamic_sampling)
 
 
 def _groups(batch: _Batch, prompt_column: str) -> list[dict]:
@@ -318,7 +323,7 @@ def format_probe(result: dict) -> str:
     lines.append(f"completions: mean length {comp['mean_length']:.1f} tokens; {comp['truncated']:.1%} truncated "
                  f"(hit max_new_tokens {result['max_new_tokens']})")
     if result["episodes"]:
-        lines.append("episodes: " + ", ".join(f"{k.replace('_', ' ')} {v:.2f}" for k, v in result["episodes"].items()
+        lines.append("episodes: " + ", ".join(f"{k.replace('_', ' ')} {v:.3g}" for k, v in result["episodes"].items()
                                               if k != "episodes") + f" ({result['episodes']['episodes']} episodes)")
     for sample in result["samples"][:1]:
         lines.append(f"\nexample group: {_short(sample['prompt'])}")
@@ -333,7 +338,8 @@ def _values(d: dict) -> str:
         return ", ".join(f"{v}: {n}" for v, n in d["counts"].items())
     if "histogram" in d:
         h = d["histogram"]
-        return f"{len(h['counts'])} bins from {h['edges'][0]:g} to {h['edges'][-1]:g}: " + " ".join(map(str, h["counts"]))
+        counts = " ".join(map(str, h["counts"]))
+        return f"{len(h['counts'])} bins from {h['edges'][0]:g} to {h['edges'][-1]:g}: {counts}"
     return ""
 
 
