@@ -100,6 +100,13 @@ def test_verdicts():
     assert "note" not in stats([0, 1, 0, 1], truncated=0.25)["verdict"]
 
 
+def test_verdict_says_which_reward_the_signal_comes_from():
+    per = {"format": T(0, 0, 0, 0, 0, 1), "accuracy": T(0, 1, 1, 0, 1, 1), "shown": T(0, 1, 0, 0, 0, 0)}
+    s = stats([0, 0.2, 0.2, 0, 0.2, 1.2], per_function=per, weights={"format": 1.0, "accuracy": 0.2, "shown": 0.0})
+    assert s["verdict"] == ("TEACHABLE: 100% of groups have a signal (total rewards that differ within the group); "
+                            "groups in which each reward differs: accuracy 67%, format 33%")
+
+
 def test_verdict_reads_only_the_stats():
     s = {"groups": {"signal": 0.2, "no_signal": 0.8, "equal_at_top": 0.0, "equal_at_bottom": 0.8},
          "reward": {"count": 1}, "rewards": {}, "completions": {"truncated": 0.0}}

@@ -31,7 +31,9 @@ The numbers (pure functions below, of the rewards and the rollout):
 
 The verdict (thresholds below): TEACHABLE when at least TEACHABLE_MIN of the groups have a signal; WEAK SIGNAL
 from SIGNAL_MIN; under that TOO EASY when more of the equal groups are all at the top than at the bottom, else NO
-SIGNAL (naming the trained rewards no completion scores above 0 on). NO REWARD when every reward is None.
+SIGNAL (naming the trained rewards no completion scores above 0 on). NO REWARD when every reward is None. With
+several trained rewards (weight != 0) a signal's verdict also says in how many groups each differs: a signal that
+comes from a side reward (a lenient accuracy next to the format being taught) teaches that side reward.
 """
 
 from __future__ import annotations
@@ -180,6 +182,10 @@ def verdict(stats: dict, dynamic_sampling: bool = False) -> str:
         line = (f"NO SIGNAL: {g['no_signal']:.0%} of groups have equal rewards; {why}; change the prompt or the "
                 "reward (partial credit for a step towards it), or sample more (sampling.group_size, "
                 "sampling.temperature)")
+    trained = {name: r["groups_differ"] for name, r in stats["rewards"].items() if r["weight"] != 0}
+    if signal >= SIGNAL_MIN and len(trained) > 1:  # which reward the signal comes from: is it the one meant?
+        line += "; groups in which each reward differs: " + ", ".join(
+            f"{name} {v:.0%}" for name, v in sorted(trained.items(), key=lambda kv: -kv[1]))
     if stats["completions"]["truncated"] >= 0.5:
         line += f" (note: {stats['completions']['truncated']:.0%} of completions hit sampling.max_new_tokens)"
     return line
