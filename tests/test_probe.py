@@ -66,6 +66,8 @@ def test_episode_stats_take_what_the_records_have():
     records = [SimpleNamespace(turns=[1, 2, 3], tool_calls=2, tool_errors=0), {"turns": 1, "tool_calls": 0}]
     assert episode_stats(records) == {"episodes": 2, "turns_mean": 2.0, "turns_max": 3, "tool_calls_mean": 1.0}
     assert episode_stats([SimpleNamespace(num_turns=4)]) == {"episodes": 1, "turns_mean": 4.0, "turns_max": 4}
+    failed = [SimpleNamespace(turns=1, error="boom"), SimpleNamespace(turns=2, error=None)]
+    assert episode_stats(failed) == {"episodes": 2, "turns_mean": 1.5, "turns_max": 2, "environment_errors": 1}
 
 
 def stats(totals, G=2, per_function=None, weights=None, truncated=0.0):

@@ -27,7 +27,8 @@ The numbers (pure functions below, of the rewards and the rollout):
 - groups: the fraction whose G total rewards are all equal (no signal), split into those all at the probe's
   highest total and those all at its lowest, and the mean within-group (sample) std of the totals;
 - completions: the mean length in model tokens and the fraction truncated (hit sampling.max_new_tokens);
-- episodes (multi-turn, where the rollout has them): turns per episode and tool calls, as the records carry them.
+- episodes (multi-turn, where the rollout has them): turns per episode, tool calls and errors, and episodes the
+  environment failed in, as far as the records carry them.
 
 The verdict (thresholds below): TEACHABLE when at least TEACHABLE_MIN of the groups have a signal; WEAK SIGNAL
 from SIGNAL_MIN; under that TOO EASY when more of the equal groups are all at the top than at the bottom, else NO
@@ -131,7 +132,8 @@ def length_stats(lengths: torch.Tensor, truncated: torch.Tensor) -> dict:  # [N]
 
 
 def episode_stats(episodes: list | None) -> dict | None:
-    """Turns per episode and tool calls / errors of multi-turn episodes (grpo.envs.episodes records), as far as
+    """Turns per episode (mean, max), tool calls and tool errors per episode of multi-turn episodes
+    (grpo.envs.episodes records, or dicts), and how many episodes the environment failed in (`error`), as far as
     the records carry them: a field a record lacks is left out (None: no episodes)."""
     if not episodes:
         return None
@@ -143,6 +145,8 @@ def episode_stats(episodes: list | None) -> dict | None:
             out[f"{key}_mean"] = sum(counts) / len(counts)
             if key == "turns":
                 out["turns_max"] = max(counts)
+    if all(hasattr(e, "error") or (isinstance(e, dict) and "error" in e) for e in episodes):
+        out["environment_errors"] = sum(bool(e["error"] if isinstance(e, dict) else e.error) for e in episodes)
     return out
 
 
@@ -289,7 +293,13 @@ def _groups(batch: _Batch, prompt_column: str) -> list[dict]:
         "correct": None if batch.correct is None else values(batch.correct, b),
         "lengths": r.lengths[b * g : (b + 1) * g].tolist(),
         "truncated": r.truncated[b * g : (b + 1) * g].tolist(),
+        **({"episodes": [_record(e) for e in r.episodes[b * g : (b + 1) * g]]} if r.episodes else {}),
     } for b, row in enumerate(batch.sampled.rows)]
+
+
+def _record(episode) -> dict:
+    """An episode as plain data: its own to_dict (grpo.envs.episodes.Episode), a dict as it is."""
+    return episode.to_dict() if hasattr(episode, "to_dict") else dict(episode)
 
 
 def _finite(v: float) -> float | None:
