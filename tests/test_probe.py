@@ -177,22 +177,32 @@ def test_probe_table_prints_the_json_numbers(probed):
                for line in table.splitlines())
 
 
-def test_probe_samples_what_training_step_one_samples(probed, tiny_model_dir):
-    """The probe's first B groups are step 1's: the same prompts, seeds, engine and completions."""
+def step_one(overrides: list[str]):
+    """The prompts and the scored groups of training step 1 under these overrides (the trainer's own sampling)."""
     from grpo.config import load_config
     from grpo.data import load_task
     from grpo.logging.metrics import Phases
-    from grpo.run import build_trainer, load_for_training
+    from grpo.run import build_trainer, load_for_training, needed_columns
 
-    result, _ = probed
-    config = load_config(None, [f"model.path={tiny_model_dir}", *TINY])
+    config = load_config(None, overrides)
     model, tokenizer, _, engine, ref = load_for_training(config, log=lambda text: None)
-    trainer = build_trainer(config, model, tokenizer, engine, load_task(config.data, []).train, ref_model=ref)
+    train = load_task(config.data, needed_columns(config)).train
+    trainer = build_trainer(config, model, tokenizer, engine, train, ref_model=ref)
     rows = trainer.sampler.next(config.prompts_per_step)
-    scored = trainer.generate_and_score(rows, Phases())
-    assert [s["prompt"] for s in result["samples"][:2]] == [r["prompt"] for r in rows]
-    assert [c for s in result["samples"][:2] for c in s["completions"]] == scored.completions
-    assert [t for s in result["samples"][:2] for t in s["totals"]] == scored.rewards.total.tolist()
+    return rows, trainer.generate_and_score(rows, Phases())
+
+
+def assert_step_one(result: dict, overrides: list[str]) -> None:
+    """The probe's first B groups are step 1's: the same prompts, seeds, engine, completions and rewards."""
+    rows, scored = step_one(overrides)
+    b = len(rows)
+    assert [s["prompt"] for s in result["samples"][:b]] == [r["prompt"] for r in rows]
+    assert [c for s in result["samples"][:b] for c in s["completions"]] == scored.completions
+    assert [t for s in result["samples"][:b] for t in s["totals"]] == scored.rewards.total.tolist()
+
+
+def test_probe_samples_what_training_step_one_samples(probed, tiny_model_dir):
+    assert_step_one(probed[0], [f"model.path={tiny_model_dir}", *TINY])
 
 
 def grpo(*args):
@@ -228,3 +238,16 @@ def test_table_without_a_check_with_episodes_and_a_histogram():
     assert "6 bins from 0 to 9: 2 1 2 1 2 2" in table and "     0  a" in table and "  None  b" in table
     assert table.rstrip().endswith("verdict: TEACHABLE: 100% of groups have a signal (total rewards that "
                                           "differ within the group)")
+
+
+def test_probe_of_multi_turn_episodes(tiny_model_dir):
+    """An environment's episodes come through sample_rows: the probe reports turns and tool calls per episode."""
+    args = [f"model.path={tiny_model_dir}", *TINY[:-1], "rewards=[{name: environment}]", "sampling.max_new_tokens=6",
+            "environment.name=calculator", "data.digits=2", "data.operators=['*']", "environment.max_turns=2"]
+    result = json.loads(probe_cli(*args, "--prompts", 2, "--json"))
+    assert_step_one(result, args)
+    ep, samples = result["episodes"], result["samples"]
+    records = [e for s in samples for e in s["episodes"]]
+    assert ep["episodes"] == len(records) == 8 and 1 <= ep["turns_mean"] <= ep["turns_max"] <= 2
+    assert ep["tool_calls_mean"] == sum(e["tool_calls"] for e in records) / 8
+    assert ep["environment_errors"] == 0 and result["metric"] == "environment"

@@ -12,8 +12,8 @@ grpo.rewards.build_rewards), draws the first `--prompts` training prompts in the
 (grpo.data.PromptSampler) and samples each step's B = prompts_per_step groups in one call under the seeds the
 trainer gives them (prompt i is group i % B of step i // B: group_seed(trainer.seed, step, 0, i % B); prompts
 past the first step are what later steps would draw, sampled from the starting weights). Dynamic sampling's extra
-rounds are not drawn: the probe reports what the first round finds. Multi-turn episodes come through the same
-`grpo.sample.sample_rows`.
+rounds are not drawn: the probe reports what the first round finds. With an environment the groups are G
+multi-turn episodes, played by the run's grpo.envs.episodes.Episodes through the same `grpo.sample.sample_rows`.
 
 The numbers (pure functions below, of the rewards and the rollout):
 - each reward's and the weighted total's distribution over the N = prompts x G completions: mean and std (of the
@@ -46,6 +46,7 @@ import torch
 
 from grpo.core.advantages import group_view, masked_group_mean_std, zero_std_groups
 from grpo.data import PromptSampler, load_task
+from grpo.envs.episodes import Episodes
 from grpo.evaluate import accuracy_check
 from grpo.logging.metrics import mean_std
 from grpo.rewards import RewardResult, build_rewards
@@ -225,9 +226,10 @@ def probe(config, num_prompts: int = 32, log=print) -> dict:
     """Sample G completions for each of the first `num_prompts` training prompts with the model training would
     start from, score them with the run's rewards, and return probe_stats' numbers with the run's sampling
     settings, the accuracy check's name (`metric`) and every group's completions and values (`samples`)."""
-    from grpo.run import check_prompt_lengths, load_for_training, needed_columns, set_threads
+    from grpo.run import check_environment, check_prompt_lengths, load_for_training, needed_columns, set_threads
 
     task = load_task(config.data, needed_columns(config))  # data errors before any model loads
+    check_environment(config)  # and what the environment cannot do with this model's chat template
     set_threads(config)
     torch.manual_seed(config.trainer.seed)
     no_reference = config.model_copy(update={"algorithm": config.algorithm.model_copy(update={"beta": 0.0})})
@@ -235,11 +237,14 @@ def probe(config, num_prompts: int = 32, log=print) -> dict:
     check_prompt_lengths(config, task, tokenizer, model)
     rows = PromptSampler(task.train, config.data.seed).next(num_prompts)  # the run's first draws
     specs, acc = build_rewards(config.rewards), accuracy_check(config, rows)
+    episodes = Episodes.from_config(config, tokenizer)  # None without an environment
     b, g = config.prompts_per_step, config.sampling.group_size
     batches = []
     for step, start in enumerate(range(0, len(rows), b)):  # one step's B groups a call, as the trainer samples
-        log(f"sampling {g} completions for prompts {start + 1}-{min(start + b, len(rows))} of {len(rows)}")
-        batches.append(_sample_step(engine, tokenizer, rows[start : start + b], config, specs, acc, step))
+        log(f"sampling {g} {'episodes' if episodes else 'completions'} for prompts {start + 1}-"
+            f"{min(start + b, len(rows))} of {len(rows)}")
+        chunk = rows[start : start + b]
+        batches.append(_sample_step(engine, tokenizer, chunk, config, specs, acc, episodes, step))
     out = {"model": str(folder), "prompts": len(rows), "temperature": config.sampling.temperature,
            "max_new_tokens": config.sampling.max_new_tokens, "metric": acc.name if acc else None}
     out.update(_stats(batches, {s.name: s.weight for s in specs}, g, config.algorithm.dynamic_sampling))
@@ -256,11 +261,12 @@ class _Batch:
     correct: torch.Tensor | None  # [N] float64 (1: right); None: the task has no check
 
 
-def _sample_step(engine, tokenizer, rows: list[dict], config, specs, acc, step: int) -> _Batch:
-    """Training step `step + 1`'s groups of `rows` (group i under the trainer's seed for it), scored."""
+def _sample_step(engine, tokenizer, rows: list[dict], config, specs, acc, episodes, step: int) -> _Batch:
+    """Training step `step + 1`'s groups of `rows` (group i under the trainer's seed for it), scored; `episodes`:
+    the run's grpo.envs.episodes.Episodes (None: single completions)."""
     seeds = [group_seed(config.trainer.seed, step, 0, i) for i in range(len(rows))]  # as Trainer.generate_and_score
     params = SamplingParams.from_config(config.sampling)
-    sampled = sample_rows(engine, tokenizer, rows, config.data, config.sampling.group_size, params, seeds)
+    sampled = sample_rows(engine, tokenizer, rows, config.data, config.sampling.group_size, params, seeds, episodes)
     result = score_sampled(sampled, specs)
     if acc is None:
         return _Batch(sampled, result, None)
