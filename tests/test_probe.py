@@ -98,7 +98,7 @@ def test_verdicts():
     same = stats([0.5, 0.5] * 4)["verdict"]
     assert same.startswith("NO SIGNAL: 100% of groups have equal rewards; 100% of groups score all 0.5;")
     assert stats([nan] * 4)["verdict"].startswith("NO REWARD")
-    assert "(note: 75% of completions hit sampling.max_new_tokens)" in stats([0, 1, 0, 1], truncated=0.75)["verdict"]
+    assert "(note: 75% were cut by a length limit)" in stats([0, 1, 0, 1], truncated=0.75)["verdict"]
     assert "note" not in stats([0, 1, 0, 1], truncated=0.25)["verdict"]
 
 
@@ -170,7 +170,7 @@ def test_probe_table_prints_the_json_numbers(probed):
     g = result["groups"]
     assert f"pass@4: {result['accuracy']['pass_at_g']:.1%} of prompts" in table
     assert f"groups with equal rewards (no signal): {g['no_signal']:.1%} of 3" in table
-    assert f"mean length {result['completions']['mean_length']:.1f} tokens" in table
+    assert f"completions: mean length {result['completions']['mean_length']:.1f} model tokens" in table
     assert table.rstrip().endswith(f"verdict: {result['verdict']}")
     fmt = result["rewards"]["format"]
     assert any(line.startswith("format") and f"{fmt['mean']:.3g}" in line and f"{fmt['hit_frac']:.0%}" in line
@@ -233,8 +233,10 @@ def test_table_without_a_check_with_episodes_and_a_histogram():
     s.update(model="m", prompts=5, temperature=1.0, max_new_tokens=8, metric=None,
              samples=[{"prompt": "p", "totals": [0.0, None], "completions": ["a", "b"]}])
     table = format_probe(s)
+    assert "probe: 5 training prompts x 2 episodes (temperature 1, max_new_tokens 8 per turn) from m" in table
+    assert "episodes: mean length 7.0 model tokens; 0.0% truncated (hit a limit: max_new_tokens" in table
     assert "accuracy: the task has no check of right answers (eval.metric, an answer column): skipped" in table
-    assert "episodes: turns mean 2, turns max 2, tool calls mean 1 (10 episodes)" in table
+    assert "per episode: turns mean 2, turns max 2, tool calls mean 1 (10 episodes)" in table
     assert "6 bins from 0 to 9: 2 1 2 1 2 2" in table and "     0  a" in table and "  None  b" in table
     assert table.rstrip().endswith("verdict: TEACHABLE: 100% of groups have a signal (total rewards that "
                                           "differ within the group)")

@@ -192,7 +192,7 @@ def verdict(stats: dict, dynamic_sampling: bool = False) -> str:
         line += "; groups in which each reward differs: " + ", ".join(
             f"{name} {v:.0%}" for name, v in sorted(trained.items(), key=lambda kv: -kv[1]))
     if stats["completions"]["truncated"] >= 0.5:
-        line += f" (note: {stats['completions']['truncated']:.0%} of completions hit sampling.max_new_tokens)"
+        line += f" (note: {stats['completions']['truncated']:.0%} were cut by a length limit)"
     return line
 
 
@@ -319,8 +319,10 @@ def format_probe(result: dict) -> str:
     """The probe's result as text: what was sampled, the reward table, accuracy and pass@G, the groups, the
     completions, the episodes, the first group's first three completions and the verdict."""
     g, groups, comp = result["group_size"], result["groups"], result["completions"]
-    head = (f"probe: {result['prompts']} training prompts x {g} completions (temperature {result['temperature']:g}, "
-            f"max_new_tokens {result['max_new_tokens']}) from {result['model']}, before any training")
+    unit = "episodes" if result["episodes"] else "completions"
+    per = " per turn" if result["episodes"] else ""
+    head = (f"probe: {result['prompts']} training prompts x {g} {unit} (temperature {result['temperature']:g}, "
+            f"max_new_tokens {result['max_new_tokens']}{per}) from {result['model']}, before any training")
     lines = [head, ""]
     lines.append(f"{'reward':<20}{'weight':>7}{'mean':>8}{'std':>8}{'min':>8}{'max':>8}{'> 0':>7}{'None':>7}"
                  f"{'differ':>8}   values")
@@ -342,10 +344,12 @@ def format_probe(result: dict) -> str:
     lines.append(f"groups with equal rewards (no signal): {groups['no_signal']:.1%} of {groups['groups']} "
                  f"({groups['equal_at_top']:.1%} all at the highest total, {groups['equal_at_bottom']:.1%} all at "
                  f"the lowest); mean within-group std {groups['mean_group_std']:.3g}")
-    lines.append(f"completions: mean length {comp['mean_length']:.1f} tokens; {comp['truncated']:.1%} truncated "
-                 f"(hit max_new_tokens {result['max_new_tokens']})")
+    limit = "a limit: max_new_tokens, environment.max_turns or max_tokens" if result["episodes"] else \
+        f"max_new_tokens {result['max_new_tokens']}"
+    lines.append(f"{unit}: mean length {comp['mean_length']:.1f} model tokens; {comp['truncated']:.1%} truncated "
+                 f"(hit {limit})")
     if result["episodes"]:
-        lines.append("episodes: " + ", ".join(f"{k.replace('_', ' ')} {v:.3g}" for k, v in result["episodes"].items()
+        lines.append("per episode: " + ", ".join(f"{k.replace('_', ' ')} {v:.3g}" for k, v in result["episodes"].items()
                                               if k != "episodes") + f" ({result['episodes']['episodes']} episodes)")
     for sample in result["samples"][:1]:
         lines.append(f"\nexample group: {_short(sample['prompt'])}")
