@@ -1,4 +1,4 @@
-"""`grpo train | eval | sweep | report`: the command line. Each command parses, validates, then calls grpo.run."""
+"""`grpo train | eval | sweep | probe | report`: the command line. Each parses, validates, then calls grpo.run."""
 
 from __future__ import annotations
 
@@ -48,6 +48,7 @@ examples:
   grpo eval configs/default.yaml           # the configured (untrained) model
   grpo report runs/grpo                    # (re)write runs/grpo/report.html
   grpo sweep configs/default.yaml --seeds 0,1,2   # one run per seed; mean and spread of the gain
+  grpo probe configs/default.yaml --prompts 32    # before training: do the groups' rewards differ at all?
   grpo train configs/default.yaml --log-format jsonl > steps.jsonl   # one JSON object per step
 """
 
@@ -104,6 +105,16 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--quiet", action="store_true", help="print nothing but the summary table and errors")
     sw.add_argument("--log-format", choices=CONSOLE_MODES, default="auto", help=LOG_FORMAT_HELP)
 
+    pr = sub.add_parser("probe", help="before training: can this task teach the starting model? (reward "
+                        "spread, pass@G, groups with no signal, a verdict)", formatter_class=fmt, epilog=reference,
+                        description=PROBE_HELP)
+    pr.add_argument("config", nargs="?", help="YAML config file (omit to use the defaults)")
+    pr.add_argument("overrides", nargs="*", metavar="section.field=value", help="config overrides, as for grpo train")
+    pr.add_argument("--prompts", type=int, default=32, metavar="N", help="training prompts to sample (default 32)")
+    pr.add_argument("--json", action="store_true", help="print the result as one JSON object (every group's "
+                    "completions and values included) instead of the table")
+    pr.add_argument("--quiet", action="store_true", help="print nothing but the result and errors")
+
     rep = sub.add_parser(
         "report", help="write the HTML report of a run folder", formatter_class=fmt,
         description="Write one self-contained HTML file (no network needed to view it): curves of every metric, "
@@ -130,6 +141,15 @@ SWEEP_HELP = (
     "accuracy before and after training and the gain, with their mean, sample std, min and max over seeds, and write "
     "DIR/sweep.json (the same numbers) and DIR/sweep.html (the table and the held-out curves of every seed on one "
     "chart; set eval.every to draw points between before and after). A claim about learning is then never one sample"
+)
+
+PROBE_HELP = (
+    "Sample sampling.group_size completions for each of the first --prompts training prompts, as the run's first "
+    "steps would (the same model, engine, prompt order and seeds), score them with the run's rewards and print, "
+    "before any training: each reward's distribution and how often it scores above 0 or None, accuracy and pass@G "
+    "where the task has a check of right answers, the fraction of groups whose rewards are all equal (they teach "
+    "nothing: their advantages are 0), completion lengths and truncation, and a verdict: TEACHABLE (at least 25% "
+    "of groups have a signal), WEAK SIGNAL (10-25%), TOO EASY or NO SIGNAL (under 10%). Progress goes to stderr"
 )
 
 NPROC_HELP = (
@@ -279,6 +299,21 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+def cmd_probe(args) -> int:
+    import json
+
+    from grpo.probe import format_probe, probe
+
+    path, overrides = split_overrides(args.config, args.overrides)
+    if args.prompts < 1:
+        raise ConfigError(f"--prompts {args.prompts}: give at least 1 prompt to sample")
+    config = load_config(path, overrides)  # a bad config fails here, before the model loads
+    log = (lambda text: None) if args.quiet else (lambda text: print(text, file=sys.stderr, flush=True))  # noqa: E731
+    result = probe(config, args.prompts, log=log)
+    print(json.dumps(result, default=str) if args.json else format_probe(result))
+    return 0
+
+
 def cmd_report(args) -> int:
     from grpo.report import write_report
 
@@ -310,7 +345,8 @@ def main(argv: list[str] | None = None) -> int:
     from grpo.envs.episodes import EnvironmentFailure
 
     try:
-        return {"train": cmd_train, "eval": cmd_eval, "sweep": cmd_sweep, "report": cmd_report}[args.command](args)
+        return {"train": cmd_train, "eval": cmd_eval, "sweep": cmd_sweep, "probe": cmd_probe,
+                "report": cmd_report}[args.command](args)
     except (ConfigError, DataError, ModelError, RunFolderError, RewardError, CheckpointError, EnvironmentFailure,
             TemplateError) as e:
         print(f"error: {e}", file=sys.stderr)
