@@ -354,3 +354,24 @@ def test_python_episode_timeout_is_answered(sandbox):
     assert steps[0].messages[0] == {"role": "tool", "content": "Error: timeout: still running after 1 s (wall clock)"}
     assert steps[0].tool_errors == 0  # the program failed, the tool worked
     assert steps[1] == Step([], None, True)
+
+
+def test_calculator_demonstration_and_result_format():
+    """configs/calculator.yaml's episode: the worked example before the question, the verbatim system text, the
+    result as a user message "Result: N"."""
+    from grpo.envs.calculator import CalculatorEnvironment
+    from grpo.testing import tiny_tokenizer
+
+    env = CalculatorEnvironment(format="tags", system="Use <calculator>X</calculator>.", demonstrate=True,
+                                example="12 * 34", result_role="user", result_format="Result: {result}")
+    env.bind(tiny_tokenizer())
+    first = env.reset({"prompt": "Compute 2 * 3.", "answer": "6"}, seed=0)
+    assert first == [{"role": "system", "content": "Use <calculator>X</calculator>."},
+                     {"role": "user", "content": "Compute 12 * 34. Reply with only the number."},
+                     {"role": "assistant", "content": "<calculator>12 * 34</calculator>"},
+                     {"role": "user", "content": "Result: 408"},
+                     {"role": "assistant", "content": "408"},
+                     {"role": "user", "content": "Compute 2 * 3."}]
+    step = env.step("<calculator>2 * 3</calculator>")
+    assert step.messages == [{"role": "user", "content": "Result: 6"}] and not step.done
+    assert env.step("6").reward == 1.0

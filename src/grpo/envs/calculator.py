@@ -8,10 +8,11 @@ With the default SmolLM2 (a chat template without tools) a call reads `<calculat
 
 from __future__ import annotations
 
+import json
 import re
 
 from grpo.envs.base import register_environment
-from grpo.envs.tools import TAGS_INSTRUCTIONS, Format, ToolEnvironment
+from grpo.envs.tools import TAGS_INSTRUCTIONS, Format, ToolCall, ToolEnvironment
 from grpo.rewards.builtin import _eval_node
 from grpo.rewards.sandbox import parse_python
 
@@ -43,7 +44,13 @@ def format_number(value: int | float) -> str:
 @register_environment("calculator")
 class CalculatorEnvironment(ToolEnvironment):
     """A ToolEnvironment with one tool, `calculator(expression)`; the final answer is checked against the
-    row's `answer` (1.0 / 0.0; None when the row has none). Args as ToolEnvironment's."""
+    row's `answer` (1.0 / 0.0; None when the row has none). Args as ToolEnvironment's, and:
+
+        demonstrate: put one worked example before the row's prompt, as chat turns: `demo_prompt` with the
+            `example` expression, the call, its result (in `result_format`), the bare number. The untrained
+            SmolLM2-135M calls the tool in ~0% of samples without it and in ~20% with it (configs/calculator.yaml).
+        demo_prompt: the example's user message, "{expression}" replaced by `example`.
+    """
 
     def __init__(
         self,
@@ -53,5 +60,29 @@ class CalculatorEnvironment(ToolEnvironment):
         example: str = "123 * 456",
         instructions: str = TAGS_INSTRUCTIONS,
         answer_column: str = "answer",
+        system: str | None = None,
+        result_format: str = "{result}",
+        demonstrate: bool = False,
+        demo_prompt: str = "Compute {expression}. Reply with only the number.",
     ):
-        super().__init__([calculator], format, timeout, result_role, {"calculator": example}, instructions, answer_column)
+        super().__init__([calculator], format, timeout, result_role, {"calculator": example}, instructions,
+                         answer_column, system, result_format)
+        self.demonstrate, self.demo_prompt, self.example = demonstrate, demo_prompt, example
+
+    def bind(self, tokenizer) -> None:
+        """Resolve the call format, then write the demonstration's call in it."""
+        super().bind(tokenizer)
+        if self.demonstrate:
+            self.demonstration = self.demo_turns()
+
+    def demo_turns(self) -> list[dict]:
+        """The worked example as chat messages: the question, the call, its result, the answer."""
+        result = calculator(self.example)
+        if self._format() == "tags":
+            call = f"<calculator>{self.example}</calculator>"
+        else:
+            call = "<tool_call>" + json.dumps({"name": "calculator", "arguments": {"expression": self.example}}) + \
+                "</tool_call>"
+        answer = self.result_message(ToolCall("calculator", {"expression": self.example}), result)
+        return [{"role": "user", "content": self.demo_prompt.replace("{expression}", self.example)},
+                {"role": "assistant", "content": call}, answer, {"role": "assistant", "content": result}]

@@ -338,6 +338,12 @@ class ToolEnvironment(Environment):
         examples: tool name -> the ARG text of its example call in the tags description (default: the
             parameter's name in capitals, or a JSON object for several parameters).
         instructions: the header of the tags description (default TAGS_INSTRUCTIONS).
+        system: with the tags format, this system text instead of the generated description (written as is:
+            a small model may follow a short plain sentence better than a list of schemas).
+        result_format: the text of a result message, "{result}" replaced by the tool's result (e.g.
+            "Result: {result}").
+        demonstration: chat messages put between the system message and the row's prompt: a worked example
+            of a call and its use, which a small model may need before it calls a tool at all.
         answer_column: when set, `final` scores the final answer against this column of the row
             (the `answer_accuracy` reward: its <answer>, \\boxed{} or last number); None when the row has none.
 
@@ -353,6 +359,9 @@ class ToolEnvironment(Environment):
         examples: dict[str, str] | None = None,
         instructions: str = TAGS_INSTRUCTIONS,
         answer_column: str | None = None,
+        system: str | None = None,
+        result_format: str = "{result}",
+        demonstration: Sequence[dict] = (),
     ):
         if format not in FORMATS:
             raise ValueError(f"ToolEnvironment: format {format!r} is not one of {', '.join(FORMATS)}")
@@ -367,6 +376,9 @@ class ToolEnvironment(Environment):
         self.tools = dict(zip(names, tools))
         self.format, self.timeout, self.result_role = format, timeout, result_role
         self.examples, self.instructions, self.answer_column = dict(examples or {}), instructions, answer_column
+        if "{result}" not in result_format:
+            raise ValueError(f"ToolEnvironment: result_format {result_format!r} must contain {{result}}")
+        self.system, self.result_format, self.demonstration = system, result_format, [dict(m) for m in demonstration]
         self.call_format: Literal["template", "tags"] | None = None if format == "auto" else format
         self.answer = None
         self._set_stop()
@@ -397,9 +409,11 @@ class ToolEnvironment(Environment):
         (after an existing one, or as a new first message). Keeps the row's `answer_column`, if any."""
         self.answer = row.get(self.answer_column) if self.answer_column else None
         messages = self.prompt_messages(row)
+        system = 1 if messages and messages[0].get("role") == "system" else 0
+        messages[system:system] = [dict(m) for m in self.demonstration]
         if self._format() == "tags":
-            text = describe_tools(self.schemas, self.examples, self.instructions)
-            if messages and messages[0].get("role") == "system":
+            text = self.system or describe_tools(self.schemas, self.examples, self.instructions)
+            if system:
                 messages[0]["content"] = f"{messages[0]['content']}\n\n{text}"
             else:
                 messages.insert(0, {"role": "system", "content": text})
@@ -435,7 +449,7 @@ class ToolEnvironment(Environment):
 
     def result_message(self, call: ToolCall, content: str) -> dict:
         """The message that answers a call (role `result_role`; with the template format also its "name")."""
-        message = {"role": self.result_role, "content": content}
+        message = {"role": self.result_role, "content": self.result_format.replace("{result}", content)}
         if self._format() == "template" and call.name:
             message["name"] = call.name
         return message
