@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from grpo.rollout import FastEngine, SamplingParams
+from grpo.rollout import engine as engine_module
 from grpo.rollout.fast_session import FastSession, chunk_mask, compaction
 from grpo.rollout.session import TranscriptSession
 from grpo.testing import tiny_model, tiny_tokenizer
@@ -27,12 +28,12 @@ def prompts(tok):
     return [tok(t, add_special_tokens=False).input_ids for t in TEXTS]
 
 
-def engine_for(tok, fused: bool, eos_chars: str = "aeiou") -> FastEngine:
+def engine_for(tok, fused: bool | None, eos_chars: str = "aeiou", device: str = "cpu") -> FastEngine:
     """FastEngine over a two-layer Llama whose EOS tokens include `eos_chars` (turns end at different steps)."""
-    model = peaky(tiny_model(len(tok), seed=3), seed=3)  # large weights: outputs vary, log-probs far from uniform
+    model = peaky(tiny_model(len(tok), seed=3), seed=3).to(device)  # large weights: outputs vary, log-probs too
     model.generation_config.eos_token_id = [3, *tok.convert_tokens_to_ids(list(eos_chars))]
     engine = FastEngine(model, tok, fused=fused)
-    assert ("fused decode steps" in engine.describe()) == fused
+    assert ("fused decode steps" in engine.describe()) == (device == "cpu" and fused is not False)
     return engine
 
 
@@ -94,8 +95,37 @@ def test_fast_session_samples_what_the_transcript_session_samples(tok, prompts, 
     fast.close()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
+def test_on_a_gpu_through_the_models_forward(tok, prompts):
+    """On a CUDA device the engine decodes through the model's forward (its default there)."""
+    engine = engine_for(tok, fused=None, device="cuda")
+    play(engine, prompts, 3, [11, 12, 13, 14], SamplingParams(max_new_tokens=10), turns=3,
+         limit_of=lambda r, t: 3 + (r + t) % 8, env_of=lambda r, t: env_tokens(tok, r, t),
+         continues=lambda r, t: (r + t) % 4 != 0)
+
+
+class LateStops(engine_module._StopStrings):
+    """Reports a stop string one step after it appears (as a tokenizer whose decoded tail lags behind the whole
+    text would): the turn's end is then cut back to it (exact_ends), after one token too many was decoded."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.seen: set[int] = set()
+
+    def check(self, rows, tokens, device):
+        found = super().check(rows, tokens, device).tolist()
+        late = [r in self.seen for r in rows]
+        self.seen |= {r for r, f in zip(rows, found) if f}
+        return torch.tensor(late, dtype=torch.bool, device=device)
+
+
 @pytest.mark.parametrize("fused", [True, False])
-def test_stop_strings_end_turns_as_in_the_transcript_session(tok, prompts, fused):
+@pytest.mark.parametrize("late", [False, True], ids=["", "cut_back"])
+def test_stop_strings_end_turns_as_in_the_transcript_session(tok, prompts, fused, late, monkeypatch):
+    """A turn ends at a stop string, kept; where it was seen a step late, the extra token fed is dropped from the
+    episode's cache (it would otherwise condition its next turns)."""
+    if late:
+        monkeypatch.setattr(engine_module, "_StopStrings", LateStops)
     engine = engine_for(tok, fused, eos_chars="")
     params = SamplingParams(max_new_tokens=12, stop=("e", "t", "9", "ab"))
     _, history = play(

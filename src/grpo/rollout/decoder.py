@@ -225,21 +225,27 @@ def attend(
     group (not once per row from G copies); one softmax spans both parts. Several queries per row (a
     multi-turn episode's new tokens, `grpo.rollout.fast_session`) need `own_bias` to be causal among them.
     """
-    if q.dim() == 3:
-        q = q[:, None]
-    n, Q, H, hd = q.shape
     B, K, P, _ = prompt_keys.shape
+    if q.dim() == 3:  # one query per row (the decode step: as few ops as it takes)
+        (n, H, hd), Q = q.shape, 1
+        q = q.reshape(n, K, H // K, hd)  # [n, K, g, hd]
+    else:
+        n, Q, H, hd = q.shape
+        q = q.view(n, Q, K, H // K, hd).transpose(1, 2).reshape(n, K, Q * H // K, hd)  # [n, K, q*g, hd]
     g, t = H // K, keys.shape[2]
-    q = q.view(n, Q, K, g, hd).transpose(1, 2).reshape(n, K, Q * g, hd)  # [n, K, q*g, hd] (a view when q = 1)
     grouped = torch.matmul(to_groups(q, places, B, group_size), prompt_keys.transpose(-1, -2))  # [B, K, G*q*g, P]
     scores = torch.cat([to_rows(grouped, places, group_size), torch.matmul(q, keys.transpose(-1, -2))], dim=-1)
     scores[..., :P].add_(prompt_bias)  # [n, K, q*g, P+t]
-    if own_bias is not None:
+    if own_bias is not None and Q == 1:
+        scores[..., P:].add_(own_bias)  # [n, 1, 1, t]
+    elif own_bias is not None:
         scores.view(n, K, Q, g, P + t)[..., P:].add_(own_bias.unsqueeze(3))  # [n, 1, q, 1, t]
     probs = scores.softmax(dim=-1)  # float32: FusedDecoder attends in float32 whatever the weights' dtype
     out = torch.matmul(probs[..., P:], values)  # [n, K, q*g, hd]
     from_prompt = torch.matmul(to_groups(probs[..., :P], places, B, group_size), prompt_values)  # [B, K, G*q*g, hd]
     out = out.add_(to_rows(from_prompt, places, group_size))
+    if Q == 1:
+        return out.view(n, H * hd)
     return out.view(n, K, Q, g, hd).transpose(1, 2).reshape(n * Q, H * hd)
 
 
@@ -312,12 +318,11 @@ class FusedDecoder:
         the cache take the keys and values. own_bias: [n, 1, q, t] additive mask over the rows' own cache
         (this call's keys included, t positions); None: every cached position attended (one token per row)."""
         H, K, hd, G = self.heads, self.kv_heads, self.head_dim, self.group_size
-        if tokens.dim() == 1:
-            tokens, positions = tokens[:, None], positions[:, None]
-        (n, q), cache = tokens.shape, self.cache
+        cache, single = self.cache, tokens.dim() == 1  # single: one token per row, the decode step
+        n, q = (tokens.shape[0], 1) if single else tokens.shape
         cache.reserve(cache.length + q)
-        h = F.embedding(tokens.reshape(-1), self.embed)  # [n*q, D]
-        cos, sin = self.rotary(h, positions.reshape(-1, 1))  # [n*q, 1, hd] each
+        h = F.embedding(tokens if single else tokens.reshape(-1), self.embed)  # [n*q, D]
+        cos, sin = self.rotary(h, positions[:, None] if single else positions.reshape(-1, 1))  # [n*q, 1, hd] each
         half = hd // 2
         sin_signed = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)  # [n*q, 1, hd]
         row_bias = self.row_bias[:n]  # [n, 1, 1, P]
@@ -325,11 +330,14 @@ class FusedDecoder:
             x = rms_norm(h, layer.norm1)
             qkv = layer.project_qkv(x).view(n * q, H + 2 * K, hd)  # [n*q, H+2K, hd]
             qk = rotate(qkv[:, : H + K], cos, sin_signed).float()  # [n*q, H+K, hd], attention in float32
-            new_keys = qk[:, H:].view(n, q, K, hd).transpose(1, 2)  # [n, K, q, hd]
-            new_values = qkv[:, H + K :].float().view(n, q, K, hd).transpose(1, 2)
+            if single:
+                queries, new_keys, new_values = qk[:, :H], qk[:, H:, None], qkv[:, H + K :, None].float()
+            else:
+                queries = qk[:, :H].view(n, q, H, hd)
+                new_keys = qk[:, H:].view(n, q, K, hd).transpose(1, 2)  # [n, K, q, hd]
+                new_values = qkv[:, H + K :].float().view(n, q, K, hd).transpose(1, 2)
             keys, values = kv.update(new_keys, new_values)  # [n, K, t, hd] each
-            out = attend(qk[:, :H].view(n, q, H, hd), prompt_keys, prompt_values, keys, values, row_bias,
-                         self.places, G, own_bias)  # [n*q, H*hd]
+            out = attend(queries, prompt_keys, prompt_values, keys, values, row_bias, self.places, G, own_bias)
             h = layer.o(out.to(h.dtype), residual=h)  # [n*q, D]
             h = layer.mlp(rms_norm(h, layer.norm2), residual=h)  # [n*q, D]
         cache.advance(q)

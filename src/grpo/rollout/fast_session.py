@@ -182,11 +182,13 @@ class FastSession:
             self.bias = grown
 
     def _forward(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """[n, q] tokens and positions of the first n rows, [n, 1, q, L+q] additive mask -> [n, V] logits of each
-        row's last token; their keys and values are written at [L, L+q)."""
+        """[n, q] (or [n]: one) tokens and positions of the first n rows, [n, 1, q, L+q] additive mask -> [n, V]
+        logits of each row's last token; their keys and values are written at [L, L+q)."""
         if self.decoder is not None:
             return self.decoder(tokens, positions, own_bias=mask)
-        logits = self.engine._forward(tokens, positions, mask.to(self.bias.dtype), self.cache)
+        if tokens.dim() == 1:
+            tokens, positions = tokens[:, None], positions[:, None]
+        logits = self.engine._forward(tokens, positions, mask, self.cache)
         self.cache.advance(tokens.shape[1])
         return logits
 
@@ -258,4 +260,4 @@ class _TurnDecode:
         s._reserve(L + 1)
         s.bias[:m, L] = 0.0  # the token fed now is attended from now on
         self.fed[self.at[:m]] += 1
-        return s._forward(tokens[:, None], positions[:, None], s.bias[:m, None, None, : L + 1])
+        return s._forward(tokens, positions, s.bias[:m, None, None, : L + 1])
