@@ -25,10 +25,8 @@ import os
 import sys
 import time
 
-import torch
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_generate import load, prompts_for  # noqa: E402  (the same model loading and prompts)
+from bench_generate import load, prompts_for  # the same model loading and prompts
 
 
 def env_ids(tokenizer, count: int) -> list[int]:
@@ -91,7 +89,7 @@ def run_single(engine, prompts, g: int, tokens: int, seed: int):
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="model folder (default: the default model, cached locally)")
-    p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", 2)))
+    p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
     p.add_argument("--engines", default="fast,fast-transcript,hf")
     p.add_argument("--prompts", type=int, default=4)
     p.add_argument("--group", type=int, default=8)
@@ -125,8 +123,8 @@ def main() -> None:
     print(f"model {a.model or 'default'}, {a.threads} threads, {a.prompts} prompts x G={a.group}; multi: {a.turns} "
           f"turns x {a.turn_tokens} tokens, {a.env_tokens} environment tokens between turns; single: one turn of "
           f"{single_tokens} tokens; {a.repeats} repeats")
-    print(f"| engine | single tok/s | multi sampled tok/s | multi all tok/s (sampled + env) | multi/single (all) | "
-          f"multi/single (sampled) | multi s | single s |")
+    print("| engine | single tok/s | multi sampled tok/s | multi all tok/s (sampled + env) | multi/single (all) | "
+          "multi/single (sampled) | multi s | single s |")
     print("|---|---|---|---|---|---|---|---|")
     for name in engines:
         ms, me, mt = totals[(name, "multi")]

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from rollout_helpers import peaky
 
 from grpo.rollout import FastEngine, SamplingParams
 from grpo.rollout import engine as engine_module
 from grpo.rollout.fast_session import FastSession, chunk_mask, compaction
 from grpo.rollout.session import TranscriptSession
 from grpo.testing import tiny_model, tiny_tokenizer
-
-from rollout_helpers import peaky
 
 # unequal lengths (left padding), B = 4
 TEXTS = ["hello there", "2+2=", "What is the answer to this one?", "ok"]

@@ -15,6 +15,9 @@ These copies are made once per generation (`FusedDecoder(model, rows)`), from th
 then (LoRA adapters merged in), and dropped with the decoder. With `packed=False` nothing is copied:
 the 7 matmuls run on the model's own weights (~1.3x slower on CPU, no extra memory).
 
+A multi-turn session (grpo.rollout.fast_session) also feeds several tokens per row in one call (the
+environment's answer after a turn): the same ops on [n*q, D], attention causal among a row's q tokens.
+
 Prefill runs the model's forward once per prompt. Its keys and values stay in one copy per prompt: at
 each step the G rows of a group read their prompt's cache together, in one matmul (`attend`), and only
 the completions have a cache per row. Against G copies of the prompt this reads and holds 1/G of the

@@ -10,6 +10,9 @@ What `model.generate` does for GRPO, and what this engine does instead:
 - logits are computed for every prompt position at prefill  -> only for the last one
 - a chain of logits processors over the whole vocabulary    -> a few small tensor functions, only those enabled
 
+Multi-turn episodes (`episodes`) keep each episode's cache between turns and run only the environment's new
+tokens through the model (grpo.rollout.fast_session.FastSession).
+
 It prefills through the model's own forward, handing it a cache object and a 4D additive attention mask,
 and decodes Llama-family models with `grpo.rollout.decoder.FusedDecoder` (a few ops per layer on fused
 weights), any other `transformers` causal LM through its forward again. By default

@@ -34,9 +34,13 @@ from dataclasses import replace
 import torch
 
 from grpo.rollout.base import SamplingParams, TurnSample, group_seed, group_uniforms
-from grpo.rollout.cache import KVCache
 from grpo.rollout.decoder import FusedDecoder
-from grpo.rollout.engine import _context_length, _decode_attention, _text_config, sliding_window
+from grpo.rollout.engine import (
+    _context_length,
+    _decode_attention,
+    _text_config,
+    sliding_window,
+)
 
 # The session's caches grow without a fixed cap (the model's context bounds each episode).
 UNBOUNDED = 1 << 40
@@ -115,6 +119,7 @@ class FastSession:
                 decode, logits, self.pos[self.order], replace(params, max_new_tokens=T), uniforms,
                 torch.tensor(limits, device=self.device))
             self._end_turn(rows, ids, ends, decode, start)
+        self.first_logits = None  # every episode still live has had its first turn
         ids, logprobs, ends, stopped = (x.cpu() for x in (ids, logprobs, ends, stopped))
         return [TurnSample(ids[i, : ends[i]].tolist(), logprobs[i, : ends[i]].tolist(), bool(stopped[i]))
                 for i in range(n)]
