@@ -120,6 +120,8 @@ def main() -> None:
             totals[key][0] += sampled
             totals[key][1] += env_count
             totals[key][2] += time.perf_counter() - start
+            print(f"repeat {r}: {key[0]} {key[1]}: {sampled} sampled + {env_count} environment tokens in "
+                  f"{time.perf_counter() - start:.1f} s", flush=True)  # progress, and what a cut-short run leaves
     print(f"model {a.model or 'default'}, {a.threads} threads, {a.prompts} prompts x G={a.group}; multi: {a.turns} "
           f"turns x {a.turn_tokens} tokens, {a.env_tokens} environment tokens between turns; single: one turn of "
           f"{single_tokens} tokens; {a.repeats} repeats")

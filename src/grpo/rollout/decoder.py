@@ -297,6 +297,7 @@ class FusedDecoder:
         self.cache = KVCache(len(self.layers), max_rows=B * group_size, max_len=max(max_new_tokens - 1, 1))
         self.slots = torch.arange(B * group_size, device=prompt_bias.device)  # [n] row b*G + i: sample i of prompt b
         self.places = None  # every row live, in slot order
+        self.places_all = B * group_size  # the rows `places` None stands for
         self.row_bias = prompt_bias.float().repeat_interleave(group_size, dim=0)[:, None, None, :]  # [n, 1, 1, P]
         return self
 
@@ -311,7 +312,9 @@ class FusedDecoder:
         index[j]; the first `live` rows (all when None) are the ones the next steps feed."""
         self.slots = self.slots[index]
         self.row_bias = self.row_bias[index]
-        self.places = group_places(self.slots[:live], self.kv_heads, self.group_size)
+        live_slots, N = self.slots[:live], self.places_all
+        in_order = live_slots.numel() == N and bool((live_slots == torch.arange(N, device=live_slots.device)).all())
+        self.places = None if in_order else group_places(live_slots, self.kv_heads, self.group_size)
 
     def __call__(
         self, tokens: torch.Tensor, positions: torch.Tensor, own_bias: torch.Tensor | None = None

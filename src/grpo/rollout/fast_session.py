@@ -164,8 +164,10 @@ class FastSession:
         positions, counts = compaction(self.bias[source, :L] == 0)  # [n, L'], [n]
         in_place = source.numel() == self.order.numel() and bool((source == torch.arange(len(rows),
                                                                                           device=self.device)).all())
-        if in_place and bool((counts == L).all()):
-            return  # no episode ended, no row has a hole
+        if in_place and bool((counts == L).all()):  # no episode ended, no row has a hole
+            if self.decoder is not None:
+                self.decoder.reindex(source)  # every row decodes (the last turn may have left fewer live)
+            return
         self.cache.gather(source, positions)
         width = self.cache.capacity
         self.bias = torch.zeros((len(rows), width), dtype=self.bias.dtype, device=self.device)
