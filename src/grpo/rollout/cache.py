@@ -56,6 +56,15 @@ class _CacheLayer(CacheLayerMixin):
             new[:, :, :length] = old[:rows, :, :length]
             setattr(self, name, new)
 
+    def gather(self, rows: torch.Tensor, positions: torch.Tensor, capacity: int) -> None:
+        """New buffers of [m, kv_heads, capacity, head_dim]: row j holds old row rows[j]'s positions positions[j]
+        ([m] and [m, L'] long), in that order, at positions [0, L')."""
+        for name in ("keys", "values"):
+            old = getattr(self, name)
+            new = old.new_zeros((rows.shape[0], old.shape[1], capacity, old.shape[3]))
+            new[:, :, : positions.shape[1]] = old[rows[:, None], :, positions].transpose(1, 2)  # [m, L', K, hd] read
+            setattr(self, name, new)
+
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.owner.length + query_length, 0
 
@@ -107,6 +116,18 @@ class KVCache(Cache):
                     filled = buf[:rows, :, : self.length]
                     buf[: rows * repeats, :, : self.length] = filled.repeat_interleave(repeats, dim=0)
         self.rows = rows * repeats
+
+    def gather(self, rows: torch.Tensor, positions: torch.Tensor) -> None:
+        """Keep the rows `rows` ([m] long), row j holding old row rows[j]'s positions positions[j] ([m, L'] long,
+        each < length) in that order: the cache becomes m rows of L' positions, in new buffers of L' + BLOCK
+        positions. A multi-turn session drops the positions that hold no token of a row this way
+        (grpo.rollout.fast_session)."""
+        m, length = positions.shape
+        self.capacity = min(self.max_len, length + self.BLOCK)
+        for layer in self.layers:
+            if layer.is_initialized:
+                layer.gather(rows, positions, self.capacity)
+        self.rows, self.length = m, length
 
     def keep_rows(self, index: torch.Tensor) -> None:
         """Row j becomes old row index[j] ([m] long, distinct), for j < m; the rows after m are dropped.

@@ -15,6 +15,9 @@ These copies are made once per generation (`FusedDecoder(model, rows)`), from th
 then (LoRA adapters merged in), and dropped with the decoder. With `packed=False` nothing is copied:
 the 7 matmuls run on the model's own weights (~1.3x slower on CPU, no extra memory).
 
+A multi-turn session (grpo.rollout.fast_session) also feeds several tokens per row in one call (the
+environment's answer after a turn): the same ops on [n*q, D], attention causal among a row's q tokens.
+
 Prefill runs the model's forward once per prompt. Its keys and values stay in one copy per prompt: at
 each step the G rows of a group read their prompt's cache together, in one matmul (`attend`), and only
 the completions have a cache per row. Against G copies of the prompt this reads and holds 1/G of the
@@ -208,31 +211,45 @@ def to_rows(y: torch.Tensor, places: torch.Tensor | None, group_size: int) -> to
 
 
 def attend(
-    q: torch.Tensor,  # [n, H, hd] one query per row
+    q: torch.Tensor,  # [n, H, hd] one query per row, or [n, q, H, hd]: q queries per row
     prompt_keys: torch.Tensor,  # [B, K, P, hd] each group's prompt, shared by its G rows
     prompt_values: torch.Tensor,  # [B, K, P, hd]
-    keys: torch.Tensor,  # [n, K, t, hd] each row's own completion so far, this step's key included
+    keys: torch.Tensor,  # [n, K, t, hd] each row's own completion so far, this step's keys included
     values: torch.Tensor,  # [n, K, t, hd]
     prompt_bias: torch.Tensor,  # [n, 1, 1, P] additive mask over each row's prompt (0, or a large negative at padding)
     places: torch.Tensor | None,  # [n * K] long: `group_places` of the live rows; None: all rows, in slot order
     group_size: int,
+    own_bias: torch.Tensor | None = None,  # [n, 1, q, t] additive mask over each row's own keys; None: all attended
 ) -> torch.Tensor:
-    """Grouped-query attention of one query per row over its prompt and its own completion: [n, H * hd].
+    """Grouped-query attention of each row's queries over its prompt and its own completion: [n * q, H * hd].
 
     The queries come scaled (by 1/sqrt(hd), or the model's scaling). Query head h reads key/value head
     h // g. The prompt's keys and values are read once per group, in one matmul for the G rows of the
-    group (not once per row from G copies); one softmax spans both parts.
+    group (not once per row from G copies); one softmax spans both parts. Several queries per row (a
+    multi-turn episode's new tokens, `grpo.rollout.fast_session`) need `own_bias` to be causal among them.
     """
-    n, H, hd = q.shape
     B, K, P, _ = prompt_keys.shape
-    q = q.reshape(n, K, H // K, hd)  # [n, K, g, hd]
-    grouped = torch.matmul(to_groups(q, places, B, group_size), prompt_keys.transpose(-1, -2))  # [B, K, G*g, P]
+    if q.dim() == 3:  # one query per row (the decode step: as few ops as it takes)
+        (n, H, hd), Q = q.shape, 1
+        q = q.reshape(n, K, H // K, hd)  # [n, K, g, hd]
+    else:
+        n, Q, H, hd = q.shape
+        q = q.view(n, Q, K, H // K, hd).transpose(1, 2).reshape(n, K, Q * H // K, hd)  # [n, K, q*g, hd]
+    g, t = H // K, keys.shape[2]
+    grouped = torch.matmul(to_groups(q, places, B, group_size), prompt_keys.transpose(-1, -2))  # [B, K, G*q*g, P]
     scores = torch.cat([to_rows(grouped, places, group_size), torch.matmul(q, keys.transpose(-1, -2))], dim=-1)
-    scores[..., :P].add_(prompt_bias)  # [n, K, g, P+t]
+    scores[..., :P].add_(prompt_bias)  # [n, K, q*g, P+t]
+    if own_bias is not None and Q == 1:
+        scores[..., P:].add_(own_bias)  # [n, 1, 1, t]
+    elif own_bias is not None:
+        scores.view(n, K, Q, g, P + t)[..., P:].add_(own_bias.unsqueeze(3))  # [n, 1, q, 1, t]
     probs = scores.softmax(dim=-1)  # float32: FusedDecoder attends in float32 whatever the weights' dtype
-    out = torch.matmul(probs[..., P:], values)  # [n, K, g, hd]
-    from_prompt = torch.matmul(to_groups(probs[..., :P], places, B, group_size), prompt_values)  # [B, K, G*g, hd]
-    return out.add_(to_rows(from_prompt, places, group_size)).view(n, H * hd)
+    out = torch.matmul(probs[..., P:], values)  # [n, K, q*g, hd]
+    from_prompt = torch.matmul(to_groups(probs[..., :P], places, B, group_size), prompt_values)  # [B, K, G*q*g, hd]
+    out = out.add_(to_rows(from_prompt, places, group_size))
+    if Q == 1:
+        return out.view(n, H * hd)
+    return out.view(n, K, Q, g, hd).transpose(1, 2).reshape(n * Q, H * hd)
 
 
 class FusedDecoder:
@@ -280,32 +297,56 @@ class FusedDecoder:
         self.cache = KVCache(len(self.layers), max_rows=B * group_size, max_len=max(max_new_tokens - 1, 1))
         self.slots = torch.arange(B * group_size, device=prompt_bias.device)  # [n] row b*G + i: sample i of prompt b
         self.places = None  # every row live, in slot order
+        self.places_all = B * group_size  # the rows `places` None stands for
         self.row_bias = prompt_bias.float().repeat_interleave(group_size, dim=0)[:, None, None, :]  # [n, 1, 1, P]
         return self
 
-    def keep_rows(self, index: torch.Tensor) -> None:
-        """Row j becomes row index[j] ([m] long, distinct, any order); the others are dropped."""
+    def keep_rows(self, index: torch.Tensor, live: int | None = None) -> None:
+        """Row j becomes row index[j] ([m] long, distinct, any order); the others are dropped. The first
+        `live` rows (all m when None) are the ones the next steps feed."""
         self.cache.keep_rows(index)
+        self.reindex(index, live)
+
+    def reindex(self, index: torch.Tensor, live: int | None = None) -> None:
+        """The rows' prompts follow a move of the cache's rows made by the caller: row j is now old row
+        index[j]; the first `live` rows (all when None) are the ones the next steps feed."""
         self.slots = self.slots[index]
         self.row_bias = self.row_bias[index]
-        self.places = group_places(self.slots, self.kv_heads, self.group_size)
+        live_slots, N = self.slots[:live], self.places_all
+        in_order = live_slots.numel() == N and bool((live_slots == torch.arange(N, device=live_slots.device)).all())
+        self.places = None if in_order else group_places(live_slots, self.kv_heads, self.group_size)
 
-    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """[n] token ids and their positions, one per live row -> [n, V] next-token logits."""
+    def __call__(
+        self, tokens: torch.Tensor, positions: torch.Tensor, own_bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Token ids and their positions, [n] (one per live row) or [n, q] (q per row, run in one forward, all
+        matmuls on [n*q, D]) -> [n, V] next-token logits after each row's last token. The first n rows of
+        the cache take the keys and values. own_bias: [n, 1, q, t] additive mask over the rows' own cache
+        (this call's keys included, t positions); None: every cached position attended (one token per row)."""
         H, K, hd, G = self.heads, self.kv_heads, self.head_dim, self.group_size
-        n, cache = tokens.shape[0], self.cache
-        cache.reserve(cache.length + 1)
-        h = F.embedding(tokens, self.embed)  # [n, D]
-        cos, sin = self.rotary(h, positions[:, None])  # [n, 1, hd] each
+        cache, single = self.cache, tokens.dim() == 1  # single: one token per row, the decode step
+        n, q = (tokens.shape[0], 1) if single else tokens.shape
+        cache.reserve(cache.length + q)
+        h = F.embedding(tokens if single else tokens.reshape(-1), self.embed)  # [n*q, D]
+        cos, sin = self.rotary(h, positions[:, None] if single else positions.reshape(-1, 1))  # [n*q, 1, hd] each
         half = hd // 2
-        sin_signed = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)  # [n, 1, hd]
+        sin_signed = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)  # [n*q, 1, hd]
+        row_bias = self.row_bias[:n]  # [n, 1, 1, P]
         for layer, kv, (prompt_keys, prompt_values) in zip(self.layers, cache.layers, self.prompt):
             x = rms_norm(h, layer.norm1)
-            qkv = layer.project_qkv(x).view(n, H + 2 * K, hd)  # [n, H+2K, hd]
-            qk = rotate(qkv[:, : H + K], cos, sin_signed).float()  # [n, H+K, hd], attention in float32
-            keys, values = kv.update(qk[:, H:, None], qkv[:, H + K :, None].float())  # [n, K, t+1, hd] each
-            out = attend(qk[:, :H], prompt_keys, prompt_values, keys, values, self.row_bias, self.places, G)
-            h = layer.o(out.to(h.dtype), residual=h)  # [n, D]
-            h = layer.mlp(rms_norm(h, layer.norm2), residual=h)  # [n, D]
-        cache.advance(1)
+            qkv = layer.project_qkv(x).view(n * q, H + 2 * K, hd)  # [n*q, H+2K, hd]
+            qk = rotate(qkv[:, : H + K], cos, sin_signed).float()  # [n*q, H+K, hd], attention in float32
+            if single:
+                queries, new_keys, new_values = qk[:, :H], qk[:, H:, None], qkv[:, H + K :, None].float()
+            else:
+                queries = qk[:, :H].view(n, q, H, hd)
+                new_keys = qk[:, H:].view(n, q, K, hd).transpose(1, 2)  # [n, K, q, hd]
+                new_values = qkv[:, H + K :].float().view(n, q, K, hd).transpose(1, 2)
+            keys, values = kv.update(new_keys, new_values)  # [n, K, t, hd] each
+            out = attend(queries, prompt_keys, prompt_values, keys, values, row_bias, self.places, G, own_bias)
+            h = layer.o(out.to(h.dtype), residual=h)  # [n*q, D]
+            h = layer.mlp(rms_norm(h, layer.norm2), residual=h)  # [n*q, D]
+        cache.advance(q)
+        if q > 1:
+            h = h.view(n, q, -1)[:, -1]  # [n, D] each row's last token
         return self.head(rms_norm(h, self.norm))  # [n, V]

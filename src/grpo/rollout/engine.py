@@ -10,6 +10,9 @@ What `model.generate` does for GRPO, and what this engine does instead:
 - logits are computed for every prompt position at prefill  -> only for the last one
 - a chain of logits processors over the whole vocabulary    -> a few small tensor functions, only those enabled
 
+Multi-turn episodes (`episodes`) keep each episode's cache between turns and run only the environment's new
+tokens through the model (grpo.rollout.fast_session.FastSession).
+
 It prefills through the model's own forward, handing it a cache object and a 4D additive attention mask,
 and decodes Llama-family models with `grpo.rollout.decoder.FusedDecoder` (a few ops per layer on fused
 weights), any other `transformers` causal LM through its forward again. By default
@@ -24,7 +27,7 @@ from __future__ import annotations
 
 import inspect
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -42,7 +45,6 @@ from grpo.rollout.base import (
 from grpo.rollout.cache import KVCache, fill_holes
 from grpo.rollout.decoder import FusedDecoder, unsupported
 from grpo.rollout.hf import eos_token_ids
-from grpo.rollout.session import TranscriptSession
 
 # Attention implementations that take a ready 4D additive mask [n, 1, q, L].
 MASKED_ATTENTION = ("sdpa", "eager")
@@ -332,20 +334,12 @@ class FastEngine:
         uniforms = None if params.greedy else group_uniforms(
             seeds if seeds is not None else draw_seeds(generator, len(prompt_ids)), group_size, params.max_new_tokens
         ).to(device)  # [T, N]
-        was_training = self.runner.training
-        self.runner.eval()
-        try:
-            use_onednn = self._use_onednn(device)
-            rows = len(prompt_ids) * group_size
-            fused = self._use_fused(device)
-            with torch.inference_mode(), onednn.use_in(self.runner, enabled=use_onednn), \
-                    onednn.packed(self.runner, rows, enabled=use_onednn and self._prepack and not fused):
-                decoder = FusedDecoder(self.runner, rows, use_onednn, self._prepack) if fused else None
-                ids, logprobs, ends, stopped, stats = self._sample(prompt_ids, group_size, params, uniforms, device,
-                                                                   decoder)
-                del decoder  # the fused weights
-        finally:
-            self.runner.train(was_training)
+        rows, fused = len(prompt_ids) * group_size, self._use_fused(device)
+        with self._running(rows, fused) as use_onednn:
+            decoder = FusedDecoder(self.runner, rows, use_onednn, self._prepack) if fused else None
+            ids, logprobs, ends, stopped, stats = self._sample(prompt_ids, group_size, params, uniforms, device,
+                                                               decoder)
+            del decoder  # the fused weights
         # leave inference mode: the trainer feeds these tensors to autograd
         ids, logprobs, ends, stopped = (x.cpu().clone() for x in (ids, logprobs, ends, stopped))
         width = max(int(ends.max()), 1)  # T: the longest completion
@@ -362,8 +356,28 @@ class FastEngine:
         )
 
     def episodes(self, prompt_ids, group_size, seeds):
-        """Multi-turn sampling (grpo.rollout.base.EpisodeSession)."""
-        return TranscriptSession(self, prompt_ids, group_size, seeds)
+        """Multi-turn sampling (grpo.rollout.base.EpisodeSession): each prompt prefilled once, each episode's KV
+        cache extended with its turns and the environment's tokens, never prefilled again
+        (grpo.rollout.fast_session.FastSession)."""
+        from grpo.rollout.fast_session import FastSession
+
+        return FastSession(self, prompt_ids, group_size, seeds)
+
+    @contextmanager
+    def _running(self, rows: int, fused: bool):
+        """What sampling runs under: the runner in eval mode, inference mode, oneDNN's Linear kernel (where it
+        serves) and, through the model's forward with `prepack`, its weights reordered for `rows` rows.
+        Yields whether oneDNN is on."""
+        device = next(self.runner.parameters()).device
+        was_training = self.runner.training
+        self.runner.eval()
+        try:
+            use_onednn = self._use_onednn(device)
+            with torch.inference_mode(), onednn.use_in(self.runner, enabled=use_onednn), \
+                    onednn.packed(self.runner, rows, enabled=use_onednn and self._prepack and not fused):
+                yield use_onednn
+        finally:
+            self.runner.train(was_training)
 
     def _use_onednn(self, device: torch.device) -> bool:
         possible = onednn.usable(self.runner)
@@ -475,11 +489,12 @@ class FastEngine:
         next_pos = attn.sum(1).repeat_interleave(G)  # [N] the prompt lengths
         return cache, bias, torch.cat(logits).repeat_interleave(G, dim=0), next_pos
 
-    def _decode(self, decode, logits, next_pos, params, uniforms):
+    def _decode(self, decode, logits, next_pos, params, uniforms, limits=None):
         """Sample up to T tokens per row; a row leaves the batch (and the cache) once it ends.
 
         decode: the decode steps, `decode(tokens [n], positions [n]) -> logits [n, V]` for the live rows,
-        and `decode.keep_rows(index)` when rows end. uniforms: [T, N] draws (None: greedy)."""
+        and `decode.keep_rows(index)` when rows end. uniforms: [T, N] draws (None: greedy). limits: [N] long,
+        each row's own token limit (<= T; a row that reaches it ends, not stopped), None: T for every row."""
         N, T, device = logits.shape[0], params.max_new_tokens, logits.device
         out_ids = torch.full((N, T), self.pad_id, dtype=torch.long, device=device)  # [N, T]
         out_logprobs = torch.zeros((N, T), dtype=torch.float32, device=device)  # [N, T]
@@ -499,14 +514,15 @@ class FastEngine:
             if stops.active:
                 done |= stops.check(rows.tolist(), tokens.tolist(), device)
             row_steps += rows.numel()
-            any_done = bool(done.any())
+            ended = done if limits is None else done | (limits[rows] <= t + 1)  # [n]
+            any_done = bool(ended.any())
             if any_done:
-                ends[rows[done]] = t + 1
+                ends[rows[ended]] = t + 1
                 stopped[rows[done]] = True
             if t == T - 1:
                 break
             if any_done:
-                keep = fill_holes(done)  # [m] the rows kept, the last ones moved into the places of those that ended
+                keep = fill_holes(ended)  # [m] the rows kept, the last ones moved into the places of those that ended
                 if keep.numel() == 0:
                     break
                 decode.keep_rows(keep)
