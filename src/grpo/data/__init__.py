@@ -9,6 +9,7 @@ from grpo.data.arithmetic import arithmetic_rows
 from grpo.data.countdown import countdown_rows
 from grpo.data.datasets import dataset_rows
 from grpo.data.files import DataError, check_rows, read_rows
+from grpo.data.guess_number import guess_number_rows
 
 INSTRUCTIONS = {
     "arithmetic": "What is {question}? Reply with only the number.",
@@ -58,8 +59,6 @@ def load_task(data, needed_columns: list[str]) -> Task:
         _check_columns(train, data.task, needed_columns)
         return Task(train, eval_, f"countdown-{data.countdown_numbers}")
     if data.task == "guess_number":
-        from grpo.envs.guess_number import guess_number_rows
-
         return Task(guess_number_rows(data.num_train, data.seed), guess_number_rows(data.num_eval, data.seed + 1),
                     "guess_number")
     if data.task in ("gsm8k", "math"):

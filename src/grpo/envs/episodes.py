@@ -31,8 +31,6 @@ from grpo.rollout.base import Rollout, SamplingParams
 def environment_class(cfg) -> tuple[type, dict]:
     """The environment class of an `environment` section (grpo.config.EnvironmentConfig) and its constructor's
     arguments, the tools loaded; ValueError naming the field when the class, a tool or an argument is wrong."""
-    import inspect
-
     from grpo.envs import ToolEnvironment, check_environment_args, load_environment, load_tools
 
     cls = load_environment(cfg.name) if cfg.name else ToolEnvironment

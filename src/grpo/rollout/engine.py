@@ -379,6 +379,18 @@ class FastEngine:
         finally:
             self.runner.train(was_training)
 
+    def position_bounds(self) -> list[tuple[int, str]]:
+        """The model's bounds on the positions a row may reach, each with what it is: its context
+        (config.max_position_embeddings) and its sliding window, where it has them."""
+        config = _text_config(self.model)
+        bounds = [(_context_length(self.model), "context (config.max_position_embeddings)"),
+                  (sliding_window(config), "sliding window")]
+        return [(b, what) for b, what in bounds if b is not None]
+
+    def decode_attention(self):
+        """The attention kernel context for decode steps of this engine's runner (see _decode_attention)."""
+        return _decode_attention(next(self.runner.parameters()).device, next(self.runner.parameters()).dtype)
+
     def _use_onednn(self, device: torch.device) -> bool:
         possible = onednn.usable(self.runner)
         if self._onednn and not possible:

@@ -35,12 +35,6 @@ import torch
 
 from grpo.rollout.base import SamplingParams, TurnSample, group_seed, group_uniforms
 from grpo.rollout.decoder import FusedDecoder
-from grpo.rollout.engine import (
-    _context_length,
-    _decode_attention,
-    _text_config,
-    sliding_window,
-)
 
 # The session's caches grow without a fixed cap (the model's context bounds each episode).
 UNBOUNDED = 1 << 40
@@ -110,7 +104,7 @@ class FastSession:
         g = self.group_size
         uniforms = None if params.greedy else group_uniforms(
             [group_seed(self.seeds[e // g], e % g, self.turns[e]) for e in rows], 1, T).to(self.device)  # [T, n]
-        with engine._running(n, self.fused), _decode_attention(self.device, next(engine.runner.parameters()).dtype):
+        with engine._running(n, self.fused), engine.decode_attention():
             self._keep(rows)
             logits = self._run_pending(rows)  # [n, V]
             start = self.cache.length
@@ -145,10 +139,8 @@ class FastSession:
             if not 1 <= limit <= params.max_new_tokens:
                 raise ValueError(f"episode {e}: limit {limit} is not in [1, max_new_tokens={params.max_new_tokens}]")
         longest = max(int(self.pos[e]) + len(self.pending[e]) + limit for e, limit in zip(rows, limits))
-        context = _context_length(self.engine.model)
-        window = sliding_window(_text_config(self.engine.model))
-        for bound, what in ((context, "context (config.max_position_embeddings)"), (window, "sliding window")):
-            if bound is not None and longest > bound:
+        for bound, what in self.engine.position_bounds():
+            if longest > bound:
                 raise ValueError(f"an episode needs {longest} positions for this turn, more than the model's {what} "
                                  f"of {bound}: lower environment.max_tokens or sampling.max_new_tokens")
 
