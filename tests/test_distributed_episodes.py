@@ -4,8 +4,8 @@ run (episodes are seeded per group, so either world size plays the same ones).""
 
 import pytest
 
-from tests.test_distributed import RUN, assert_same_run, grpo, metrics
-from tests.test_episodes_cli import MY_ENV
+from test_distributed import RUN, assert_same_run, grpo, metrics
+from test_episodes_cli import MY_ENV
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from grpo.envs.episodes import EnvironmentFailure, EpisodeLimits, run_episodes
 from grpo.rollout import FastEngine, HFGenerateEngine
 from grpo.rollout.base import SamplingParams, group_seed
 from grpo.testing import tiny_model, tiny_tokenizer
-from tests.rollout_helpers import peaky, reference_logprobs
+from rollout_helpers import peaky, reference_logprobs
 
 VOCAB = 160  # ids past the printable characters decode to "<tN>", which encodes back to other ids: no round trip
 

@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from tests.test_checkpoint import BASE, assert_same_run, metrics, train
+from test_checkpoint import BASE, assert_same_run, metrics, train
 
 MY_ENV = '''
 import grpo

@@ -8,8 +8,8 @@ import torch
 
 from grpo.envs.episodes import EpisodeLimits, Episodes
 from grpo.logging.metrics import Phases
-from tests.test_episodes import Chatty
-from tests.trainer_helpers import gradients, make_trainer
+from test_episodes import Chatty
+from trainer_helpers import gradients, make_trainer
 
 TURNS = 3
 
