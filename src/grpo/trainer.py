@@ -2,7 +2,8 @@
 
 One step:
   1. draw B prompts (under torchrun each rank keeps its own whole groups); the engine samples G
-     completions each, every group from its own seeded stream      (rollout)
+     completions each, every group from its own seeded stream, or with an environment G multi-turn
+     episodes (grpo.envs; only the model's tokens count from here on: Rollout.model_mask)   (rollout)
   2. score every completion with the reward functions            (rewards)
      dynamic sampling (DAPO): repeat 1-2, keeping groups whose rewards differ, until B groups
   3. group-relative advantages, outcome [N] or process [N, T]    (core.advantages)
