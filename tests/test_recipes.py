@@ -42,7 +42,8 @@ def run_recipe(name, tiny_model_dir, out, *extra, folder=CONFIGS):
 @pytest.mark.parametrize("name", RECIPES)
 def test_recipe_is_a_complete_config_for_the_default_model(name):
     cfg = load_config(CONFIGS / f"{name}.yaml")
-    assert cfg.model.path is None and cfg.data.task == "arithmetic" and cfg.eval.before and cfg.eval.after
+    built_in = "guess_number" if cfg.environment.name == "guess_number" else "arithmetic"  # data of its own
+    assert cfg.model.path is None and cfg.data.task == built_in and cfg.eval.before and cfg.eval.after
     assert cfg.output.dir == f"runs/{name}"
 
 
@@ -52,7 +53,8 @@ def test_recipe_runs_through_the_cli(name, tiny_model_dir, tmp_path):
     extra = ["algorithm.max_sampling_rounds=2"] if cfg.algorithm.dynamic_sampling else []
     metrics, before = run_recipe(name, tiny_model_dir, tmp_path / name, *extra)
     m = metrics[0]
-    assert before["metric"] == (cfg.eval.metric or "answer_accuracy")
+    # an environment run's accuracy is the environment's own reward (grpo.evaluate.accuracy_check)
+    assert before["metric"] == (cfg.eval.metric or ("environment" if cfg.environment.enabled else "answer_accuracy"))
     assert 0 <= before["accuracy"] <= 1 and before["num_problems"] == 2
     assert m["step"] == 1 and m["loss"] == m["loss"] and m["grad_norm"] >= 0  # finite, not NaN
     if cfg.algorithm.dynamic_sampling:
