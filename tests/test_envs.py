@@ -146,7 +146,7 @@ def test_check_environment_args():
     with pytest.raises(EnvironmentLoadError) as info:
         check_environment_args(GuessNumberEnvironment, {"low": 1, "hihg": 9, "lo": 0})
     assert str(info.value) == ("environment GuessNumberEnvironment takes no argument 'hihg', 'lo' (environment.args); "
-                               "it takes: low, high, secret_column")
+                               "it takes: low, high, secret_column, demonstrate, demo_secret")
 
     class Open(Environment):
         def __init__(self, **kwargs):
@@ -301,6 +301,36 @@ def test_bisection_wins_every_default_game_in_five_turns():
                 break
             low, high = (guess + 1, high) if "higher" in step.messages[0]["content"] else (low, guess - 1)
         assert step.reward == 1.0 and turns <= 5, secret
+
+
+@pytest.mark.parametrize("low,high,demo_secret", [(1, 16, None), (1, 16, 1), (1, 16, 16), (5, 5, None), (1, 100, 67)])
+def test_guess_number_demonstration_is_a_game_the_environment_itself_would_play(low, high, demo_secret):
+    """Every demonstrated hint is what step() answers to that guess for demo_secret, the guesses bisect,
+    the game ends on the secret, and the real game's rules come last, after the system prompt's place."""
+    env = GuessNumberEnvironment(low=low, high=high, demonstrate=True, demo_secret=demo_secret)
+    env.system_prompt = "Be brief."
+    first = env.reset({"secret": low}, 0)
+    assert first[0] == {"role": "system", "content": "Be brief."}
+    demo, real = first[1:-1], first[-1]
+    secret = env.demo_secret
+    assert real["role"] == "user" and real["content"].endswith(RULES.format(low=low, high=high))
+    assert f"it was {secret}" in real["content"]
+    assert demo[0] == {"role": "user", "content": RULES.format(low=low, high=high)}
+    replay = GuessNumberEnvironment(low=low, high=high)
+    replay.reset({"secret": secret}, 0)
+    guesses = [int(m["content"]) for m in demo[1::2]]
+    assert [m["role"] for m in demo[1:]] == ["assistant", "user"] * (len(guesses) - 1) + ["assistant"]
+    assert guesses[-1] == secret and len(guesses) == len(set(guesses)) <= max(1, (high - low + 2).bit_length())
+    for guess, answer in zip(guesses[:-1], demo[2::2]):
+        step = replay.step(str(guess))
+        assert not step.done and step.messages == [answer]
+    assert replay.step(str(guesses[-1])).done
+    assert env.step(str(low)).done  # the demonstration does not touch the real game
+
+
+def test_guess_number_refuses_a_demo_secret_outside_the_range():
+    with pytest.raises(ValueError, match=r"demo_secret \(17\) is outside \[1, 16\]"):
+        GuessNumberEnvironment(demo_secret=17)
 
 
 # --- python ------------------------------------------------------------------------------------------

@@ -168,3 +168,11 @@ def test_async_environments_are_awaited():
     _, tok, engine = setup()
     r = play(engine, tok, make_env=Async)
     assert sum(ep.turns for ep in r.episodes) >= 2 * r.num_completions and all(ep.error is None for ep in r.episodes)
+
+
+def test_a_prompt_that_leaves_no_room_under_max_tokens_is_refused():
+    """An episode whose first messages already fill environment.max_tokens could not play a turn: a clear error,
+    not episodes of zero turns that train on nothing."""
+    _, tok, engine = setup()
+    with pytest.raises(EnvironmentFailure, match="max_tokens=10 leaves the model no room"):
+        play(engine, tok, max_tokens=10)

@@ -215,3 +215,38 @@ def test_a_failed_assert_says_the_value_judged_here_or_by_the_judge():
     assert cases[0].reason == "assertion failed: fact(5) = 0"  # judged by the trainer
     cases, _ = run_tests("def fact(n):\n    return 0\n", "E = {5: 120}\nassert fact(5) == E[5]\nassert 0 < fact(5)", LIMITS)
     assert [c.reason for c in cases] == ["assertion failed: fact(5) = 0", "assertion failed"]  # by the judge process
+
+
+FIRST_RUNS = """
+import sys, threading
+from grpo.rewards.sandbox import jail, run_tests
+jail.set_max_concurrency(int(sys.argv[1]))
+code, tests = "def add(a, b):\\n    return a + b\\n", ["assert add(1, 2) == 3"]
+io = "print(sum(map(int, input().split())))"
+results = []
+def one(i):
+    kind = i % 3
+    if kind == 0:
+        results.append(run_tests(code, tests)[0][0].passed)
+    elif kind == 1:
+        results.append(run_tests(io, [{"input": "1 2", "output": "3"}])[0][0].passed)
+    else:  # judged in a second sandbox: the asserts have setup code
+        results.append(run_tests(code, "x = 1\\nassert add(x, 2) == 3")[0][0].passed)
+threads = [threading.Thread(target=one, args=(i,)) for i in range(int(sys.argv[2]))]
+for t in threads: t.start()
+for t in threads: t.join()
+print(results)
+"""
+
+
+@pytest.mark.parametrize("slots,threads", [(1, 1), (1, 3), (2, 2), (2, 6)])
+def test_the_first_runs_of_a_process_do_not_wait_on_each_other(slots, threads):
+    """A process's first sandbox runs probe the machine's protections; runs that held every slot while
+    the probe waited for one deadlocked (a fresh process, so nothing is probed yet; a timeout, not a hang)."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", FIRST_RUNS, str(slots), str(threads)], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == str([True] * threads)

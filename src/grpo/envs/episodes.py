@@ -145,6 +145,11 @@ def run_episodes(engine, tokenizer, rows: list[dict], make_env, group_size: int,
             raise EnvironmentFailure(f"environment {name}: reset gave different first messages to the {g} episodes "
                                      f"of row {b}; the episodes of a group must start from the same state")
         prompt_ids.append(encode_prompt(tokenizer, group[0], tools=envs[b * g].template_tools(tokenizer)))
+        if limits.max_tokens is not None and len(prompt_ids[-1]) >= limits.max_tokens:
+            raise EnvironmentFailure(
+                f"environment {name}: row {b}'s first messages take {len(prompt_ids[-1])} tokens, so "
+                f"environment.max_tokens={limits.max_tokens} leaves the model no room for a turn; raise "
+                "environment.max_tokens (or set it to null) or shorten the prompt")
     for i, ep in enumerate(episodes):
         ep.messages, ep.first_messages = list(firsts[i]), len(firsts[i])
     live = [_Live(env, i // g, len(prompt_ids[i // g])) for i, env in enumerate(envs)]

@@ -36,12 +36,23 @@ class GuessNumberEnvironment(Environment):
         low, high: the range of the secret (both included).
         secret_column: the row column holding the secret (guess_number_rows writes it); a row without it
             gets a secret drawn from random.Random(seed), i.e. one per episode.
+        demonstrate: put one worked game before the rules, as chat turns: the rules, then bisection's
+            guesses for `demo_secret`, each a bare number, with this environment's own hints, until it wins.
+            A small model that answers the rules with a sentence sees what a turn looks like
+            (configs/guess_number.yaml).
+        demo_secret: the demonstrated game's secret (in [low, high]); default two thirds up the range (11 of
+            1..16: guesses 8, 12, 10, 11, with both hints).
     """
 
-    def __init__(self, low: int = 1, high: int = 16, secret_column: str = "secret"):
+    def __init__(self, low: int = 1, high: int = 16, secret_column: str = "secret", demonstrate: bool = False,
+                 demo_secret: int | None = None):
         if low > high:
             raise ValueError(f"guess_number: low ({low}) must be <= high ({high})")
+        if demo_secret is not None and not low <= demo_secret <= high:
+            raise ValueError(f"guess_number: demo_secret ({demo_secret}) is outside [{low}, {high}]")
         self.low, self.high, self.secret_column = low, high, secret_column
+        self.demonstrate = demonstrate
+        self.demo_secret = low + (high - low) * 2 // 3 if demo_secret is None else demo_secret
         self.secret: int | None = None
 
     def reset(self, row: dict, seed: int) -> list[dict]:
@@ -51,17 +62,38 @@ class GuessNumberEnvironment(Environment):
         self.secret = random.Random(seed).randint(self.low, self.high) if secret is None else int(secret)
         if not self.low <= self.secret <= self.high:
             raise ValueError(f"guess_number: the row's {self.secret_column} {self.secret} is outside [{self.low}, {self.high}]")
-        return self.prompt_messages({self.prompt_column: RULES.format(low=self.low, high=self.high)})
+        messages = self.prompt_messages({self.prompt_column: RULES.format(low=self.low, high=self.high)})
+        if self.demonstrate:
+            system = 1 if messages[0]["role"] == "system" else 0
+            messages[-1]["content"] = f"Right, it was {self.demo_secret}. New game. " + messages[-1]["content"]
+            messages[system:system] = self.demo_turns()
+        return messages
 
     def step(self, text: str) -> Step:
         """Compare the turn's guess with the secret: 1.0 and done when right, else a hint and 0.0."""
         guess = read_guess(text)
-        if guess is None:
-            hint = f"Your reply has no whole number. Reply with one number from {self.low} to {self.high}."
-        elif guess == self.secret:
+        if guess == self.secret:
             return Step(messages=[], reward=1.0, done=True)
-        elif not self.low <= guess <= self.high:
-            hint = f"{guess} is not from {self.low} to {self.high}. Guess again."
-        else:
-            hint = f"My number is {'higher' if self.secret > guess else 'lower'} than {guess}. Guess again."
-        return Step(messages=[{"role": "user", "content": hint}], reward=0.0)
+        return Step(messages=[{"role": "user", "content": self.hint(guess, self.secret)}], reward=0.0)
+
+    def hint(self, guess: int | None, secret: int) -> str:
+        """The answer to a wrong guess (or to a turn without one)."""
+        if guess is None:
+            return f"Your reply has no whole number. Reply with one number from {self.low} to {self.high}."
+        if not self.low <= guess <= self.high:
+            return f"{guess} is not from {self.low} to {self.high}. Guess again."
+        return f"My number is {'higher' if secret > guess else 'lower'} than {guess}. Guess again."
+
+    def demo_turns(self) -> list[dict]:
+        """A won game as chat messages: the rules, then bisection's guesses for demo_secret with their hints;
+        the last message is the winning guess (reset then says so before the real game's rules)."""
+        messages = [{"role": "user", "content": RULES.format(low=self.low, high=self.high)}]
+        low, high = self.low, self.high
+        while True:
+            guess = (low + high) // 2
+            messages.append({"role": "assistant", "content": str(guess)})
+            if guess == self.demo_secret:
+                break
+            messages.append({"role": "user", "content": self.hint(guess, self.demo_secret)})
+            low, high = (guess + 1, high) if self.demo_secret > guess else (low, guess - 1)
+        return messages

@@ -168,7 +168,11 @@ def _take_slot() -> int:
 
 @contextmanager
 def concurrency_slot():
-    """One of the set_max_concurrency slots, for a run (its program and its judge), given back after."""
+    """One of the set_max_concurrency slots, for a run (its program and its judge), given back after.
+
+    The machine's capabilities are probed first, holding no slot: the probes take slots of their own,
+    so a first run that held its slot while they waited for one would deadlock once every slot is held."""
+    capabilities()
     slot = _take_slot()
     try:
         yield slot
@@ -421,10 +425,22 @@ FALLBACK_CAPS = frozenset({"timeout", "rlimits", "uid", "no_network", "private_f
 """The protections of the earlier sandbox (benchmarks compare with it: `_run(..., caps=...)`)."""
 
 
-@lru_cache(maxsize=1)
+_capabilities: frozenset[str] | None = None
+_capabilities_lock = threading.Lock()
+
+
 def capabilities() -> frozenset[str]:
-    """The protections this machine gives (probed once by running a trivial program with each);
-    the first call logs, once, those the kernel refused and what is weaker without them."""
+    """The protections this machine gives (probed once, by the first caller, while any other waits, by
+    running a trivial program with each); the first call logs those the kernel refused and what is
+    weaker without them."""
+    global _capabilities
+    with _capabilities_lock:
+        if _capabilities is None:
+            _capabilities = _probe_capabilities()
+    return _capabilities
+
+
+def _probe_capabilities() -> frozenset[str]:
     caps = {"timeout", "rlimits"}
     extras = ["no_network", "private_fs", "pid_ns", "ipc_ns"] + (["cgroup"] if _cgroup_parents() else [])
     extras += ["uid"] if os.geteuid() == 0 and _world_runnable(sandbox_python()) else []
@@ -440,9 +456,13 @@ def capabilities() -> frozenset[str]:
 
 
 def _probe(caps: frozenset[str]) -> SandboxResult | None:
+    slot = _take_slot()  # not concurrency_slot(): that waits for the probes
     try:
-        return _run({"main.py": "print('ok')"}, "main.py", Limits(timeout=20), "", caps)
+        jail = Jail({"main.py": "print('ok')"}, "main.py", Limits(timeout=20), caps, slot)
+        return jail.finish(jail.wait(20))
     except (OSError, ValueError, subprocess.SubprocessError):
         return None
+    finally:
+        _slots.put(slot)
 
 
