@@ -170,9 +170,15 @@ def test_async_environments_are_awaited():
     assert sum(ep.turns for ep in r.episodes) >= 2 * r.num_completions and all(ep.error is None for ep in r.episodes)
 
 
-def test_a_prompt_that_leaves_no_room_under_max_tokens_is_refused():
-    """An episode whose first messages already fill environment.max_tokens could not play a turn: a clear error,
-    not episodes of zero turns that train on nothing."""
+def test_a_prompt_that_fills_max_tokens_plays_no_turn_and_says_so(caplog, monkeypatch):
+    """An episode whose first messages already fill environment.max_tokens cannot play a turn: it is empty
+    and truncated (the run goes on), and a warning names the row and the limit, not a silent empty run."""
+    import grpo.envs.episodes as episodes
+
+    monkeypatch.setattr(episodes, "_warned_full_prompts", False)
     _, tok, engine = setup()
-    with pytest.raises(EnvironmentFailure, match="max_tokens=10 leaves the model no room"):
-        play(engine, tok, max_tokens=10)
+    with caplog.at_level("WARNING", logger="grpo.envs.episodes"):
+        r = play(engine, tok, max_tokens=10)
+    assert all(ep.turns == 0 and ep.truncated for ep in r.episodes) and r.truncated.all()
+    assert int(r.completion_mask.sum()) == 0
+    assert "environment.max_tokens=10 leaves the model no room for a turn" in caplog.text

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -26,6 +27,9 @@ import torch
 from grpo.envs.chat import continuation_ids
 from grpo.models import encode_prompt
 from grpo.rollout.base import Rollout, SamplingParams
+
+_log = logging.getLogger(__name__)
+_warned_full_prompts = False
 
 
 def environment_class(cfg) -> tuple[type, dict]:
@@ -146,10 +150,7 @@ def run_episodes(engine, tokenizer, rows: list[dict], make_env, group_size: int,
                                      f"of row {b}; the episodes of a group must start from the same state")
         prompt_ids.append(encode_prompt(tokenizer, group[0], tools=envs[b * g].template_tools(tokenizer)))
         if limits.max_tokens is not None and len(prompt_ids[-1]) >= limits.max_tokens:
-            raise EnvironmentFailure(
-                f"environment {name}: row {b}'s first messages take {len(prompt_ids[-1])} tokens, so "
-                f"environment.max_tokens={limits.max_tokens} leaves the model no room for a turn; raise "
-                "environment.max_tokens (or set it to null) or shorten the prompt")
+            _warn_full_prompt(name, b, len(prompt_ids[-1]), limits.max_tokens)
     for i, ep in enumerate(episodes):
         ep.messages, ep.first_messages = list(firsts[i]), len(firsts[i])
     live = [_Live(env, i // g, len(prompt_ids[i // g])) for i, env in enumerate(envs)]
@@ -297,3 +298,15 @@ def _rollout(prompt_ids, live: list[_Live], episodes: list[Episode], g: int, tok
     return Rollout(prompt_ids=[list(p) for p in prompt_ids], completion_ids=ids, completion_mask=mask,
                    truncated=torch.tensor([e.truncated for e in episodes], dtype=torch.bool), group_size=g,
                    sampling_logprobs=logprobs, stats=stats, action_mask=action, episodes=episodes)
+
+
+def _warn_full_prompt(name: str, row: int, tokens: int, max_tokens: int) -> None:
+    """Once per process: a row whose first messages fill environment.max_tokens plays no turn (its
+    episodes are empty and truncated: no signal), which a run should not do silently, nor stop for."""
+    global _warned_full_prompts
+    if not _warned_full_prompts:
+        _warned_full_prompts = True
+        _log.warning("environment %s: row %d's first messages take %d tokens, so environment.max_tokens=%d leaves "
+                     "the model no room for a turn: its episodes are empty and truncated (this warning is shown "
+                     "once); raise environment.max_tokens (or set it to null) or shorten the prompt",
+                     name, row, tokens, max_tokens)
