@@ -2,6 +2,7 @@
 with scripted model turns (no model). The tool machinery's parsing and running: tests/test_tools.py."""
 
 import random
+import re
 
 import pytest
 
@@ -146,7 +147,7 @@ def test_check_environment_args():
     with pytest.raises(EnvironmentLoadError) as info:
         check_environment_args(GuessNumberEnvironment, {"low": 1, "hihg": 9, "lo": 0})
     assert str(info.value) == ("environment GuessNumberEnvironment takes no argument 'hihg', 'lo' (environment.args); "
-                               "it takes: low, high, secret_column, demonstrate, demo_secret")
+                               "it takes: low, high, secret_column, demonstrate, demo_secret, say_range")
 
     class Open(Environment):
         def __init__(self, **kwargs):
@@ -304,10 +305,11 @@ def test_bisection_wins_every_default_game_in_five_turns():
 
 
 @pytest.mark.parametrize("low,high,demo_secret", [(1, 16, None), (1, 16, 1), (1, 16, 16), (5, 5, None), (1, 100, 67)])
-def test_guess_number_demonstration_is_a_game_the_environment_itself_would_play(low, high, demo_secret):
+@pytest.mark.parametrize("say_range", [False, True])
+def test_guess_number_demonstration_is_a_game_the_environment_itself_would_play(low, high, demo_secret, say_range):
     """Every demonstrated hint is what step() answers to that guess for demo_secret, the guesses bisect,
     the game ends on the secret, and the real game's rules come last, after the system prompt's place."""
-    env = GuessNumberEnvironment(low=low, high=high, demonstrate=True, demo_secret=demo_secret)
+    env = GuessNumberEnvironment(low=low, high=high, demonstrate=True, demo_secret=demo_secret, say_range=say_range)
     env.system_prompt = "Be brief."
     first = env.reset({"secret": low}, 0)
     assert first[0] == {"role": "system", "content": "Be brief."}
@@ -316,7 +318,7 @@ def test_guess_number_demonstration_is_a_game_the_environment_itself_would_play(
     assert real["role"] == "user" and real["content"].endswith(RULES.format(low=low, high=high))
     assert f"it was {secret}" in real["content"]
     assert demo[0] == {"role": "user", "content": RULES.format(low=low, high=high)}
-    replay = GuessNumberEnvironment(low=low, high=high)
+    replay = GuessNumberEnvironment(low=low, high=high, say_range=say_range)
     replay.reset({"secret": secret}, 0)
     guesses = [int(m["content"]) for m in demo[1::2]]
     assert [m["role"] for m in demo[1:]] == ["assistant", "user"] * (len(guesses) - 1) + ["assistant"]
@@ -326,6 +328,32 @@ def test_guess_number_demonstration_is_a_game_the_environment_itself_would_play(
         assert not step.done and step.messages == [answer]
     assert replay.step(str(guesses[-1])).done
     assert env.step(str(low)).done  # the demonstration does not touch the real game
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_guess_number_says_the_range_every_hint_so_far_leaves(seed):
+    """With say_range, each hint's range is exactly the numbers that every hint so far allows (by brute force
+    over the candidates), whatever the guesses: repeated, contradicting, outside the range or no number."""
+    rng = random.Random(seed)
+    low, high = rng.choice([(1, 16), (1, 100), (5, 9), (3, 3)])
+    env = GuessNumberEnvironment(low=low, high=high, say_range=True)
+    secret = rng.randint(low, high)
+    env.reset({"secret": secret}, 0)
+    candidates = set(range(low, high + 1))
+    for _ in range(12):
+        guess = rng.choice([rng.randint(low, high), rng.randint(low - 3, high + 3), None])
+        step = env.step("no idea" if guess is None else f"maybe {guess}")
+        if guess == secret:
+            assert step.done and step.reward == 1.0
+            break
+        text = step.messages[0]["content"]
+        if guess is not None and low <= guess <= high:
+            candidates = {c for c in candidates if (c > guess) == (secret > guess) and c != guess}
+            said = re.search(r"it is (?:from (\d+) to (\d+)|(\d+))\.", text).groups()
+            lo, hi = (int(said[0]), int(said[1])) if said[2] is None else (int(said[2]), int(said[2]))
+            assert set(range(lo, hi + 1)) == candidates, (text, guess, secret)
+        else:
+            assert "it is" not in text
 
 
 def test_guess_number_refuses_a_demo_secret_outside_the_range():

@@ -42,18 +42,22 @@ class GuessNumberEnvironment(Environment):
             (configs/guess_number.yaml).
         demo_secret: the demonstrated game's secret (in [low, high]); default two thirds up the range (11 of
             1..16: guesses 8, 12, 10, 11, with both hints).
+        say_range: each hint also says where the secret can still be, from every hint so far ("My number is
+            higher than 8: it is from 9 to 16."): the game then needs only picking a number in the range said
+            last, not reasoning over the earlier hints.
     """
 
     def __init__(self, low: int = 1, high: int = 16, secret_column: str = "secret", demonstrate: bool = False,
-                 demo_secret: int | None = None):
+                 demo_secret: int | None = None, say_range: bool = False):
         if low > high:
             raise ValueError(f"guess_number: low ({low}) must be <= high ({high})")
         if demo_secret is not None and not low <= demo_secret <= high:
             raise ValueError(f"guess_number: demo_secret ({demo_secret}) is outside [{low}, {high}]")
         self.low, self.high, self.secret_column = low, high, secret_column
-        self.demonstrate = demonstrate
+        self.demonstrate, self.say_range = demonstrate, say_range
         self.demo_secret = low + (high - low) * 2 // 3 if demo_secret is None else demo_secret
         self.secret: int | None = None
+        self.left = (low, high)  # where the secret can be, after the hints so far
 
     def reset(self, row: dict, seed: int) -> list[dict]:
         """Pick the secret (the row's, else a seeded draw) and tell the rules (the row's prompt is not used:
@@ -62,6 +66,7 @@ class GuessNumberEnvironment(Environment):
         self.secret = random.Random(seed).randint(self.low, self.high) if secret is None else int(secret)
         if not self.low <= self.secret <= self.high:
             raise ValueError(f"guess_number: the row's {self.secret_column} {self.secret} is outside [{self.low}, {self.high}]")
+        self.left = (self.low, self.high)
         messages = self.prompt_messages({self.prompt_column: RULES.format(low=self.low, high=self.high)})
         if self.demonstrate:
             system = 1 if messages[0]["role"] == "system" else 0
@@ -74,26 +79,32 @@ class GuessNumberEnvironment(Environment):
         guess = read_guess(text)
         if guess == self.secret:
             return Step(messages=[], reward=1.0, done=True)
-        return Step(messages=[{"role": "user", "content": self.hint(guess, self.secret)}], reward=0.0)
+        hint, self.left = self.hint(guess, self.secret, self.left)
+        return Step(messages=[{"role": "user", "content": hint}], reward=0.0)
 
-    def hint(self, guess: int | None, secret: int) -> str:
-        """The answer to a wrong guess (or to a turn without one)."""
+    def hint(self, guess: int | None, secret: int, left: tuple[int, int]) -> tuple[str, tuple[int, int]]:
+        """The answer to a wrong guess (or to a turn without one), and where the secret can be after it
+        (`left` before it)."""
         if guess is None:
-            return f"Your reply has no whole number. Reply with one number from {self.low} to {self.high}."
+            return f"Your reply has no whole number. Reply with one number from {self.low} to {self.high}.", left
         if not self.low <= guess <= self.high:
-            return f"{guess} is not from {self.low} to {self.high}. Guess again."
-        return f"My number is {'higher' if secret > guess else 'lower'} than {guess}. Guess again."
+            return f"{guess} is not from {self.low} to {self.high}. Guess again.", left
+        lo, hi = left
+        lo, hi = (max(lo, guess + 1), hi) if secret > guess else (lo, min(hi, guess - 1))
+        where = f": it is from {lo} to {hi}." if self.say_range and lo < hi else \
+            f": it is {lo}." if self.say_range else "."
+        return f"My number is {'higher' if secret > guess else 'lower'} than {guess}{where} Guess again.", (lo, hi)
 
     def demo_turns(self) -> list[dict]:
         """A won game as chat messages: the rules, then bisection's guesses for demo_secret with their hints;
         the last message is the winning guess (reset then says so before the real game's rules)."""
         messages = [{"role": "user", "content": RULES.format(low=self.low, high=self.high)}]
-        low, high = self.low, self.high
+        left = (self.low, self.high)
         while True:
-            guess = (low + high) // 2
+            guess = (left[0] + left[1]) // 2
             messages.append({"role": "assistant", "content": str(guess)})
             if guess == self.demo_secret:
                 break
-            messages.append({"role": "user", "content": self.hint(guess, self.demo_secret)})
-            low, high = (guess + 1, high) if self.demo_secret > guess else (low, guess - 1)
+            hint, left = self.hint(guess, self.demo_secret, left)
+            messages.append({"role": "user", "content": hint})
         return messages
