@@ -96,6 +96,55 @@ def test_onednn_linear_computes_in_bfloat16_under_a_cpu_autocast():
 
 
 @needs_bf16
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_the_kept_bfloat16_weight_copies_follow_every_update(optimizer, monkeypatch):
+    """oneDNN's layers keep one bfloat16 copy of each weight while it is unchanged (`onednn.weight_in`): three
+    optimizer steps and an in-place edit inside one `use_in` block give bit for bit the losses and weights of a
+    cast at every forward; the copy is shared by the forwards between two updates and dropped on exit."""
+    import copy
+
+    from grpo.testing import tiny_model
+
+    def train(model, fresh_casts: bool):
+        if fresh_casts:
+            monkeypatch.setattr(onednn, "weight_in", lambda layer, dtype: layer.weight.detach().to(dtype))
+        opt = (torch.optim.AdamW(model.parameters(), lr=1e-2) if optimizer == "adamw"
+               else torch.optim.SGD(model.parameters(), lr=0.5, foreach=False))
+        ids = torch.randint(4, 60, (3, 7), generator=torch.Generator().manual_seed(1))
+        losses, copies = [], []
+        with onednn.use_in(model):
+            for step in range(4):
+                with torch.autocast("cpu", torch.bfloat16):
+                    loss = model(input_ids=ids, labels=ids).loss
+                    with torch.no_grad():
+                        again = model(input_ids=ids, labels=ids).loss  # a second forward between two updates
+                loss.backward()
+                losses += [float(loss), float(again)]
+                copies.append(onednn.weight_in(model.lm_head, torch.bfloat16))
+                opt.step()
+                opt.zero_grad()
+                if step == 2:
+                    with torch.no_grad():
+                        model.model.layers[0].mlp.up_proj.weight.mul_(0.5)  # not an optimizer's update
+        monkeypatch.undo()
+        return losses, copies
+
+    model = tiny_model(60, seed=4)
+    fresh = copy.deepcopy(model)
+    kept_losses, copies = train(model, fresh_casts=False)
+    fresh_losses, _ = train(fresh, fresh_casts=True)
+    assert kept_losses == fresh_losses  # bit for bit: the same casts, only made fewer times
+    assert len(set(kept_losses)) == 4  # each update changed the loss (the two forwards between agree)
+    for a, b in zip(model.parameters(), fresh.parameters()):
+        assert torch.equal(a, b)
+    assert len({id(c) for c in copies}) == len(copies)  # a new copy after each update...
+    assert not any("_onednn_cast" in m.__dict__ for m in model.modules())  # ...and none after the block
+    with onednn.use_in(model), torch.autocast("cpu", torch.bfloat16):
+        layer = model.model.layers[0].self_attn.q_proj
+        assert onednn.weight_in(layer, torch.bfloat16) is onednn.weight_in(layer, torch.bfloat16)  # one per version
+
+
+@needs_bf16
 def test_a_bfloat16_training_step_through_the_cli(tiny_model_dir, tmp_path):
     """`grpo train trainer.precision=bfloat16` on the tiny model; with mu=2 the trainer computes pi_old itself
     (the sampler's float32 log-probs are not the bfloat16 passes')."""

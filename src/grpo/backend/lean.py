@@ -178,7 +178,7 @@ def _head_backward(ctx, grad_logp, grad_entropy):
     # the backward's matmuls: in bfloat16 under a CPU bfloat16 autocast (oneDNN's op is not cast by autocast),
     # the weight's gradient summed in float32 from a bfloat16 product buffer
     cast = ctx.bf16 or hidden.dtype
-    w = weight.to(cast) if need_h else None  # [V, H]
+    w = (onednn.weight_in(ctx.head, cast) if ctx.head.weight is weight else weight.to(cast)) if need_h else None  # [V, H]
     product = torch.empty(weight.shape, dtype=cast, device=weight.device) if need_w and ctx.bf16 else None
     matmul = onednn.matmul_for(weight)
     g_lp = grad_logp.float()

@@ -14,8 +14,11 @@ whole weight when the input is a strided slice; oneDNN reads strides. Results ag
 to float rounding (a different summation order), not bit for bit.
 
 `use_in(model)` gives each nn.Linear of the model an instance `forward` for as long as it
-is active (nothing is copied, the weights are the layers' own); under autograd the forward is a
-`torch.autograd.Function` whose backward runs its two matmuls through the same kernel.
+is active (the weights are the layers' own); under autograd the forward is a
+`torch.autograd.Function` whose backward runs its two matmuls through the same kernel. Under a CPU
+bfloat16 autocast each layer keeps a bfloat16 copy of its weight while the weight is unchanged
+(`weight_in`), where autocast would cast the weight at every forward: a step's many forwards over
+weights that change once, at the optimizer step.
 """
 
 from __future__ import annotations
@@ -101,16 +104,34 @@ def matmul_for(weight: torch.Tensor):
     return _matmul if _serves(weight) else torch.nn.functional.linear
 
 
+def weight_in(layer: torch.nn.Linear, dtype: torch.dtype) -> torch.Tensor:
+    """`layer.weight` cast to `dtype` (no autograd): while `use_in` serves the layer, one cast per version of the
+    weight, kept until the weight changes in place (an optimizer step) or the block ends, instead of one per
+    forward. Changes made through `.data` bypass the version counter and are not seen: nothing in a step
+    makes them."""
+    weight = layer.weight
+    if weight.dtype == dtype:
+        return weight.detach()
+    if getattr(layer.__dict__.get("forward"), "__func__", None) is not _forward:
+        return weight.detach().to(dtype)
+    key = (weight._version, weight.data_ptr(), dtype)
+    cached = layer.__dict__.get("_onednn_cast")
+    if cached is None or cached[0] != key:
+        cached = layer._onednn_cast = (key, weight.detach().to(dtype))  # a fresh tensor: saved ones stay intact
+    return cached[1]
+
+
 class _Linear(torch.autograd.Function):
     """x @ weight.T + bias through oneDNN, its two backward matmuls too. With `dtype` (bfloat16 under a CPU
-    autocast) the operands are cast to it for all three matmuls, and the gradients cast back to the inputs'
-    dtypes: autocast's own semantics for `F.linear`."""
+    autocast) the operands are cast to it for all three matmuls (the weight's cast given as `cast`, or made
+    here), and the gradients cast back to the inputs' dtypes: autocast's own semantics for `F.linear`."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, dtype):
+    def forward(ctx, x, weight, bias, dtype, cast=None):
         ctx.dtypes = (x.dtype, weight.dtype, bias.dtype if bias is not None else None)
         if dtype is not None:
-            x, weight, bias = x.to(dtype), weight.to(dtype), bias.to(dtype) if bias is not None else None
+            weight = cast if cast is not None else weight.to(dtype)
+            x, bias = x.to(dtype), bias.to(dtype) if bias is not None else None
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
         return _matmul(x, weight, bias)
@@ -128,20 +149,23 @@ class _Linear(torch.autograd.Function):
             grad_w = _matmul(flat.t(), x.reshape(-1, x.shape[-1]).t(), None).to(ctx.dtypes[1])  # [out, M] x [M, in]
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = flat.sum(dim=0, dtype=torch.float32).to(ctx.dtypes[2])  # [out]
-        return grad_x, grad_w, grad_b, None
+        return grad_x, grad_w, grad_b, None, None
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           cast: torch.Tensor | None = None) -> torch.Tensor:
     """`F.linear` through oneDNN; differentiable in x, weight and bias. Inside a CPU bfloat16 autocast it
-    computes in bfloat16 (see `autocast_dtype`)."""
+    computes in bfloat16 (see `autocast_dtype`), with `cast` as the weight's bfloat16 copy if given."""
     dtype = autocast_dtype(weight)
+    cast = cast if dtype is not None else None
     needs_grad = torch.is_grad_enabled() and (
         x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
     )
     if needs_grad:
-        return _Linear.apply(x, weight, bias, dtype)
+        return _Linear.apply(x, weight, bias, dtype, cast)
     if dtype is not None:
-        x, weight, bias = x.to(dtype), weight.to(dtype), bias.to(dtype) if bias is not None else None
+        weight = cast if cast is not None else weight.to(dtype)
+        x, bias = x.to(dtype), bias.to(dtype) if bias is not None else None
     return _matmul(x, weight, bias)
 
 
@@ -149,7 +173,9 @@ def _forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     packed = self.__dict__.get("_onednn_packed")  # set by `packed`, for no-grad forwards only
     if packed is not None and not torch.is_grad_enabled() and autocast_dtype(packed) is None:
         return _matmul(x, packed, self.bias)
-    return linear(x, self.weight, self.bias)
+    dtype = autocast_dtype(self.weight)
+    cast = weight_in(self, dtype) if dtype is not None and self.weight.dtype != dtype else None
+    return linear(x, self.weight, self.bias, cast)
 
 
 @contextmanager
@@ -169,6 +195,7 @@ def use_in(*models, enabled: bool = True):
     finally:
         for m in layers:
             del m.forward
+            m.__dict__.pop("_onednn_cast", None)
 
 
 @contextmanager
