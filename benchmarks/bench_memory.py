@@ -117,7 +117,9 @@ def use_full_logits() -> None:
 def side_ours(args) -> None:
     import torch
 
-    torch.set_num_threads(args.threads)
+    from grpo import host
+
+    host.set_up(args.threads, "cpu")  # as `grpo train` sets up a CPU run: threads, the allocator's policy
     from bench_train import InOrder
     from grpo.config import load_config
     from grpo.run import build_trainer, load_for_training

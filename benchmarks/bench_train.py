@@ -203,7 +203,9 @@ def prompt_digest(prompt_ids: list[list[int]]) -> str:
 def side_ours(args) -> None:
     import torch
 
-    torch.set_num_threads(args.threads)
+    from grpo import host
+
+    host.set_up(args.threads, "cpu")  # as `grpo train` sets up a CPU run: threads, the allocator's policy
     from grpo.config import Config, load_config
     from grpo.models import encode_prompt
     from grpo.run import build_trainer, load_for_training

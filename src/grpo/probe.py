@@ -226,11 +226,11 @@ def probe(config, num_prompts: int = 32, log=print) -> dict:
     """Sample G completions for each of the first `num_prompts` training prompts with the model training would
     start from, score them with the run's rewards, and return probe_stats' numbers with the run's sampling
     settings, the accuracy check's name (`metric`) and every group's completions and values (`samples`)."""
-    from grpo.run import check_environment, check_prompt_lengths, load_for_training, needed_columns, set_threads
+    from grpo.run import check_environment, check_prompt_lengths, load_for_training, needed_columns, set_up_host
 
     task = load_task(config.data, needed_columns(config))  # data errors before any model loads
     check_environment(config)  # and what the environment cannot do with this model's chat template
-    set_threads(config)
+    set_up_host(config)
     torch.manual_seed(config.trainer.seed)
     no_reference = config.model_copy(update={"algorithm": config.algorithm.model_copy(update={"beta": 0.0})})
     model, tokenizer, folder, engine, _ = load_for_training(no_reference, log=log)  # sampling needs no reference

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from grpo import checkpoint
+from grpo import checkpoint, host
 from grpo.backend import make_backend, resolve_precision
 from grpo.config import Config, ConfigError, absolute_paths
 from grpo.data import DataError, PromptSampler, encode_rows, load_task
@@ -29,7 +29,7 @@ from grpo.logging.console import format_duration, make_console
 from grpo.logging.metrics import sample_records
 from grpo.logging.run import RunLog, write_json
 from grpo.envs.episodes import Episodes
-from grpo.models import apply_lora, frozen_copy, load_model_and_tokenizer, load_tokenizer_only
+from grpo.models import apply_lora, frozen_copy, load_model_and_tokenizer, load_tokenizer_only, pick_device
 from grpo.optim import make_optimizer, make_scheduler
 from grpo.parallel import shard, wrap_policy
 from grpo.resume import restore, resume_point
@@ -88,9 +88,9 @@ def check_environment(config: Config) -> None:
             raise ConfigError(f"environment: {e}") from None
 
 
-def set_threads(config: Config) -> None:
-    if config.model.threads:
-        torch.set_num_threads(config.model.threads)
+def set_up_host(config: Config) -> None:
+    """The process's threads and, on a CPU, its allocator policy (grpo.host), before the model loads."""
+    host.set_up(config.model.threads, pick_device(config.model.device))
 
 
 @contextmanager
@@ -299,7 +299,7 @@ def run_flow(config: Config, world: World, quiet: bool, console_mode: str, resum
     check_environment(config)  # and what the environment cannot do with this model's chat template
     run_dir = Path(config.output.dir).expanduser()
     ckpt, restart = starting_point(run_dir, config, task, resume, console, world)
-    set_threads(config)
+    set_up_host(config)
     torch.manual_seed(config.trainer.seed)
     with console.phase("loading the model"):
         model, tokenizer, folder, engine, ref_model = load_for_training(config, log=console.info, world=world)
@@ -402,7 +402,7 @@ def eval_only(config: Config, model_path: str | None, output: Path | None, quiet
     task = load_task(config.data, needed_columns(config))
     check_eval(config, task.eval)  # before the model loads
     check_environment(config)
-    set_threads(config)
+    set_up_host(config)
     cfg = config.model_copy(update={"model": config.model.model_copy(update={"path": model_path})}) if model_path else config
     with console.phase("loading the model"):
         model, tokenizer, folder = load_model_and_tokenizer(cfg.model, log=console.info)
