@@ -14,20 +14,21 @@ glibc_only = pytest.mark.skipif(
     platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="the policy is glibc's mallopt"
 )
 
-# the large tensors of an output head's step, allocated and freed six times: logits [256, V] (48 MiB), their softmax,
-# a weight gradient [V, H] (108 MiB) and a bfloat16 copy of the weight; the page faults of each round
+# the large tensors of an output head's step, allocated and freed six times: a chunk of logits [256, V] (48 MiB),
+# its softmax, a tensor of the head weight's size [V, H] (108 MiB) and the weight's bfloat16 copy; the page faults
+# of each round
 _REUSE = """
 import json, resource, sys, torch
 from grpo import host
 kept = host.keep_freed_memory() if sys.argv[1] == "policy" else None
-torch.manual_seed(0)
-w, h = torch.randn(49152, 576), torch.randn(256, 576)
+torch.set_num_threads(1)
+w = torch.randn(49152, 576)
 faults = []
 for i in range(6):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    z = h @ w.t()
+    z = torch.full((256, 49152), 0.5)
     p = torch.softmax(z, -1)
-    g = p.t() @ h
+    g = w * 2
     b = w.to(torch.bfloat16)
     del z, p, g, b
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
@@ -47,7 +48,8 @@ def test_a_freed_large_block_is_reused_without_faulting_its_pages_in_again():
     default, kept = _reuse("default"), _reuse("policy")
     assert min(default["faults"][3:]) > default["pages"] // 2, default  # glibc's default: fresh mmaps, faulted in anew
     assert kept["kept"] is True
-    assert sum(kept["faults"][3:]) < default["pages"] // 20, kept  # from the third round on, the freed pages reused
+    # from the fourth round on most freed pages are reused (glibc's heap may still fault in one block in a round)
+    assert sum(kept["faults"][3:]) < sum(default["faults"][3:]) / 4, (kept, default)
 
 
 @glibc_only
