@@ -8,8 +8,9 @@ bfloat16 copy), so every one of them is page-faulted in anew, 4 KiB at a time, e
 kernel: on a virtual machine a fault costs microseconds, and with a 49k vocabulary those faults were most
 of a bfloat16 step's output-head backward. `keep_freed_memory` raises the mmap threshold to 1 GiB and the
 trim threshold to 2 GiB, so freed blocks stay in the process's heap and the next allocation of that size
-reuses their pages, as a caching allocator (PyTorch's CUDA one, jemalloc, tcmalloc) would. Memory freed
-is reused, not added to: the process keeps its peak rather than giving it back between steps.
+reuses their pages, as a caching allocator (PyTorch's CUDA one, jemalloc, tcmalloc) would. The process keeps
+what it freed instead of giving it back between steps, and the heap's fragmentation can add to its peak
+(both measured in benchmarks/RESULTS_train.md).
 
 It is left alone where the user chose an allocator policy (glibc's MALLOC_* variables or GLIBC_TUNABLES,
 or jemalloc / tcmalloc in LD_PRELOAD) and where the C library is not glibc.
