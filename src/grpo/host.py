@@ -13,7 +13,8 @@ what it freed instead of giving it back between steps, and the heap's fragmentat
 (both measured in benchmarks/RESULTS_train.md).
 
 It is left alone where the user chose an allocator policy (glibc's MALLOC_* variables or GLIBC_TUNABLES,
-or jemalloc / tcmalloc in LD_PRELOAD) and where the C library is not glibc.
+jemalloc / tcmalloc in LD_PRELOAD, or GRPO_KEEP_FREED_MEMORY=0 for glibc's own) and where the C library is
+not glibc.
 """
 
 from __future__ import annotations
@@ -41,7 +42,10 @@ def set_up(threads: int | None, device: torch.device | str) -> None:
 
 
 def user_allocator_policy() -> str | None:
-    """The allocator setting the user made in the environment, if any (then theirs stands)."""
+    """The allocator setting the user made in the environment, if any (then theirs stands): GRPO_KEEP_FREED_MEMORY=0
+    keeps glibc's own behaviour."""
+    if os.environ.get("GRPO_KEEP_FREED_MEMORY", "1").strip().lower() in ("0", "false", "no", "off"):
+        return "GRPO_KEEP_FREED_MEMORY"
     for name in _USER_POLICY:
         if name in os.environ:
             return name
