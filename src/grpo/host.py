@@ -28,7 +28,7 @@ import torch
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers (glibc's malloc.h)
 MMAP_THRESHOLD = 1 << 30  # blocks below 1 GiB come from the heap
-TRIM_THRESHOLD = 2 << 30  # up to 2 GiB free at the heap's top stays mapped
+TRIM_THRESHOLD = (2 << 30) - 1  # up to 2 GiB free at the heap's top stays mapped (mallopt takes an int)
 _USER_POLICY = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_")
 
 
