@@ -51,7 +51,9 @@ little; the phase table shows the mean completion length of each side.
 Each side runs in its own process (ours: .venv/bin/python, which never imports trl; TRL: --trl-python,
 which never imports grpo) and prints one JSON line: the wall seconds of every step, the phase seconds,
 completion tokens, and peak resident memory (ru_maxrss). Step 1 is a warm-up; s/step is the median
-of steps 2..N.
+of steps 2..N. Ours sets up its process as `grpo train` does on a CPU (`grpo.host.set_up`: its threads, and
+glibc keeping large freed blocks for reuse; GRPO_KEEP_FREED_MEMORY=0 in the environment turns that off);
+TRL's runs with glibc's default allocator, as its users run it.
 
 What a timed step holds:
 - ours: `Trainer.step()`, timed around the call: sampling (`--engine`, default `fast` as in
