@@ -98,7 +98,7 @@ def test_onednn_linear_computes_in_bfloat16_under_a_cpu_autocast():
 @needs_bf16
 @pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
 def test_the_kept_bfloat16_weight_copies_follow_every_update(optimizer, monkeypatch):
-    """oneDNN's layers keep one bfloat16 copy of each weight while it is unchanged (`onednn.weight_in`): three
+    """oneDNN's layers keep one bfloat16 copy of each weight while it is unchanged (`onednn.weight_in`): four
     optimizer steps and an in-place edit inside one `use_in` block give bit for bit the losses and weights of a
     cast at every forward; the copy is shared by the forwards between two updates and dropped on exit."""
     import copy
