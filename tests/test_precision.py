@@ -1,5 +1,5 @@
 """trainer.precision: bfloat16 autocast of the matmuls against float32 (within bfloat16's rounding), cpu_fast
-against plain in bfloat16, a bfloat16 run through the CLI, the refusal on a CPU without bfloat16 matmuls, and
+against plain in bfloat16, the attention kept in float32 on a CPU, a bfloat16 run through the CLI, the refusal on a CPU without bfloat16 matmuls, and
 old configs' trainer.autocast.
 
 Tolerances: bfloat16 keeps 8 significant bits, so rounding an operand costs a relative error of at most
@@ -26,11 +26,12 @@ WHY = bf16_unsupported(torch.device("cpu"))
 needs_bf16 = pytest.mark.skipif(WHY is not None, reason=f"trainer.precision=bfloat16 is refused here: {WHY}")
 
 
-def logprobs_and_gradient(backend: str, precision: str, batch=None):
+def logprobs_and_gradient(backend: str, precision: str, batch=None, *overrides: str):
     """Reference log-probs [N, T] and the loss's flattened gradient (DAPO loss with KL and an entropy bonus)
     of one batch on the tiny model; the batch is sampled by the first call and reused."""
     t = trainer_helpers.make_trainer("algorithm.beta=0.04", "algorithm.loss_type=dapo", "algorithm.entropy_coef=0.01",
-                                     f"trainer.backend={backend}", f"trainer.precision={precision}", micro_batch_size=3)
+                                     f"trainer.backend={backend}", f"trainer.precision={precision}", *overrides,
+                                     micro_batch_size=3)
     with t.backend.step(t.model, t.ref_model):
         batch = batch if batch is not None else t.make_batch(t.sampler.next(2), Phases())
         ref = t.reference_logprobs(batch.sequences)
@@ -68,6 +69,62 @@ def test_cpu_fast_bfloat16_equals_plain_bfloat16(float32_run):
     _, ref_fast, grad_fast, _ = logprobs_and_gradient("cpu_fast", "bfloat16", batch)
     assert float((ref_fast - ref_plain).abs().max()) <= 4 * U
     assert rel(grad_fast, grad_plain) <= 2 * U
+
+
+@needs_bf16
+@pytest.mark.parametrize("backend,checkpointing", [("plain", False), ("cpu_fast", False), ("plain", True)])
+def test_a_cpu_bfloat16_step_runs_attention_in_float32(backend, checkpointing, monkeypatch, float32_run):
+    """Every attention of the reference pass and of the policy's forward (and, with gradient checkpointing, of its
+    recomputation in the backward pass) gets float32 q, k and v with autocast off (without `float32_attention`,
+    autocast would round them to bfloat16: v arrives in bfloat16 from its matmul); the numbers stay within
+    bfloat16's rounding of float32's, and transformers' attention table is as it was afterwards."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    sdpa, seen = torch.nn.functional.scaled_dot_product_attention, []
+
+    def spy(q, k, v, *args, **kwargs):
+        seen.append((q.dtype, k.dtype, v.dtype, torch.is_autocast_enabled("cpu")))
+        return sdpa(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    before = dict(ALL_ATTENTION_FUNCTIONS._local_mapping)
+    batch, ref32, grad32, _ = float32_run
+    _, ref, grad, _ = logprobs_and_gradient(backend, "bfloat16", batch,
+                                            f"trainer.gradient_checkpointing={str(checkpointing).lower()}")
+    passes = 3 if checkpointing else 2  # the reference's, the policy's, its recomputation
+    assert len(seen) >= 2 * passes and set(seen) == {(torch.float32, torch.float32, torch.float32, False)}  # 2 layers
+    assert ALL_ATTENTION_FUNCTIONS._local_mapping == before
+    assert float((ref - ref32).abs().max()) <= 8 * U and rel(grad, grad32) <= 4 * U
+
+
+def test_float32_attention_wraps_the_models_own_entry_only_inside_an_autocast_and_puts_it_back():
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS as table
+
+    from grpo.backend.plain import float32_attention
+
+    calls = []
+
+    def mine(module, q, k, v, mask, **kwargs):  # a user's own local "sdpa" entry
+        calls.append((q.dtype, v.dtype, mask.dtype, torch.is_autocast_enabled("cpu"), kwargs))
+        return q, None
+
+    q = torch.randn(1, 2, 3, 4)
+    v, mask = q.to(torch.bfloat16), torch.zeros(1, 1, 3, 3, dtype=torch.bfloat16)  # an additive mask
+    table["sdpa"] = mine
+    try:
+        with float32_attention():
+            table["sdpa"](None, q, q, v, mask, scaling=0.5)  # no autocast: untouched
+            with torch.autocast("cpu", torch.bfloat16), float32_attention():  # nested: one wrapper more
+                table["sdpa"](None, q, q, v, mask, scaling=0.5)
+            assert table["sdpa"] is not mine
+        assert table["sdpa"] is mine
+    finally:
+        del table["sdpa"]
+    with float32_attention():
+        assert "sdpa" in table._local_mapping
+    assert "sdpa" not in table._local_mapping  # transformers' own entry again
+    f32, bf16 = torch.float32, torch.bfloat16
+    assert calls == [(f32, bf16, bf16, False, {"scaling": 0.5}), (f32, f32, f32, False, {"scaling": 0.5})]
 
 
 @needs_bf16

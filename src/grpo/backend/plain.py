@@ -12,6 +12,7 @@ are more than head(hidden).
 from __future__ import annotations
 
 from contextlib import ExitStack, contextmanager, nullcontext
+from functools import partial
 
 import torch
 
@@ -63,6 +64,38 @@ def completion_logprobs(
     return zero_padding(*completion_logprobs_reference(model, batch, temperature, with_entropy, entropy_grad), batch)
 
 
+@contextmanager
+def float32_attention():
+    """Within this block, transformers' `sdpa` attention computes in float32 inside an autocast (its operands cast
+    up, autocast off around it; what autocast would do, minus rounding q, k and v): for a CPU bfloat16 autocast,
+    where PyTorch's bfloat16 attention is slower than its float32 one, forward and backward, at these shapes
+    (benchmarks/RESULTS_train.md). The matmuls around it stay bfloat16. Outside an autocast (another thread,
+    a float32 step) the attention is untouched. The model's own `sdpa` entry (a user's, if any) is what runs."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS as attention
+
+    inner = attention["sdpa"]
+    local = getattr(attention, "_local_mapping", {}).get("sdpa")  # restored as it was: a user's own local entry, or none
+    attention["sdpa"] = partial(_attention_float32, inner)
+    try:
+        yield
+    finally:
+        if local is None:
+            del attention["sdpa"]
+        else:
+            attention["sdpa"] = local
+
+
+def _attention_float32(inner, module, query, key, value, attention_mask, *args, **kwargs):
+    """`inner(...)` (transformers' attention signature) in float32 with autocast off, when called inside one."""
+    kind = query.device.type
+    if not torch.is_autocast_enabled(kind):
+        return inner(module, query, key, value, attention_mask, *args, **kwargs)
+    if attention_mask is not None and attention_mask.is_floating_point():
+        attention_mask = attention_mask.float()  # an additive mask: SDPA wants the query's dtype
+    with torch.autocast(kind, enabled=False):
+        return inner(module, query.float(), key.float(), value.float(), attention_mask, *args, **kwargs)
+
+
 class PlainBackend:
     """Log-probs through `model(...)` (`completion_logprobs`): the output head turned into float32 log-probs
     `chunk_tokens` completion tokens at a time, each group's prompt run once where the model allows. With
@@ -82,9 +115,13 @@ class PlainBackend:
         log-probs in the weights' dtype are then not the trainer's pi_old."""
         return self.autocast
 
+    @contextmanager
     def precision_scope(self):
-        """Around a log-prob pass (and the forward of the policy's backward): bfloat16 autocast if asked."""
-        return torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast)
+        """Around a log-prob pass (and the forward of the policy's backward): bfloat16 autocast if asked, with
+        the attention in float32 on a CPU (`float32_attention`)."""
+        with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast), \
+                (float32_attention() if self.autocast and self.device.type == "cpu" else nullcontext()):
+            yield
 
     def step(self, *models):
         """The scope of one training step (sampling, log-prob passes and updates) over these models."""
@@ -98,9 +135,12 @@ class PlainBackend:
 
     @contextmanager
     def grad_scope(self, model, checkpointing: bool = False):
-        """Around the policy's training forward and backward: gradient checkpointing if asked, LoRA dropout."""
+        """Around the policy's training forward and backward: gradient checkpointing if asked, LoRA dropout, and
+        the precision's attention (a checkpointed layer recomputes its forward in the backward pass)."""
         with ExitStack() as stack:
             stack.enter_context(checkpointed_layers(model, checkpointing))
+            if self.autocast and self.device.type == "cpu":
+                stack.enter_context(float32_attention())
             stack.enter_context(lora_dropout(model))
             self._grad_extras(stack, model)
             yield
