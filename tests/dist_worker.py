@@ -97,7 +97,7 @@ def main(out: str, parallel: str, loss_type: str, *args: str) -> None:
     steps = []
     for _ in range(cfg.trainer.steps):
         metrics, batch = trainer.step()
-        metrics = {k: v for k, v in metrics.items() if not k.startswith(("time/", "throughput/"))}
+        metrics = {k: v for k, v in metrics.items() if not k.startswith(("time/", "throughput/", "memory/"))}
         metrics["advantages"] = batch.advantages.tolist()
         metrics["completions"] = batch.scored.completions
         steps.append(metrics)

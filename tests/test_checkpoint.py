@@ -56,7 +56,7 @@ def train(*argv) -> tuple[int, str, str]:
 
 def metrics(run_dir) -> list[dict]:
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in m.items() if not k.startswith(("time/", "throughput/"))} for m in rows]
+    return [{k: v for k, v in m.items() if not k.startswith(("time/", "throughput/", "memory/"))} for m in rows]
 
 
 def weights(folder) -> dict:

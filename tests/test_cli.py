@@ -3,6 +3,7 @@
 import contextlib
 import io
 import json
+import re
 import subprocess
 import sys
 
@@ -41,6 +42,7 @@ def run_dir(tiny_model_dir, tmp_path_factory):
     with contextlib.redirect_stdout(stdout):
         assert main(["train", f"model.path={tiny_model_dir}", f"output.dir={out}", *TINY, rewards]) == 0
     assert "step 2/2" in stdout.getvalue() and "held-out evaluation" in stdout.getvalue()
+    assert re.search(r"tok/s \| mem \d+\.\dG \|", stdout.getvalue())  # each step's line shows the peak memory
     assert "sampling: fast engine: fused decode steps" in stdout.getvalue()  # the run says how it samples
     return out
 
@@ -63,6 +65,8 @@ def test_training_run_writes_the_run_folder(run_dir):
     ]
     for name in spec_metrics:
         assert name in metrics[0], name
+    for m in metrics:  # the process's memory (GiB): the tiny model's run holds far more than nothing, below 24 GiB
+        assert 0.1 < m["memory/rss_gib"] <= m["memory/peak_rss_gib"] < 24 and "memory/cuda_peak_gib" not in m
     assert metrics[0]["ratio/mean"] == pytest.approx(1.0, abs=1e-6)  # mu = 1: pi_old is pi_theta
     assert metrics[0]["kl/mean"] == pytest.approx(0.0, abs=1e-7)  # the policy starts at the reference
     assert metrics[1]["kl/mean"] > 0 and metrics[0]["advantage/abs_mean"] > 0

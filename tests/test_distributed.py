@@ -223,7 +223,7 @@ def grpo(*args, nproc: int = 1, timeout: int = 300) -> subprocess.CompletedProce
 def metrics(run_dir: Path) -> list[dict]:
 
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [{k: v for k, v in json.loads(x).items() if not k.startswith(("time/", "throughput/"))} for x in lines]
+    return [{k: v for k, v in json.loads(x).items() if not k.startswith(("time/", "throughput/", "memory/"))} for x in lines]
 
 
 def weights(run_dir: Path) -> dict:

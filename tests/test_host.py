@@ -77,3 +77,49 @@ def test_set_up_sets_the_policy_on_a_cpu_only(monkeypatch):
         assert calls == [1] and torch.get_num_threads() == 1  # None: threads left as they are
     finally:
         torch.set_num_threads(threads)
+
+
+# memory_use in a fresh process with glibc's own allocator: a 256 MiB block written, held, then freed (unmapped)
+_MEMORY = """
+import json, torch
+from grpo import host
+before = host.memory_use("cpu")
+block = torch.ones(64 * 2**20)  # 256 MiB, every page written
+held = host.memory_use("cpu")
+del block
+after = host.memory_use("cpu")
+print(json.dumps([before, held, after]))
+"""
+
+
+@pytest.mark.skipif(platform.system() != "Linux", reason="the resident size comes from /proc")
+def test_memory_use_reports_what_the_process_holds_now_and_at_its_peak():
+    env = {**os.environ, "GRPO_KEEP_FREED_MEMORY": "0"}
+    out = subprocess.run([sys.executable, "-c", _MEMORY], env=env, capture_output=True, text=True, timeout=120, check=True)
+    before, held, after = json.loads(out.stdout.strip().splitlines()[-1])
+    mib = 2**20
+    assert set(before) == {"rss", "peak_rss"} and 0 < before["rss"] <= before["peak_rss"]
+    assert 250 * mib <= held["rss"] - before["rss"] <= 300 * mib  # the block's pages, resident
+    assert held["peak_rss"] >= held["rss"]
+    assert held["rss"] - after["rss"] >= 250 * mib  # freed: gone from the resident size...
+    assert after["peak_rss"] - before["rss"] >= 250 * mib  # ...and still in the peak (the kernel's high-water mark
+    # lags the resident size by the pages each thread has not yet counted in: up to a few hundred KiB here)
+
+
+def test_memory_use_on_cuda_reports_each_intervals_peak(monkeypatch):
+    """On a CUDA device: the tensors' peak since the previous call (then reset, so each step has its own) and the
+    caching allocator's reserve."""
+    import torch
+
+    state = {"peak": 5 * 2**30, "resets": 0}
+
+    def reset(device):
+        state["peak"], state["resets"] = 0, state["resets"] + 1
+
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: state["peak"])
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 7 * 2**30)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", reset)
+    first = host.memory_use(torch.device("cuda", 0))
+    assert (first["cuda_peak"], first["cuda_reserved"], state["resets"]) == (5 * 2**30, 7 * 2**30, 1)
+    assert host.memory_use("cuda:0")["cuda_peak"] == 0  # the next interval starts at the reset
+    assert "cuda_peak" not in host.memory_use("cpu")

@@ -1,5 +1,5 @@
-"""How this process uses the machine it runs on: its CPU threads, and on a CPU its C allocator's policy for
-large blocks.
+"""How this process uses the machine it runs on: its CPU threads, on a CPU its C allocator's policy for large
+blocks, and how much memory it holds (`memory_use`, each step's `memory/*` metrics).
 
 glibc's malloc serves every block above its mmap threshold (128 KiB, rising with use to at most 32 MiB) with
 a fresh `mmap` and unmaps it on free. A training step on a CPU allocates and frees the same large tensors
@@ -23,6 +23,7 @@ import ctypes
 import functools
 import os
 import platform
+import resource
 
 import torch
 
@@ -69,3 +70,24 @@ def keep_freed_memory() -> bool:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+
+
+def memory_use(device: torch.device | str) -> dict[str, int]:
+    """This process's memory, in bytes: `rss`, resident now, and `peak_rss`, the most it has held resident since it
+    started (what an out-of-memory kill goes by); on a CUDA device also `cuda_peak`, the most its tensors held
+    since the previous call (each call starts the next interval: a step's peak), and `cuda_reserved`, what
+    PyTorch's caching allocator holds now. `rss` is left out where /proc is not there (not Linux)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    use = {"peak_rss": peak if platform.system() == "Darwin" else peak * 1024}
+    try:
+        with open("/proc/self/statm") as f:
+            use["rss"] = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")  # resident pages
+        use["peak_rss"] = max(use["peak_rss"], use["rss"])  # the kernel updates its high-water mark lazily
+    except (OSError, ValueError, IndexError):
+        pass
+    device = torch.device(device)
+    if device.type == "cuda":
+        use["cuda_peak"] = torch.cuda.max_memory_allocated(device)
+        use["cuda_reserved"] = torch.cuda.memory_reserved(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    return use

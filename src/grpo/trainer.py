@@ -13,7 +13,7 @@ One step:
      whole batch (core.losses); the engine takes the new weights after each (engine.sync_weights);
      the guard skips an update whose loss, gradient norm or rewards are not finite
   6. every ref_reset_steps steps, pi_ref := pi_theta             (DeepSeekMath iterative RL)
-  7. the step's metrics                                          (logging.metrics)
+  7. the step's metrics, and the memory the process holds         (logging.metrics, host)
 
 The parts come in built (grpo.run): the model and reference, the rollout engine, the backend that
 computes log-probs and gradients on this device, the optimizer and scheduler, the prompt sampler and
@@ -52,6 +52,7 @@ from grpo.core.losses import (BatchTotals, aggregate, clipped_surrogate, kl_pena
                               truncated_importance_weights)
 from grpo.data import PromptSampler
 from grpo.distributed import SINGLE, World
+from grpo.host import memory_use
 from grpo.logging.metrics import Phases, step_metrics
 from grpo.models import is_lora, pad_token_id
 from grpo.optim import extend_schedule, load_optimizer_state_dict, optimizer_state_dict
@@ -161,11 +162,21 @@ class Trainer:
         a = self.cfg.algorithm
         with self.world.during("metrics"):
             whole = gather_batch(batch, self.world, self.pad_id)  # every rank's groups (itself in one process)
+            memory = self.memory_metrics()
         metrics = step_metrics(self.step_count, whole, opt, phases, self.last_lr, skipped,  # 7
                                overlong_filter=a.overlong_filter, dual_clip=a.delta is not None,
                                ref_reset=a.ref_reset_steps is not None, kl=batch.ref_logprobs is not None,
                                tis=a.tis_cap is not None)
+        metrics.update(memory)
         return metrics, whole
+
+    def memory_metrics(self) -> dict[str, float]:
+        """memory/rss_gib, memory/peak_rss_gib and on CUDA memory/cuda_peak_gib (this step's) and
+        memory/cuda_reserved_gib (grpo.host.memory_use): under several ranks, the largest rank's."""
+        use = memory_use(next(self.model.parameters()).device)
+        names = sorted(use)
+        values = self.world.max([use[k] for k in names])
+        return {f"memory/{k}_gib": v / 2**30 for k, v in zip(names, values)}
 
     def make_batch(self, rows: list[dict], phases: Phases, first_group: int = 0) -> StepBatch:
         """Steps 1-4: sample, score, advantages, and the log-probs that stay fixed during the step. `rows` are

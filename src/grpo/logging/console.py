@@ -32,7 +32,8 @@ def format_duration(seconds: float) -> str:
 
 
 def step_stats(m: dict) -> list[str]:
-    """The numbers worth watching in one step: reward, accuracy, KL, length, time, speed."""
+    """The numbers worth watching in one step: reward, accuracy, KL, length, time, speed, memory (the step's
+    peak on a GPU, the process's peak resident memory on a CPU)."""
     parts = [f"reward {m['reward/mean']:.3f}±{m['reward/std']:.2f}"]
     if "reward/answer_accuracy/mean" in m:
         parts.append(f"acc {m['reward/answer_accuracy/mean']:.2f}")
@@ -43,6 +44,9 @@ def step_stats(m: dict) -> list[str]:
         f"{m['time/step']:.1f}s (gen {m['time/generate']:.1f} train {m['time/train']:.1f})",
         f"{m['throughput/tokens_per_s']:.0f} tok/s",
     ]
+    memory = m.get("memory/cuda_peak_gib", m.get("memory/peak_rss_gib"))  # what running out of memory goes by
+    if memory is not None:
+        parts.append(f"mem {memory:.1f}G")
     return parts
 
 

@@ -44,6 +44,7 @@ CHARTS: list[tuple[str, list[str], str]] = [
     ("Phase timings (s)", ["time/*"], "Wall time of each phase of a step."),
     ("Throughput (completion tokens/s)", ["throughput/tokens_per_s", "throughput/generate_*", "throughput/reference_*", "throughput/train_*", "throughput/old_logprobs_*"],
      "Completion tokens per second of the whole step and of the model phases (scoring has its own chart below)."),
+    ("Memory (GiB)", ["memory/*"], "The process's resident memory after each step and its peak so far (what running out of memory goes by); on a GPU also the step's peak tensor memory and what PyTorch's caching allocator reserves. The largest rank's under torchrun."),
     ("Episodes", ["env/turns_mean", "env/tool_calls_mean", "env/tool_errors_mean", "env/truncated_frac"],
      "Multi-turn episodes (environment): model turns, tool calls and tool errors per episode, and the share cut by a limit (max_turns, max_tokens, max_new_tokens)."),
     ("Advantage", ["advantage/abs_mean", "ratio/mean"], "Mean |advantage| (0 when every group is all-equal) and the mean policy ratio."),
