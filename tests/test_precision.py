@@ -1,6 +1,6 @@
 """trainer.precision: bfloat16 autocast of the matmuls against float32 (within bfloat16's rounding), cpu_fast
-against plain in bfloat16, the attention kept in float32 on a CPU, a bfloat16 run through the CLI, the refusal on a CPU without bfloat16 matmuls, and
-old configs' trainer.autocast.
+against plain in bfloat16, the attention kept in float32 on a CPU, a bfloat16 run through the CLI, the refusal
+on a CPU without bfloat16 matmuls, and old configs' trainer.autocast.
 
 Tolerances: bfloat16 keeps 8 significant bits, so rounding an operand costs a relative error of at most
 u = 2**-8 (~0.0039). Every matmul rounds its two operands (the products are summed in float32), and the
