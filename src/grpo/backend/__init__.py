@@ -15,9 +15,10 @@ backward), `finish_grads(params)` (before clipping) and `reduced_precision` (whe
 in lower precision than the weights).
 
 Precision (`trainer.precision`, `resolve_precision`): float32, or bfloat16 autocast of the matmuls with
-float32 weights, gradients, optimizer state, log-softmax and loss. bfloat16 runs only where the device
-multiplies bfloat16 matrices in hardware (a CUDA GPU that supports it; a CPU with AVX512-BF16 or AMX);
-elsewhere it is refused, since emulated it would be slower than float32.
+float32 weights, gradients, optimizer state, log-softmax and loss (on a CPU the attention too stays float32:
+`plain.float32_attention`). bfloat16 runs only where the device multiplies bfloat16 matrices in hardware (a
+CUDA GPU that supports it; a CPU with AVX512-BF16 or AMX); elsewhere it is refused, since emulated it would be
+slower than float32.
 """
 
 from __future__ import annotations

@@ -99,8 +99,8 @@ def _attention_float32(inner, module, query, key, value, attention_mask, *args, 
 class PlainBackend:
     """Log-probs through `model(...)` (`completion_logprobs`): the output head turned into float32 log-probs
     `chunk_tokens` completion tokens at a time, each group's prompt run once where the model allows. With
-    precision bfloat16 the log-prob passes run under bfloat16 autocast (weights and optimizer stay in their
-    dtype; grpo.backend.resolve_precision checks the device first)."""
+    precision bfloat16 the log-prob passes run under bfloat16 autocast, on a CPU with the attention in float32
+    (weights and optimizer stay in their dtype; grpo.backend.resolve_precision checks the device first)."""
 
     name = "plain"
 
