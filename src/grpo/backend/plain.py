@@ -107,6 +107,7 @@ class PlainBackend:
     def __init__(self, device: torch.device, precision: str = "float32", chunk_tokens: int = 256):
         self.device = torch.device(device)
         self.autocast = precision == "bfloat16"
+        self.attention_in_float32 = self.autocast and self.device.type == "cpu"  # see `float32_attention`
         self.chunk_tokens = max(1, chunk_tokens)
 
     @property
@@ -119,9 +120,12 @@ class PlainBackend:
     def precision_scope(self):
         """Around a log-prob pass (and the forward of the policy's backward): bfloat16 autocast if asked, with
         the attention in float32 on a CPU (`float32_attention`)."""
-        with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast), \
-                (float32_attention() if self.autocast and self.device.type == "cpu" else nullcontext()):
+        with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast), self.attention_scope():
             yield
+
+    def attention_scope(self):
+        """Attention in float32 under a CPU bfloat16 autocast (`float32_attention`), else nothing."""
+        return float32_attention() if self.attention_in_float32 else nullcontext()
 
     def step(self, *models):
         """The scope of one training step (sampling, log-prob passes and updates) over these models."""
@@ -139,8 +143,7 @@ class PlainBackend:
         the precision's attention (a checkpointed layer recomputes its forward in the backward pass)."""
         with ExitStack() as stack:
             stack.enter_context(checkpointed_layers(model, checkpointing))
-            if self.autocast and self.device.type == "cpu":
-                stack.enter_context(float32_attention())
+            stack.enter_context(self.attention_scope())
             stack.enter_context(lora_dropout(model))
             self._grad_extras(stack, model)
             yield
