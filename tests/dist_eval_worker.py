@@ -38,7 +38,7 @@ def main(out: str, engine_name: str) -> None:
     work = world.gather(sum(greedy_rows))
     if world.is_main:
         torch.save({"result": result, "work": work}, out)
-    close_world(world)
+    close_world(world, finished=True)
 
 
 if __name__ == "__main__":

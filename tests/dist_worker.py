@@ -105,7 +105,7 @@ def main(out: str, parallel: str, loss_type: str, *args: str) -> None:
     if world.is_main:
         torch.save({"steps": steps, "weights": {k: v.detach().cpu() for k, v in weights.items()},
                     "world": world.size}, out)
-    close_world(world)
+    close_world(world, finished=True)
 
 
 if __name__ == "__main__":

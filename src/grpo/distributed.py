@@ -147,11 +147,18 @@ def init_world(device_type: str, timeout_s: float) -> World:
     return World(dist.get_rank(), dist.get_world_size(), local_rank, timeout_s, device)
 
 
-def close_world(world: World) -> None:
+def close_world(world: World, finished: bool = False) -> None:
     """Leave the process group, collecting unreachable objects first (those in reference cycles may still hold
-    the group, a wrapped model say). Without the collection a rank sometimes died at the interpreter's exit,
-    after a finished run, with "terminate called without an active exception" (SIGABRT; ~1 run in 3 on a
-    2-core Xeon, none in 12 with it)."""
+    the group, a wrapped model say).
+
+    After a finished run (`finished`: every rank got here without an error) the ranks first meet at a barrier,
+    which waits with the GIL released. gloo's worker threads let go of a collective's tensors after the caller
+    has its result, and a tensor made in Python needs the GIL for that; a worker that got there once the
+    interpreter had begun to shut down (DDP's reducer keeps the process group and its threads alive past
+    destroy_process_group) ended the process with "terminate called without an active exception" (SIGABRT,
+    ~1 finished 2-rank run in 30). At the barrier, after every rank's last collective, such a worker gets the
+    GIL; gloo also destroys a finished collective under the lock the barrier takes first. Not after an error:
+    a rank that failed leaves at once rather than wait for ranks still inside another collective."""
     if world.distributed:
         import gc
 
@@ -159,4 +166,6 @@ def close_world(world: World) -> None:
 
         if dist.is_initialized():
             gc.collect()
+            if finished:
+                world._run(dist.barrier)
             dist.destroy_process_group()

@@ -255,10 +255,13 @@ def train(config: Config, quiet: bool = False, console_mode: str = "auto", resum
     world = start_world(config)
     if world.device.type == "cuda" and config.model.device != str(world.device):  # each rank on its own GPU
         config = config.model_copy(update={"model": config.model.model_copy(update={"device": str(world.device)})})
+    finished = False
     try:
-        return run_flow(config, world, quiet, console_mode, resume)
+        result = run_flow(config, world, quiet, console_mode, resume)
+        finished = True
+        return result
     finally:
-        close_world(world)
+        close_world(world, finished)
 
 
 def check_ranks(config: Config, size: int) -> None:
