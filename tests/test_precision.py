@@ -262,3 +262,29 @@ def test_old_configs_trainer_autocast_still_load(tmp_path):
         load_config(None, ["trainer.autocast=false", "trainer.precision=bfloat16"])
     with pytest.raises(ConfigError, match="trainer.precision"):
         load_config(None, ["trainer.precision=float16"])
+
+
+def test_add_product_sums_the_product_slab_by_slab_into_float32():
+    """lean._add_product: out += a @ b through a buffer of fewer rows than out (a ragged last slab), equal to
+    the product made in one piece in a's dtype, then added in float32."""
+    from grpo.backend.lean import _add_product
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(23, 5, generator=g).to(torch.bfloat16), torch.randn(5, 7, generator=g).to(torch.bfloat16)
+    out = torch.randn(23, 7, generator=g)
+    expected = out + torch.mm(a, b).float()
+    _add_product(out, a, b, torch.empty(4, 7, dtype=torch.bfloat16))
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
+
+
+@needs_bf16
+def test_the_head_gradient_is_the_same_in_slabs(monkeypatch, float32_run):
+    """The output head's weight gradient under bfloat16, made a few vocabulary rows at a time (as a 49k vocabulary
+    is, PRODUCT_ROWS at a time), is the one made in one slab: the tiny model's vocabulary is smaller than a slab."""
+    from grpo.backend import lean
+
+    batch = float32_run[0]
+    _, _, whole, _ = logprobs_and_gradient("cpu_fast", "bfloat16", batch)
+    monkeypatch.setattr(lean, "PRODUCT_ROWS", 7)
+    _, _, slabs, _ = logprobs_and_gradient("cpu_fast", "bfloat16", batch)
+    assert rel(slabs, whole) <= 1e-6

@@ -176,10 +176,11 @@ def _head_backward(ctx, grad_logp, grad_entropy):
     grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None  # [V, H]
     grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
     # the backward's matmuls: in bfloat16 under a CPU bfloat16 autocast (oneDNN's op is not cast by autocast),
-    # the weight's gradient summed in float32 from a bfloat16 product buffer
+    # the weight's gradient summed in float32 from a small bfloat16 product buffer (`_add_product`)
     cast = ctx.bf16 or hidden.dtype
     w = (onednn.weight_in(ctx.head, cast) if ctx.head.weight is weight else weight.to(cast)) if need_h else None  # [V, H]
-    product = torch.empty(weight.shape, dtype=cast, device=weight.device) if need_w and ctx.bf16 else None
+    product = torch.empty(min(PRODUCT_ROWS, weight.shape[0]), weight.shape[1], dtype=cast,
+                          device=weight.device) if need_w and ctx.bf16 else None  # [rows, H]
     matmul = onednn.matmul_for(weight)
     g_lp = grad_logp.float()
     g_ent = grad_entropy.float() if ctx.entropy_grad and grad_entropy is not None else None
@@ -202,8 +203,8 @@ def _head_backward(ctx, grad_logp, grad_entropy):
         if need_h:
             grad_h[part] = matmul(grad_z, w.t(), None)  # [k, V] x [V, H]
         with torch.autocast(hidden.device.type, enabled=False):
-            if need_w and product is not None:  # bfloat16 product into one buffer, summed in float32
-                grad_w.add_(torch.mm(grad_z.t(), h.to(cast), out=product))
+            if need_w and product is not None:
+                _add_product(grad_w, grad_z.t(), h.to(cast), product)
             elif need_w:
                 grad_w.addmm_(grad_z.t().to(grad_w.dtype), h.to(grad_w.dtype))  # in place: no [V, H] per chunk
         if need_b:
@@ -211,6 +212,22 @@ def _head_backward(ctx, grad_logp, grad_entropy):
     grad_w = grad_w.to(weight.dtype) if need_w else None
     grad_b = grad_b.to(bias.dtype) if need_b else None
     return grad_h, grad_w, grad_b, None, None, None, None, None, None
+
+
+PRODUCT_ROWS = 8192  # rows of the head weight's gradient made in bfloat16 at once (9 MB at H = 576)
+
+
+def _add_product(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, buffer: torch.Tensor) -> None:
+    """out += a @ b, the product made in a's dtype (bfloat16) `buffer.shape[0]` rows of out at a time, each
+    slab added into out (float32) while it is in cache. out [V, H] float32, a [V, k], b [k, H], buffer [r, H].
+
+    In one piece, adding a [V, H] bfloat16 product into float32 makes a float32 copy of it first (PyTorch's
+    CPU add_ casts a mixed-dtype operand out of place): 113 MB for a 49k vocabulary, freshly page-faulted
+    whenever the heap could not hand back the last one's pages, up to ~0.2 s a chunk."""
+    rows = buffer.shape[0]
+    for start in range(0, out.shape[0], rows):
+        n = min(rows, out.shape[0] - start)
+        out[start:start + n].add_(torch.mm(a[start:start + n], b, out=buffer[:n]))
 
 
 def _chunk_logits(head: torch.nn.Linear, hidden: torch.Tensor, temperature: float) -> torch.Tensor:
