@@ -51,8 +51,10 @@ little; the phase table shows the mean completion length of each side.
 Each side runs in its own process (ours: .venv/bin/python, which never imports trl; TRL: --trl-python,
 which never imports grpo) and prints one JSON line: the wall seconds of every step, the phase seconds,
 completion tokens, and peak resident memory (ru_maxrss). Step 1 is a warm-up; s/step is the median
-of steps 2..N. Ours sets up its process as `grpo train` does on a CPU (`grpo.host.set_up`: its threads, and
-glibc keeping large freed blocks for reuse; GRPO_KEEP_FREED_MEMORY=0 in the environment turns that off);
+of steps 2..N. With --rounds N every side runs N times, taking turns (TRL, ours, TRL, ours ...), and the table
+adds the lowest and highest ours/TRL of a round's runs: this host's speed drifts by tens of percent within
+minutes, and one pair of runs can land on either side of such a drift.
+Ours sets up its process as `grpo train` does on a CPU (`grpo.host.set_up`: its threads, and glibc keeping large freed blocks for reuse; GRPO_KEEP_FREED_MEMORY=0 in the environment turns that off);
 TRL's runs with glibc's default allocator, as its users run it.
 
 What a timed step holds:
@@ -85,6 +87,7 @@ rounding; it costs one more copy of the base weights, which the peak memory colu
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import re
@@ -564,26 +567,42 @@ def step_flops(result: dict, i: int) -> dict[str, float]:
     return {"generate": forward, "reference": forward, "train": (2 if result.get("lora") else 3) * forward}
 
 
-def summarize(result: dict | None, peak: dict | None = None) -> dict | None:
-    if not result or "error" in result:
+def timed_steps(result: dict) -> list[int]:
+    """The indices of a run's timed steps: all but the first (the warm-up), unless it ran one step only."""
+    return list(range(1, len(result["steps"]))) or [0]
+
+
+def summarize(results: list[dict] | None, peak: dict | None = None) -> dict | None:
+    """One side's figures over its runs (one per --rounds): the median over every run's timed steps, the largest
+    peak RSS, and each run's own median (`rounds`, for the per-round ratios). None when no run finished."""
+    runs = [r for r in results or [] if r and "error" not in r]
+    if not runs:
         return None
-    timed = result["steps"][1:] or result["steps"]  # step 1 is the warm-up
-    idx = list(range(1, len(result["steps"]))) or [0]
-    phase = {k: statistics.median(result["phases"][i][k] for i in idx) for k in result["phases"][0]}
-    rate = (peak or {}).get(result.get("precision", "float32"))
+    steps = [(r, i) for r in runs for i in timed_steps(r)]
+    phase = {k: statistics.median(r["phases"][i][k] for r, i in steps) for k in runs[0]["phases"][0]}
+    rate = (peak or {}).get(runs[0].get("precision", "float32"))
     fraction = {}
     for k in ("generate", "reference", "train"):
-        per_step = [step_flops(result, i).get(k) for i in idx]
-        if rate and all(per_step) and all(result["phases"][i][k] > 0 for i in idx):
-            fraction[k] = statistics.median(f / (result["phases"][i][k] * rate * 1e9) for f, i in zip(per_step, idx))
+        per_step = [(step_flops(r, i).get(k), r["phases"][i][k]) for r, i in steps]
+        if rate and all(f and t > 0 for f, t in per_step):
+            fraction[k] = statistics.median(f / (t * rate * 1e9) for f, t in per_step)
     return {
-        "s_per_step": statistics.median(timed),
-        "rss_gib": result["peak_rss_kib"] / 2**20,
+        "s_per_step": statistics.median(r["steps"][i] for r, i in steps),
+        "rounds": [statistics.median(r["steps"][i] for i in timed_steps(r)) for r in runs],
+        "rss_gib": max(r["peak_rss_kib"] for r in runs) / 2**20,
         "phases": phase,
         "peak_fraction": fraction,
-        "tokens_per_completion": statistics.mean(result["completion_tokens"][i] for i in idx)
-        / result["completions_per_step"],
+        "tokens_per_completion": statistics.mean(r["completion_tokens"][i] / r["completions_per_step"] for r, i in steps),
     }
+
+
+def round_ratios(ours: dict | None, trl: dict | None) -> str:
+    """With --rounds > 1: the lowest and highest of ours/TRL over the rounds, each round's runs side by side in
+    time ("-" with one round)."""
+    if not ours or not trl or len(trl["rounds"]) < 2 or len(ours["rounds"]) != len(trl["rounds"]):
+        return "-"
+    each = [o / t for o, t in zip(ours["rounds"], trl["rounds"])]
+    return f"{min(each):.2f}x-{max(each):.2f}x"
 
 
 def ratio(a, b) -> str:
@@ -602,9 +621,9 @@ def side_name(side: str, result: dict | None, args) -> str:
 
 def tables(results: dict, args, peak: dict | None = None) -> str:
     lines = [
-        "| run | precision | ours backend | TRL s/step | ours s/step | ours/TRL | per completion token "
+        "| run | precision | ours backend | TRL s/step | ours s/step | ours/TRL | each round | per completion token "
         "| TRL peak RSS GiB | ours peak RSS GiB | ours/TRL |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for (run, precision), sides in results.items():
         t = summarize(sides.get("trl"))
@@ -613,16 +632,20 @@ def tables(results: dict, args, peak: dict | None = None) -> str:
             ts, os_ = (t or {}).get("s_per_step"), (o or {}).get("s_per_step")
             tm, om = (t or {}).get("rss_gib"), (o or {}).get("rss_gib")
             per_token = ratio(os_ / o["tokens_per_completion"], ts / t["tokens_per_completion"]) if t and o else "-"
-            backend = (sides.get(side) or {}).get("backend", side.split()[-1]) if side != "ours" else "-"
+            backend = next((r["backend"] for r in sides.get(side) or [] if r and "backend" in r),
+                           side.split()[-1]) if side != "ours" else "-"
             lines.append(f"| {run} | {precision} | {backend} | {fmt(ts, '.2f')} | {fmt(os_, '.2f')} | {ratio(os_, ts)} "
-                         f"| {per_token} | {fmt(tm, '.2f')} | {fmt(om, '.2f')} | {ratio(om, tm)} |")  # fmt: skip
+                         f"| {round_ratios(o, t)} | {per_token} | {fmt(tm, '.2f')} | {fmt(om, '.2f')} | {ratio(om, tm)} |")  # fmt: skip
     lines += [
         "",
         "ours/TRL below 1.00x: ours takes less time / memory. Peak RSS is each process's ru_maxrss (model, reference, "
         "optimizer state, activations, and the libraries each side loads). The sides sample with different random "
         "streams, so their completions differ in length (last column of the phase table); 'per completion token' "
         "divides each side's s/step by its mean completion length first (pessimistic for ours: TRL pads every row "
-        "to the longest completion, so its time hardly depends on the mean length, ours does).",
+        "to the longest completion, so its time hardly depends on the mean length, ours does). "
+        + (f"Each side ran {args.rounds} times, taking turns (TRL, then ours, then TRL again ...); s/step is the "
+           "median over all their timed steps, 'each round' the lowest and highest ours/TRL of runs made side by "
+           "side in time." if args.rounds > 1 else "'each round': with --rounds N, ours/TRL of each round's runs."),
         "",
     ]
     if peak:
@@ -647,6 +670,7 @@ def tables(results: dict, args, peak: dict | None = None) -> str:
             s = summarize(r, peak)
             if s is None:
                 continue
+            r = next(x for x in r if x and "error" not in x)
             p, f = s["phases"], s["peak_fraction"]
             pct = " | ".join(fmt(100 * f[k] if k in f else None, ".1f") for k in ("generate", "reference", "train"))
             lines.append(f"| {run} | {precision} | {side_name(side, r, args)} | {p['generate']:.2f} | {p['reward']:.2f} "
@@ -654,14 +678,16 @@ def tables(results: dict, args, peak: dict | None = None) -> str:
                          f"| {pct} | {s['tokens_per_completion']:.1f} |")  # fmt: skip
     notes = []
     for (run, precision), sides in results.items():
-        for side, r in sides.items():
-            if r and "error" in r:
-                notes.append(f"- {run}, {precision}, {side}: failed: {r['error'].splitlines()[-1] if r['error'] else ''}")
-        digests = {s: r.get("prompt_digest") for s, r in sides.items() if r and "error" not in r}
-        if len(digests) >= 2:
-            same = len(set(digests.values())) == 1
+        for side, runs in sides.items():
+            for r in runs:
+                if r and "error" in r:
+                    notes.append(f"- {run}, {precision}, {side}: failed: {r['error'].splitlines()[-1] if r['error'] else ''}")
+        finished = [(s, r) for s, runs in sides.items() for r in runs if r and "error" not in r]
+        digests = {r.get("prompt_digest") for s, r in finished}
+        if len(finished) >= 2:
+            same = len(digests) == 1
             notes.append(f"- {run}, {precision}: prompt token ids {'identical on every side' if same else 'DIFFER between the sides'}")
-        sampling = {r.get("sampling_dtype") for s, r in sides.items() if r and "error" not in r and s != "trl"}
+        sampling = {r.get("sampling_dtype") for s, r in finished if s != "trl"}
         if precision == "bfloat16" and sampling == {"bfloat16"}:
             notes.append(f"- {run}, {precision}: ours samples with a bfloat16 copy of the weights (sampling.dtype)")
     if notes:
@@ -696,6 +722,10 @@ def parse_args():
                              "trainer.gradient_checkpointing=true")
     parser.add_argument("--micro-batch-tokens", type=int, default=1024,
                         help="ours: trainer.micro_batch_tokens, the token budget of a micro-batch (0: none)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run every side this many times, taking turns (TRL, ours, TRL, ours ...): this host's "
+                             "speed drifts by tens of percent within minutes, and turns put each round's runs side "
+                             "by side in time; the table adds the range of the per-round ratios")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--markdown", default=None, help="also write the tables to this markdown file")
     parser.add_argument("--side", choices=["ours", "trl", "prompts", "peak"], default=None, help=argparse.SUPPRESS)
@@ -706,6 +736,8 @@ def parse_args():
     args = parser.parse_args()
     if args.steps < 1:
         parser.error("--steps must be at least 1")
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     args.precision_list = [p for p in args.precisions.split(",") if p]
     args.backend_list = [b for b in args.backends.split(",") if b]
     if not set(args.precision_list) <= {"float32", "bfloat16"} or not args.precision_list:
@@ -739,19 +771,20 @@ def main() -> None:
         results: dict[tuple[str, str], dict] = {}
         for precision in args.precision_list:
             for run, extra in runs:
-                results[run, precision] = {}
                 jobs = [("trl", "trl", [])] if "trl" in sides else []
                 jobs += [(f"ours {b}", "ours", ["--backend", b]) for b in args.backend_list] if "ours" in sides else []
-                for key, side, more in jobs:
-                    print(f"{run}, {precision}, {key}: {args.steps} steps ...", flush=True)
+                results[run, precision] = {key: [] for key, _, _ in jobs}
+                for turn, (key, side, more) in itertools.product(range(args.rounds), jobs):  # round by round
+                    print(f"{run}, {precision}, {key}: {args.steps} steps"
+                          + (f" (round {turn + 1} of {args.rounds})" if args.rounds > 1 else "") + " ...", flush=True)
                     python = args.trl_python if side == "trl" else args.ours_python
                     r = run_child(python, side, args, [*extra, *more, "--precision", precision])
-                    results[run, precision][key] = r
+                    results[run, precision][key].append(r)
                     if "error" in r:
                         print(f"   failed: {r['error'][-2000:]}", flush=True)
                     else:
                         print("   " + json.dumps(r), flush=True)
-    versions = next((r for s in results.values() for r in s.values() if r and r.get("trl")), {})
+    versions = next((r for s in results.values() for runs in s.values() for r in runs if r and r.get("trl")), {})
     header = (
         f"GRPO step, {GROUP_SIZE * PROMPTS_PER_STEP} completions ({PROMPTS_PER_STEP} prompts x G={GROUP_SIZE}), "
         f"max {args.max_new_tokens} new tokens, float32 weights on the CPU ({', '.join(args.precision_list)} matmuls), "
