@@ -5,7 +5,7 @@ equivalence test too: test_logprobs.py, test_onednn.py, and the sparse embedding
 import pytest
 import torch
 
-from grpo.backend import CpuFastBackend, PlainBackend, make_backend, resolve_backend
+from grpo.backend import CpuFastBackend, PlainBackend, make_backend, onednn, resolve_backend
 from grpo.backend.cpu_fast import densify_grads, sparse_embedding_grad
 from grpo.logging.metrics import Phases
 
@@ -22,11 +22,14 @@ def test_auto_is_cpu_fast_on_a_cpu_and_plain_elsewhere():
         resolve_backend("cpu_fast", torch.device("cuda"))
 
 
+@pytest.mark.parametrize("kernel", ["onednn", "mkl"])
 @pytest.mark.parametrize("extra", [[], ["algorithm.loss_type=dapo", "algorithm.entropy_coef=0.01"],
                                    ["trainer.gradient_checkpointing=true"]])
-def test_cpu_fast_gives_the_plain_backend_s_logprobs_loss_and_gradients(extra):
+def test_cpu_fast_gives_the_plain_backend_s_logprobs_loss_and_gradients(extra, kernel, monkeypatch):
     """The same batch through both backends: reference log-probs, every metric of the backward and the
-    accumulated gradient agree to float rounding (oneDNN and the chunked head sum in another order)."""
+    accumulated gradient agree to float rounding (oneDNN and the chunked head sum in another order), with either
+    float32 kernel a CPU may get (`onednn.float32_training_kernel`)."""
+    monkeypatch.setattr(onednn, "float32_training_kernel", lambda: kernel)
     fast = trainer_helpers.make_trainer("algorithm.beta=0.04", *extra, micro_batch_size=3)
     assert isinstance(fast.backend, CpuFastBackend)
     with fast.backend.step(fast.model, fast.ref_model):
@@ -84,3 +87,39 @@ def test_sparse_embedding_grad_leaves_a_frozen_embedding_alone():
     model.get_input_embeddings().weight.requires_grad_(False)
     with sparse_embedding_grad(model):
         assert not model.get_input_embeddings().sparse
+
+
+def _served_by_onednn(model) -> bool:
+    return all(getattr(m.__dict__.get("forward"), "__func__", None) is onednn._forward
+               for m in model.modules() if type(m) is torch.nn.Linear)
+
+
+@pytest.mark.parametrize("vendor,mkl,kernel", [("GenuineIntel", True, "mkl"), ("GenuineIntel", False, "onednn"),
+                                               ("AuthenticAMD", True, "onednn"), ("", True, "onednn")])
+def test_a_float32_step_takes_the_cpus_faster_kernel_and_bfloat16_always_onednn(vendor, mkl, kernel, monkeypatch):
+    """float32: PyTorch's own kernel (MKL) on an Intel CPU with MKL, oneDNN's elsewhere; bfloat16: oneDNN's
+    always (it casts the operands itself; see grpo.backend.onednn)."""
+    monkeypatch.setattr(onednn, "cpu_vendor", lambda: vendor)
+    monkeypatch.setattr(torch.backends.mkl, "is_available", lambda: mkl)
+    onednn.float32_training_kernel.cache_clear()
+    try:
+        assert onednn.float32_training_kernel() == kernel
+        model = trainer_helpers.make_trainer().model
+        with make_backend("cpu_fast", torch.device("cpu"), "float32").step(model):
+            assert _served_by_onednn(model) is (kernel == "onednn")
+        if onednn.bf16_matmul_hardware():
+            with make_backend("cpu_fast", torch.device("cpu"), "bfloat16").step(model):
+                assert _served_by_onednn(model)
+        assert not any("forward" in m.__dict__ for m in model.modules())  # put back
+    finally:
+        onednn.float32_training_kernel.cache_clear()
+
+
+def test_cpu_vendor_reads_cpuinfo(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\n\nprocessor\t: 1\n"
+                    "vendor_id\t: AuthenticAMD\n")
+    assert onednn.cpu_vendor(info) == "AuthenticAMD"
+    info.write_text("processor\t: 0\nCPU implementer\t: 0x41\n")  # an ARM CPU names no vendor_id
+    assert onednn.cpu_vendor(info) == ""
+    assert onednn.cpu_vendor(tmp_path / "missing") == ""

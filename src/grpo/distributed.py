@@ -166,6 +166,9 @@ def close_world(world: World, finished: bool = False) -> None:
 
         if dist.is_initialized():
             gc.collect()
-            if finished:
-                world._run(dist.barrier)
-            dist.destroy_process_group()
+            try:
+                if finished:
+                    with world.during("the run's end"):
+                        world._run(dist.barrier)
+            finally:
+                dist.destroy_process_group()

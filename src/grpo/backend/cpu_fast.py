@@ -1,8 +1,9 @@
 """The CPU fast path: the same log-probs and gradients as `grpo.backend.plain`, computed with less work.
 
 - oneDNN matmuls, forward and backward, for every nn.Linear of the policy and the reference during a
-  step (`grpo.backend.onednn.use_in`): PyTorch's default float32 kernel (MKL) reaches about half of
-  oneDNN's rate at these shapes on the CPUs measured (benchmarks/RESULTS_train.md).
+  step (`grpo.backend.onednn.use_in`): under bfloat16 always; in float32 except on an Intel CPU, where
+  PyTorch's default kernel (MKL) is the faster one (on the AMD CPUs measured it reached about half of
+  oneDNN's rate at these shapes: benchmarks/RESULTS_train.md).
 - A sparse input-embedding gradient (`sparse_embedding_grad`), made dense once before clipping.
 - As the plain backend (grpo.backend.lean, shared): no [tokens x vocab] logits (the output head turns
   only the real completion tokens into logits, `chunk_tokens` at a time, with its own backward), and each
@@ -65,7 +66,9 @@ class CpuFastBackend(PlainBackend):
     name = "cpu_fast"
 
     def step(self, *models):
-        return onednn.use_in(*models)
+        """oneDNN's matmuls for the models' Linear layers: always under bfloat16; in float32 where it is this CPU's
+        faster kernel (`onednn.float32_training_kernel`)."""
+        return onednn.use_in(*models, enabled=self.autocast or onednn.float32_training_kernel() == "onednn")
 
     def _grad_extras(self, stack: ExitStack, model) -> None:
         stack.enter_context(sparse_embedding_grad(model))

@@ -8,8 +8,17 @@ project's AMD CPUs runs the model's matmuls at less than half of what oneDNN's k
                        oneDNN    443        436          454
     16 x 576 -> 1536   MKL       ~60      oneDNN ~100  (in a decode step, weights streamed from memory)
 
-(`benchmarks/bench_train.py` shows what it gives a whole step.) The trainer reaches it through
-`grpo.backend.cpu_fast`; the fast rollout engine and its fused decoder call it directly. For bfloat16, PyTorch copies the
+(`benchmarks/bench_train.py` shows what it gives a whole step.) On an Intel CPU it is the other way round: MKL is
+tuned for Intel's cores, and on this project's Intel Xeon (2 threads, ms, oneDNN / MKL) it was as fast in the
+forward and faster in both gradients, the weight's by 15-35%:
+
+    rows x in -> out          forward       grad input    grad weight
+    700 x 576 -> 1536         3.97 / 3.57   4.30 / 3.76   5.11 / 3.91
+    700 x 576 -> 576          1.54 / 1.42   1.49 / 1.38   1.90 / 1.39
+
+so a float32 training step takes oneDNN's kernel where `float32_training_kernel` says so (not on an Intel CPU
+with MKL). The trainer reaches it through `grpo.backend.cpu_fast`; the fast rollout engine and its fused decoder
+call it directly. For bfloat16, PyTorch copies the
 whole weight when the input is a strided slice; oneDNN reads strides. Results agree with PyTorch's
 to float rounding (a different summation order), not bit for bit.
 
@@ -24,6 +33,7 @@ weights that change once, at the optimizer step.
 from __future__ import annotations
 
 import functools
+import os
 import types
 from contextlib import contextmanager
 
@@ -57,6 +67,28 @@ def bf16_matmul_hardware() -> bool:
     except OSError:
         return False
     return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def cpu_vendor(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> str:
+    """The CPU's vendor as Linux reports it (GenuineIntel, AuthenticAMD, ...), "" where it does not say."""
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+@functools.cache
+def float32_training_kernel() -> str:
+    """The kernel of a float32 training step's matmuls on this CPU: "mkl" (PyTorch's own, MKL's sgemm) on an
+    Intel CPU where this torch has MKL, else "onednn" (see the module docstring). A rule by vendor, not a timing:
+    a run takes the same kernel, and so the same float rounding, in every process on a machine (a resumed run
+    continues the numbers of the one that stopped)."""
+    intel_mkl = cpu_vendor() == "GenuineIntel" and torch.backends.mkl.is_available()
+    return "mkl" if intel_mkl or not available() else "onednn"
 
 
 def autocast_dtype(weight: torch.Tensor) -> torch.dtype | None:
