@@ -279,8 +279,8 @@ def test_add_product_sums_the_product_slab_by_slab_into_float32():
 
 @needs_bf16
 def test_the_head_gradient_is_the_same_in_slabs(monkeypatch, float32_run):
-    """The output head's weight gradient under bfloat16, made a few vocabulary rows at a time (as a 49k vocabulary
-    is, PRODUCT_ROWS at a time), is the one made in one slab: the tiny model's vocabulary is smaller than a slab."""
+    """The output head's weight gradient under bfloat16 made 7 vocabulary rows at a time (as a 49k vocabulary is
+    made PRODUCT_ROWS at a time) is the one made in one slab (the tiny model's whole vocabulary fits in one)."""
     from grpo.backend import lean
 
     batch = float32_run[0]

@@ -8,19 +8,19 @@ project's AMD CPUs runs the model's matmuls at less than half of what oneDNN's k
                        oneDNN    443        436          454
     16 x 576 -> 1536   MKL       ~60      oneDNN ~100  (in a decode step, weights streamed from memory)
 
-(`benchmarks/bench_train.py` shows what it gives a whole step.) On an Intel CPU it is the other way round: MKL is
-tuned for Intel's cores, and on this project's Intel Xeon (2 threads, ms, oneDNN / MKL) it was as fast in the
-forward and faster in both gradients, the weight's by 15-35%:
+(`benchmarks/bench_train.py` shows what it gives a whole step.) On an Intel CPU, for which MKL is tuned, MKL is
+the faster one for training: on this project's Intel Xeon (2 threads, ms, oneDNN / MKL) as fast in the forward and
+faster in both gradients, the weight's by 15-35%:
 
     rows x in -> out          forward       grad input    grad weight
     700 x 576 -> 1536         3.97 / 3.57   4.30 / 3.76   5.11 / 3.91
     700 x 576 -> 576          1.54 / 1.42   1.49 / 1.38   1.90 / 1.39
 
 so a float32 training step takes oneDNN's kernel where `float32_training_kernel` says so (not on an Intel CPU
-with MKL). The trainer reaches it through `grpo.backend.cpu_fast`; the fast rollout engine and its fused decoder
-call it directly. For bfloat16, PyTorch copies the
-whole weight when the input is a strided slice; oneDNN reads strides. Results agree with PyTorch's
-to float rounding (a different summation order), not bit for bit.
+with MKL); a decode step's few rows, on weights `reordered` for them, run faster through oneDNN on both. The
+trainer reaches it through `grpo.backend.cpu_fast`; the fast rollout engine and its fused decoder call it
+directly. For bfloat16, PyTorch copies the whole weight when the input is a strided slice; oneDNN reads strides.
+Results agree with PyTorch's to float rounding (a different summation order), not bit for bit.
 
 `use_in(model)` gives each nn.Linear of the model an instance `forward` for as long as it
 is active (the weights are the layers' own); under autograd the forward is a
