@@ -7,7 +7,10 @@ backends take (grpo.backend.plain, grpo.backend.cpu_fast) for a model whose logi
   cross-entropy). At most one or two [chunk, V] blocks exist at once, instead of the [rows, T, V] logits,
   their log-softmax and its gradient.
 - Each group's prompt runs once: the G completions of a group attend to one computation of its keys and
-  values, gathered per row (`_shared_prompt_hidden`; verl calls it prefix grouping).
+  values, gathered per row (`_shared_prompt_hidden`; verl calls it prefix grouping). For the families
+  grpo.backend.packed knows, the prompts and the completions go through the decoder packed into one sequence
+  (each weight in one matmul, forward and backward); for others, the prompts first and the completions on
+  their KV cache.
 
 Both happen inside the model's own forward, `model(...)` called on the module the caller holds (a DDP
 wrapper, an FSDP2-sharded model, a peft model): for that one call the model's decoder and output head are
@@ -23,8 +26,9 @@ Where each piece does not apply, the caller gets the plain computation instead, 
   scale: `LOGIT_TRANSFORMS`) or whose head is not an nn.Linear (e.g. a LoRA adapter on the head); the
   backend then runs the full-logits reference (grpo.backend.plain.completion_logprobs_reference).
 - Each row runs its own prompt (the decoder's plain forward) under gradient checkpointing (a checkpointed
-  layer drops the cache it is given, so the prompt's keys would be lost), for a model with any attention
-  layer other than full attention (a sliding-window cache keeps only the window), where every prompt of
+  layer drops the cache it is given, so the prompt's keys would be lost, and recomputes its attention after
+  the packed one is gone), for a model with any attention layer other than full attention or a sliding window
+  shorter than the rows (a sliding-window cache keeps only the window), where every prompt of
   the micro-batch is distinct, and under FSDP2 (a sharded layer gathers its weights for the backward from
   hooks on its outputs, and the completions' gradient reaches the prompt's keys and values through the
   cache, around those hooks).
@@ -38,6 +42,7 @@ from contextlib import ExitStack, contextmanager
 import torch
 
 from grpo.backend import onednn
+from grpo.backend.packed import packable, packed_hidden
 from grpo.core.logprobs import SequenceBatch
 
 # Config fields of models whose logits are more than head(hidden): softcapping (Gemma 2/3),
@@ -83,17 +88,21 @@ def _shared_prompt_hidden(decoder, batch: SequenceBatch, device):
     and values are computed for the distinct prompts, gathered per row (gradients flow back through the
     gather), and the completions attend to them. Its last_hidden_state is [n, T + 1, H], the positions
     P-1 .. P+T-1 (the last prompt token's, then the completion's). The G completions of a group share
-    their prompt, so the forward (and backward) covers u * P + n * T tokens instead of n * (P + T).
-    None when it does not apply (see the module docstring); the caller then runs the plain forward."""
+    their prompt, so the forward (and backward) covers u * P + n * T tokens instead of n * (P + T): in one
+    packed pass (grpo.backend.packed) where the model allows, else the prompts with a KV cache, then the
+    completions on it. None when neither applies (see the module docstring); the caller then runs the plain
+    forward."""
     from transformers.cache_utils import DynamicLayer
+    from transformers.modeling_outputs import BaseModelOutputWithPast
 
     if torch.is_grad_enabled() and any(getattr(m, "gradient_checkpointing", False) and m.training
                                        for m in decoder.modules()):
         return None  # a checkpointed layer drops the cache it is given: the prompt's keys would be lost
     config = getattr(decoder, "config", None)
     layer_types = getattr(config, "layer_types", None) or []
-    if any(kind != "full_attention" for kind in layer_types) or (not layer_types and getattr(config, "sliding_window", None)):
-        return None  # a sliding-window cache keeps only the window: the prompt's keys would be cut
+    window = getattr(config, "sliding_window", None) if not layer_types else None
+    if any(kind != "full_attention" for kind in layer_types) or (window and window < batch.input_ids.shape[1]):
+        return None  # a sliding window shorter than the rows: the prompt's keys would be cut
     t = batch.completion_len
     width = batch.input_ids.shape[1] - t  # P
     key = torch.cat([batch.input_ids[:, :width], batch.attention_mask[:, :width]], dim=1)  # [n, 2P]
@@ -101,6 +110,12 @@ def _shared_prompt_hidden(decoder, batch: SequenceBatch, device):
     if distinct.shape[0] == key.shape[0] or width == 0:
         return None
     p_ids, p_mask = distinct[:, :width], distinct[:, width:]  # [u, P] left-padded
+    rows = inverse.to(device)
+    if packable(decoder):
+        hidden = packed_hidden(decoder, p_ids.to(device), p_mask.to(device), rows, batch.input_ids[:, width:].to(device),
+                               batch.position_ids[:, width:].to(device))
+        if hidden is not None:
+            return BaseModelOutputWithPast(last_hidden_state=hidden)
     cache_kwarg = "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
     prompt = decoder(
         input_ids=p_ids.to(device),
@@ -111,7 +126,6 @@ def _shared_prompt_hidden(decoder, batch: SequenceBatch, device):
     cache = getattr(prompt, "cache", None) or getattr(prompt, "past_key_values", None)
     if cache is None or not all(type(layer) is DynamicLayer for layer in getattr(cache, "layers", [None])):
         return None
-    rows = inverse.to(device)
     cache.batch_select_indices(rows)  # [u, ...] -> [n, ...] keys and values, one prompt per row
     out = decoder(
         input_ids=batch.input_ids[:, width:].to(device),
