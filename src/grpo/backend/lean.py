@@ -29,9 +29,9 @@ Where each piece does not apply, the caller gets the plain computation instead, 
   layer drops the cache it is given, so the prompt's keys would be lost, and recomputes its attention after
   the packed one is gone), for a model with any attention layer other than full attention or a sliding window
   shorter than the rows (a sliding-window cache keeps only the window), where every prompt of
-  the micro-batch is distinct, and under FSDP2 (a sharded layer gathers its weights for the backward from
-  hooks on its outputs, and the completions' gradient reaches the prompt's keys and values through the
-  cache, around those hooks).
+  the micro-batch is distinct, and under FSDP2 where the model cannot be packed (a sharded layer gathers its
+  weights for the backward from hooks on its outputs, and through the cache the completions' gradient would
+  reach the prompt's keys and values around those hooks; packed, each layer runs once, on every token).
 """
 
 from __future__ import annotations
@@ -83,15 +83,15 @@ def is_fsdp(model: torch.nn.Module) -> bool:
     return any(isinstance(m, FSDPModule) for m in model.modules())
 
 
-def _shared_prompt_hidden(decoder, batch: SequenceBatch, device):
+def _shared_prompt_hidden(decoder, batch: SequenceBatch, device, through_cache: bool = True):
     """The decoder's output for the rows of `batch`, with each distinct prompt run once: the prompts' keys
     and values are computed for the distinct prompts, gathered per row (gradients flow back through the
     gather), and the completions attend to them. Its last_hidden_state is [n, T + 1, H], the positions
     P-1 .. P+T-1 (the last prompt token's, then the completion's). The G completions of a group share
     their prompt, so the forward (and backward) covers u * P + n * T tokens instead of n * (P + T): in one
     packed pass (grpo.backend.packed) where the model allows, else the prompts with a KV cache, then the
-    completions on it. None when neither applies (see the module docstring); the caller then runs the plain
-    forward."""
+    completions on it (not with `through_cache` False: under FSDP2). None when neither applies (see the module
+    docstring); the caller then runs the plain forward."""
     from transformers.cache_utils import DynamicLayer
     from transformers.modeling_outputs import BaseModelOutputWithPast
 
@@ -116,6 +116,8 @@ def _shared_prompt_hidden(decoder, batch: SequenceBatch, device):
                                batch.position_ids[:, width:].to(device))
         if hidden is not None:
             return BaseModelOutputWithPast(last_hidden_state=hidden)
+    if not through_cache:
+        return None
     cache_kwarg = "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
     prompt = decoder(
         input_ids=p_ids.to(device),
@@ -279,14 +281,14 @@ class _PromptOnce(torch.nn.Module):
     """Stands in for the decoder during one forward: each distinct prompt of the rows runs once
     (`_shared_prompt_hidden`), where that applies; elsewhere the decoder's own forward."""
 
-    def __init__(self, decoder: torch.nn.Module, completion_len: int):
+    def __init__(self, decoder: torch.nn.Module, completion_len: int, through_cache: bool = True):
         super().__init__()
-        self.decoder, self.completion_len = decoder, completion_len
+        self.decoder, self.completion_len, self.through_cache = decoder, completion_len, through_cache
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, **kwargs):
         if input_ids is not None and attention_mask is not None and position_ids is not None:
             batch = SequenceBatch(input_ids, attention_mask, position_ids, self.completion_len)
-            out = _shared_prompt_hidden(self.decoder, batch, input_ids.device)
+            out = _shared_prompt_hidden(self.decoder, batch, input_ids.device, self.through_cache)
             if out is not None:
                 return out
         return self.decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
@@ -330,7 +332,7 @@ def lean_logprobs(
     stand_in = _LogprobHead(head, targets, mask, temperature, max(1, chunk_tokens), with_entropy, entropy_grad)
     with ExitStack() as stack:
         stack.enter_context(_standing_in(base, head, stand_in))
-        if share_prompts and not is_fsdp(base):
-            stack.enter_context(_standing_in(base, decoder, _PromptOnce(decoder, t)))
+        if share_prompts:  # under FSDP2 packed only (see the module docstring)
+            stack.enter_context(_standing_in(base, decoder, _PromptOnce(decoder, t, through_cache=not is_fsdp(base))))
         out = model(**batch.model_inputs(device), logits_to_keep=t + 1, use_cache=False).logits  # [n, T, 2]
     return out[..., 0], out[..., 1] if with_entropy else None
