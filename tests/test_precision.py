@@ -275,6 +275,8 @@ def test_add_product_sums_the_product_slab_by_slab_into_float32():
     expected = out + torch.mm(a, b).float()
     _add_product(out, a, b, torch.empty(4, 7, dtype=torch.bfloat16))
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
+    _add_product(out, a, b, torch.empty(4, 7, dtype=torch.bfloat16), overwrite=True)  # the first chunk: written
+    torch.testing.assert_close(out, torch.mm(a, b).float(), rtol=0, atol=0)
 
 
 @needs_bf16

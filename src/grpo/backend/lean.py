@@ -189,7 +189,9 @@ def _head_backward(ctx, grad_logp, grad_entropy):
     hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
     need_h, need_w, need_b = ctx.needs_input_grad[:3]
     grad_h = torch.zeros_like(hidden) if need_h else None  # [K, H]
-    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None  # [V, H]
+    # [V, H]: the first chunk's product is written into it, the others' added (zeros only if there is no chunk)
+    grad_w = (torch.empty if hidden.shape[0] else torch.zeros)(weight.shape, dtype=torch.float32,
+                                                                device=weight.device) if need_w else None
     grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
     # the backward's matmuls: in bfloat16 under a CPU bfloat16 autocast (oneDNN's op is not cast by autocast),
     # the weight's gradient summed in float32 from a small bfloat16 product buffer (`_add_product`)
@@ -220,7 +222,9 @@ def _head_backward(ctx, grad_logp, grad_entropy):
             grad_h[part] = matmul(grad_z, w.t(), None)  # [k, V] x [V, H]
         with torch.autocast(hidden.device.type, enabled=False):
             if need_w and product is not None:
-                _add_product(grad_w, grad_z.t(), h.to(cast), product)
+                _add_product(grad_w, grad_z.t(), h.to(cast), product, overwrite=start == 0)
+            elif need_w and start == 0:
+                torch.mm(grad_z.t().to(grad_w.dtype), h.to(grad_w.dtype), out=grad_w)
             elif need_w:
                 grad_w.addmm_(grad_z.t().to(grad_w.dtype), h.to(grad_w.dtype))  # in place: no [V, H] per chunk
         if need_b:
@@ -233,9 +237,11 @@ def _head_backward(ctx, grad_logp, grad_entropy):
 PRODUCT_ROWS = 8192  # rows of the head weight's gradient made in bfloat16 at once (9 MB at H = 576)
 
 
-def _add_product(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, buffer: torch.Tensor) -> None:
-    """out += a @ b, the product made in a's dtype (bfloat16) `buffer.shape[0]` rows of out at a time, each
-    slab added into out (float32) while it is in cache. out [V, H] float32, a [V, k], b [k, H], buffer [r, H].
+def _add_product(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, buffer: torch.Tensor,
+                 overwrite: bool = False) -> None:
+    """out += a @ b (with `overwrite`, out = a @ b), the product made in a's dtype (bfloat16) `buffer.shape[0]`
+    rows of out at a time, each slab added into (copied into) out, float32, while it is in cache. out [V, H]
+    float32, a [V, k], b [k, H], buffer [r, H].
 
     In one piece, adding a [V, H] bfloat16 product into float32 makes a float32 copy of it first (PyTorch's
     CPU add_ casts a mixed-dtype operand out of place): 113 MB for a 49k vocabulary, freshly page-faulted
@@ -243,7 +249,8 @@ def _add_product(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, buffer: to
     rows = buffer.shape[0]
     for start in range(0, out.shape[0], rows):
         n = min(rows, out.shape[0] - start)
-        out[start:start + n].add_(torch.mm(a[start:start + n], b, out=buffer[:n]))
+        product = torch.mm(a[start:start + n], b, out=buffer[:n])
+        out[start:start + n].copy_(product) if overwrite else out[start:start + n].add_(product)
 
 
 def _chunk_logits(head: torch.nn.Linear, hidden: torch.Tensor, temperature: float) -> torch.Tensor:
