@@ -159,8 +159,8 @@ def test_scale_rewards_batch_takes_the_std_of_the_whole_global_batch(tmp_path, a
 def test_the_plain_backend_s_lean_path_under_ddp_and_fsdp_equals_the_full_logits_reference(tmp_path):
     """tests/dist_lean_worker.py: each rank's 3 rows through the wrapped model (DDP, FSDP2 with the head sharded,
     tied and untied, gradient checkpointing, LoRA) give the one-process full-logits reference's log-probs,
-    entropy and whole gradient; the head never saw more than one chunk of 4 tokens, and under DDP without
-    checkpointing (DDP and FSDP2) each rank ran its 2 distinct prompts once, packed with the completions into one
+    entropy and whole gradient; the head never saw more than one chunk of 4 tokens, and without checkpointing
+    (under DDP and FSDP2) each rank ran its 2 distinct prompts once, packed with the completions into one
     sequence (grpo.backend.packed; under checkpointing: every row's prompt)."""
     proc = torchrun(str(WORKER.with_name("dist_lean_worker.py")), str(tmp_path / "lean"))
     assert proc.returncode == 0, proc.stderr[-3000:]
