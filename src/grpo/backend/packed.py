@@ -31,11 +31,11 @@ takes the cache path. As a guard, the result is used only if the wrapper attende
 from __future__ import annotations
 
 import threading
-from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import partial
 
 import torch
+
+from grpo.backend.sdpa import wrapping_sdpa
 
 # Decoder-only families whose layers mix tokens only through attention (no convolution, recurrence or state
 # across a sequence), so that packing changes nothing but the attention, which `_packed_attention` does.
@@ -104,24 +104,6 @@ def _packed_attention(inner, pack: Packing, module, query, key, value, attention
     return torch.cat([prompts.flatten(0, 1), completions.flatten(0, 1)])[None], None  # [1, L, H, hd]
 
 
-@contextmanager
-def _attending(pack: Packing):
-    """Within this block transformers' `sdpa` entry attends packed sequences (`_packed_attention`) around the
-    entry it finds; put back as it was on exit (a local entry, such as float32 attention's, or none)."""
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS as attention
-
-    inner = attention["sdpa"]
-    local = getattr(attention, "_local_mapping", {}).get("sdpa")
-    attention["sdpa"] = partial(_packed_attention, inner, pack)
-    try:
-        yield
-    finally:
-        if local is None:
-            del attention["sdpa"]
-        else:
-            attention["sdpa"] = local
-
-
 def packed_hidden(
     decoder: torch.nn.Module,
     prompt_ids: torch.Tensor,  # [u, P] left-padded
@@ -141,7 +123,7 @@ def packed_hidden(
     pack = packing(prompt_mask, rows, T)
     # an already-made 4D mask: transformers builds none (the wrapper masks), and hands this one on unread
     unread = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=ids.device)
-    with _attending(pack):
+    with wrapping_sdpa(_packed_attention, pack):  # around the entry it finds: float32 attention's, say
         out = decoder(input_ids=ids, attention_mask=unread, position_ids=positions, use_cache=False)
     if pack.calls != len(decoder.layers):
         return None

@@ -12,11 +12,11 @@ are more than head(hidden).
 from __future__ import annotations
 
 from contextlib import ExitStack, contextmanager, nullcontext
-from functools import partial
 
 import torch
 
 from grpo.backend.lean import lean_logprobs
+from grpo.backend.sdpa import wrapping_sdpa
 from grpo.core.logprobs import SequenceBatch, logprobs_from_logits
 from grpo.models import checkpointed_layers, lora_dropout
 
@@ -71,18 +71,8 @@ def float32_attention():
     where PyTorch's bfloat16 attention is slower than its float32 one, forward and backward, at these shapes
     (benchmarks/RESULTS_train.md). The matmuls around it stay bfloat16. Outside an autocast (another thread,
     a float32 step) the attention is untouched. The model's own `sdpa` entry (a user's, if any) is what runs."""
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS as attention
-
-    inner = attention["sdpa"]
-    local = getattr(attention, "_local_mapping", {}).get("sdpa")  # restored as it was: a user's own local entry, or none
-    attention["sdpa"] = partial(_attention_float32, inner)
-    try:
+    with wrapping_sdpa(_attention_float32):
         yield
-    finally:
-        if local is None:
-            del attention["sdpa"]
-        else:
-            attention["sdpa"] = local
 
 
 def _attention_float32(inner, module, query, key, value, attention_mask, *args, **kwargs):
