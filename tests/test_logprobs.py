@@ -125,11 +125,12 @@ def embedded_shapes(model, batch, **kwargs):
 
 
 def test_each_prompt_runs_once_for_its_group():
-    """3 prompts (widest 9 tokens) x 2 completions (longest 7): packed into one sequence of 3 * 9 + 6 * 7 tokens;
-    through the KV cache (attention other than sdpa) the prompts once, then the completions."""
+    """3 prompts (widest 9 tokens) x 2 completions (7, 3, 1, 5, 6, 2 tokens): packed into one sequence of 3 * 9 + 24
+    tokens (the completions' padding left out); through the KV cache (attention other than sdpa) the prompts once,
+    then the completions, padded to the longest."""
     model = tiny_model(100)
     batch, _ = random_batch(100)
-    assert embedded_shapes(model, batch) == [(1, 3 * 9 + 6 * 7)]
+    assert embedded_shapes(model, batch) == [(1, 3 * 9 + 24)]
     assert embedded_shapes(model, batch, share_prompts=False) == [(6, 16)]
     model.set_attn_implementation("eager")
     assert embedded_shapes(model, batch) == [(3, 9), (6, 7)]
@@ -235,7 +236,7 @@ def test_the_plain_backend_runs_each_prompt_once_for_its_group():
     shapes = []
     model.model.embed_tokens.register_forward_hook(lambda mod, args, out: shapes.append(tuple(args[0].shape)))
     lp, _ = plain_logprobs()(model, batch)
-    assert shapes == [(1, 3 * 9 + 6 * 7)]  # before: [(6, 16)], every row's prompt
+    assert shapes == [(1, 3 * 9 + 24)]  # before: [(6, 16)], every row's prompt and padding
     assert model.get_decoder() is model.model
 
 

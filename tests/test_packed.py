@@ -18,9 +18,9 @@ from test_decoder import tiny
 from test_logprobs import loss_and_grads
 
 
-def random_groups(vocab: int, seed: int):
-    """2-4 prompts of 1-10 tokens, each with 1-4 completions of 1-8 tokens (right-padded), the rows shuffled:
-    a SequenceBatch and its completion mask."""
+def random_groups(vocab: int, seed: int, full: bool = False):
+    """2-4 prompts of 1-10 tokens, each with 1-4 completions of 1-8 tokens (right-padded; with `full` all 8), the
+    rows shuffled: a SequenceBatch and its completion mask."""
     g = torch.Generator().manual_seed(seed)
     draw = lambda lo, hi: int(torch.randint(lo, hi + 1, (), generator=g))
     prompts = [torch.randint(4, vocab, (draw(1, 10),), generator=g).tolist() for _ in range(draw(2, 4))]
@@ -31,7 +31,7 @@ def random_groups(vocab: int, seed: int):
     parts = []
     for prompt, size in zip(prompts, sizes):
         ids = torch.randint(4, vocab, (size, width), generator=g)
-        lengths = torch.randint(1, width + 1, (size,), generator=g)
+        lengths = torch.full((size,), width) if full else torch.randint(1, width + 1, (size,), generator=g)
         mask = torch.arange(width)[None, :] < lengths[:, None]
         ids[~mask] = 1
         parts.append((build_sequences([prompt], ids, mask, pad_id=1), mask))
@@ -60,10 +60,11 @@ def packed_passes(model, batch, **kwargs):
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral", "qwen3"])
-@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
 def test_packed_equals_the_full_logits_reference(kind, seed):
+    """Only the completions' real tokens are packed (seed 3: none is padded, nothing is left out)."""
     model = tiny(kind, 100, tied=seed % 2 == 0, seed=seed).train()
-    batch, mask = random_groups(100, seed)
+    batch, mask = random_groups(100, seed, full=seed == 3)
     assert packed_passes(model, batch) == 1  # the packed path ran, not a fallback
     weights = torch.randn(mask.shape, generator=torch.Generator().manual_seed(seed + 5))
     ref = loss_and_grads(model, completion_logprobs_reference, batch, mask, weights)
@@ -125,7 +126,8 @@ def test_packable_only_for_sdpa_full_attention_families():
 def test_masks_match_a_loop():
     prompt_mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1], [0, 0, 0, 1]])  # [u, P] left-padded
     rows = torch.tensor([2, 0, 0, 1, 2])
-    pack = packed.packing(prompt_mask, rows, completion_len=3)
+    lengths = torch.tensor([3, 1, 2, 3, 3])
+    pack = packed.packing(prompt_mask, rows, torch.arange(3)[None, :] < lengths[:, None])
     u, P, n, T = 3, 4, 5, 3
     for b in range(u):
         for i in range(P):
@@ -136,11 +138,13 @@ def test_masks_match_a_loop():
             for j in range(P + T):
                 want = bool(prompt_mask[rows[r], j]) if j < P else j - P <= i
                 assert bool(pack.completion_mask[r, 0, i, j]) == want
-    assert pack.length == u * P + n * T
+    assert pack.length == u * P + int(lengths.sum())  # the completions' padding is not packed
+    assert pack.real.tolist() == [0, 1, 2, 3, 6, 7, 9, 10, 11, 12, 13, 14]  # the real tokens' places in [n * T]
+    assert packed.packing(prompt_mask, rows, torch.ones(n, T, dtype=torch.bool)).real is None
 
 
 def test_attention_of_another_thread_or_length_is_left_alone():
-    pack = packed.packing(torch.ones(1, 2), torch.tensor([0, 0]), completion_len=1)
+    pack = packed.packing(torch.ones(1, 2), torch.tensor([0, 0]), torch.ones(2, 1, dtype=torch.bool))
     inner = lambda *a, **k: "inner"
     q = torch.zeros(1, 2, pack.length, 4)
     assert packed._packed_attention(inner, pack, None, q[:, :, :3], q[:, :, :3], q[:, :, :3], None) == "inner"

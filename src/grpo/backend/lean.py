@@ -113,7 +113,7 @@ def _shared_prompt_hidden(decoder, batch: SequenceBatch, device, through_cache: 
     rows = inverse.to(device)
     if packable(decoder):
         hidden = packed_hidden(decoder, p_ids.to(device), p_mask.to(device), rows, batch.input_ids[:, width:].to(device),
-                               batch.position_ids[:, width:].to(device))
+                               batch.position_ids[:, width:].to(device), batch.attention_mask[:, width:].to(device).bool())
         if hidden is not None:
             return BaseModelOutputWithPast(last_hidden_state=hidden)
     if not through_cache:
