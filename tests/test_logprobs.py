@@ -6,7 +6,7 @@ import torch
 
 from grpo.backend.cpu_fast import completion_logprobs
 from grpo.backend.plain import completion_logprobs_reference
-from grpo.core.logprobs import build_sequences, micro_batch, plan_micro_batches
+from grpo.core.logprobs import build_sequences, micro_batch, packed_tokens, plan_micro_batches, prompt_groups
 from grpo.models import checkpointed_layers
 from grpo.testing import tiny_model
 
@@ -96,6 +96,41 @@ def test_plan_respects_rows_and_token_budget_and_covers_every_row_once():
     assert [6] in plan  # longer than half the budget: alone
     assert plan_micro_batches(lengths, max_rows=2) == [[1, 6], [3, 4], [2, 5], [0]]  # similar lengths together
     assert plan_micro_batches(lengths, max_rows=8, max_tokens=5) == [[i] for i in (6, 1, 3, 4, 2, 5, 0)]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_packed_plan_budgets_each_prompt_once_and_keeps_a_prompt_s_rows_together(seed):
+    """Rows run packed: a micro-batch's tokens are its distinct prompts once, each at the widest of them, plus its
+    completions' own tokens (counted here by a loop), within the budget unless it is one row; every row once; the
+    rows of a prompt in consecutive micro-batches."""
+    g = torch.Generator().manual_seed(seed)
+    draw = lambda lo, hi: int(torch.randint(lo, hi + 1, (), generator=g))  # noqa: E731
+    sizes = [draw(1, 6) for _ in range(draw(1, 5))]
+    prompt_of = torch.tensor([p for p, size in enumerate(sizes) for _ in range(size)])[torch.randperm(sum(sizes), generator=g)]
+    widths = torch.tensor([draw(1, 40) for _ in sizes])
+    prompt_len = widths[prompt_of]
+    lengths = prompt_len + torch.randint(1, 60, prompt_of.shape, generator=g)
+    max_rows, budget = draw(1, 8), draw(30, 300)
+    plan = plan_micro_batches(lengths, max_rows, budget, prompts=(prompt_of, prompt_len))
+    assert sorted(i for rows in plan for i in rows) == list(range(len(lengths)))
+    for rows in plan:
+        prompts = {int(prompt_of[i]) for i in rows}
+        tokens = len(prompts) * max(int(prompt_len[i]) for i in rows) + sum(int(lengths[i] - prompt_len[i]) for i in rows)
+        assert packed_tokens(lengths, prompt_of, prompt_len, rows) == tokens
+        assert len(rows) <= max_rows and (len(rows) == 1 or tokens <= budget)
+    for p in range(len(sizes)):  # the micro-batches holding a prompt's rows follow one another
+        holding = [k for k, rows in enumerate(plan) if any(int(prompt_of[i]) == p for i in rows)]
+        assert holding == list(range(holding[0], holding[-1] + 1))
+    everything = plan_micro_batches(lengths, len(lengths), int(lengths.sum()), prompts=(prompt_of, prompt_len))
+    assert everything == [list(range(len(lengths)))]  # all fits: one micro-batch
+
+
+def test_prompt_groups_name_each_row_s_prompt_and_its_tokens():
+    seqs = build_sequences([[5, 6, 7], [8], [5, 6, 7]], torch.tensor([[9], [10], [11], [12], [13], [14]]),
+                           torch.ones(6, 1, dtype=torch.bool), pad_id=0)
+    prompt_of, prompt_len = prompt_groups(seqs)
+    assert prompt_len.tolist() == [3, 3, 1, 1, 3, 3]
+    assert prompt_of[0] == prompt_of[1] == prompt_of[4] == prompt_of[5] != prompt_of[2] == prompt_of[3]
 
 
 def test_gradient_checkpointing_gives_the_same_gradients_and_recomputes_layers():

@@ -74,6 +74,22 @@ def test_packed_equals_the_full_logits_reference(kind, seed):
         torch.testing.assert_close(c, r, rtol=1e-4, atol=1e-4)
 
 
+def test_distinct_prompts_are_packed_too():
+    """Rows that share no prompt (groups of one) are packed as well, their completions' padding left out."""
+    model = tiny("qwen2", 100, tied=False, seed=7).train()
+    g = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(4, 100, (n,), generator=g).tolist() for n in (3, 8, 1)]
+    ids = torch.randint(4, 100, (3, 6), generator=g)
+    mask = torch.arange(6)[None, :] < torch.tensor([2, 6, 4])[:, None]
+    batch = build_sequences(prompts, ids, mask, pad_id=1)
+    assert packed_passes(model, batch) == 1
+    weights = torch.randn(mask.shape, generator=g)
+    ref = loss_and_grads(model, completion_logprobs_reference, batch, mask, weights)
+    got = loss_and_grads(model, completion_logprobs, batch, mask, weights)
+    for r, c in zip(ref, got):
+        torch.testing.assert_close(c, r, rtol=1e-4, atol=1e-4)
+
+
 def test_packed_equals_the_cache_path_under_a_bfloat16_autocast():
     """Under a CPU bfloat16 autocast (float32 attention, as the backends run it) the packed pass and the one
     through the KV cache round alike but for the order of their sums."""
@@ -153,3 +169,17 @@ def test_attention_of_another_thread_or_length_is_left_alone():
     thread.start()
     thread.join()
     assert other == ["inner"] and pack.calls == 0
+
+
+def test_runs_packed_says_where_the_rows_are_packed():
+    """What the trainer budgets its micro-batches by: packed passes for a packable model, not in a training pass
+    under gradient checkpointing, nor with a sliding window shorter than the rows, nor for eager attention."""
+    from grpo.backend.lean import runs_packed
+
+    model = tiny_model(100)
+    assert runs_packed(model, 64) and not runs_packed(model, 64, checkpointing=True)
+    model.config.sliding_window = 32
+    assert runs_packed(model, 32) and not runs_packed(model, 33)
+    model.config.sliding_window = None
+    model.set_attn_implementation("eager")
+    assert not runs_packed(model, 64)

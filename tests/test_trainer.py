@@ -98,18 +98,21 @@ def updated_parameters(trainer, batch):
 
 @pytest.mark.parametrize("loss_type", ["grpo", "dapo", "bnpo"])
 def test_update_does_not_depend_on_micro_batches_of_rows_or_tokens(loss_type):
-    """One optimizer step: micro-batches of 1, 2 and 4 completions, or a token budget (rows of similar
-    length, each cut to its width), give the same new weights as the whole batch at once."""
+    """One optimizer step: micro-batches of 1, 2 and 4 completions, or a token budget (counting the tokens of the
+    packed pass, each micro-batch cut to its width), give the same new weights as the whole batch at once."""
     whole = make_trainer(8, loss_type)
     batch = fixed_batch(whole)
     expected = updated_parameters(whole, batch)
     start = torch.cat([p.detach().flatten() for p in make_trainer(8, loss_type).model.parameters()])
     assert (expected - start).abs().max() > 1e-7
     lengths = batch.sequences.attention_mask.sum(dim=1)
-    for mb, budget in [(1, None), (2, None), (4, None), (8, int(lengths.max()) * 3)]:
+    for mb, budget in [(1, None), (2, None), (4, None), (8, int(lengths.max()) * 3), (8, int(lengths.max()) * 2)]:
         split = make_trainer(mb, loss_type)
         split.cfg.trainer.micro_batch_tokens = budget
-        assert len(split.micro_batches(batch.sequences)) == {1: 8, 2: 4, 4: 2, 8: 3}[mb]
+        assert len(split.micro_batches(batch.sequences)) == {1: 8, 2: 4, 4: 2, 8: 3 if budget == int(lengths.max()) * 3 else 4}[mb]
+        if budget is not None:  # the rows run packed: the budget counts each prompt once and no padding
+            assert split.packed(split.policy, batch.sequences, training=True)
+            assert 1 < len(split.micro_batches(batch.sequences, packed=True)) < len(split.micro_batches(batch.sequences))
         torch.testing.assert_close(updated_parameters(split, batch), expected, rtol=0, atol=1e-6)
 
 

@@ -364,10 +364,13 @@ class TrainerConfig(Section):
     """Most completions per forward/backward; gradients are accumulated. Does not change the result, for
     any loss_type: normalizers are the whole batch's."""
     micro_batch_tokens: int | None = Field(1024, ge=1)
-    """Token budget of a micro-batch: completions of similar length are grouped so that rows x (longest
-    prompt + completion) stays within it (and rows <= micro_batch_size); a longer row goes alone. Each
-    micro-batch is cut to its own longest row. None: micro_batch_size rows each. Bounds the activation
-    memory of the backward pass (raise it on a GPU with memory to spare)."""
+    """Token budget of a micro-batch: the tokens its forward runs stay within it (and rows <= micro_batch_size);
+    a longer row goes alone. Where the rows run packed (grpo.backend.packed: Llama, Mistral, Qwen2, Qwen3 on
+    sdpa attention, not under gradient checkpointing) those are each distinct prompt once plus the completions'
+    own tokens, and the rows of a prompt are grouped; elsewhere rows x (longest prompt + completion), with
+    completions of similar length grouped. Each micro-batch is cut to its own longest row. None:
+    micro_batch_size rows each. Bounds the activation memory of the backward pass (raise it on a GPU with memory
+    to spare)."""
     logprob_chunk_tokens: int = Field(256, ge=1)
     """Completion tokens whose logits exist at once (every backend): log-probs and entropy are computed
     this many tokens at a time and recomputed in the backward pass, so the [tokens x vocab] logits are

@@ -47,7 +47,7 @@ from grpo.batch import Scored, StepBatch, concat_scored, gather_batch
 from grpo.config import Config
 from grpo.core.advantages import outcome_advantages, process_advantages, values_std, zero_std_groups
 from grpo.core.logprobs import (MicroBatch, SequenceBatch, build_sequences, micro_batch, padding_micro_batch,
-                                plan_micro_batches)
+                                plan_micro_batches, prompt_groups)
 from grpo.core.losses import (BatchTotals, aggregate, clipped_surrogate, kl_penalty, masked_mean, per_token_loss,
                               truncated_importance_weights)
 from grpo.data import PromptSampler
@@ -299,20 +299,28 @@ class Trainer:
             return values_std(torch.cat(self.world.gather(values.double().cpu())))
 
     # -- 4. log-probs that stay fixed during the step ------------------------------------------
-    def micro_batches(self, sequences: SequenceBatch) -> list[MicroBatch]:
-        """The batch's micro-batches: rows of similar length within trainer.micro_batch_size rows and
-        trainer.micro_batch_tokens tokens, each cut to its own width."""
+    def micro_batches(self, sequences: SequenceBatch, packed: bool = False) -> list[MicroBatch]:
+        """The batch's micro-batches within trainer.micro_batch_size rows and trainer.micro_batch_tokens tokens,
+        each cut to its own width: rows of similar length together, or with `packed` (the backend runs the rows
+        packed) the rows of a prompt together, counting the tokens the packed pass runs."""
         t = self.cfg.trainer
         lengths = sequences.attention_mask.sum(dim=1)  # [N] prompt + completion tokens
+        prompts = prompt_groups(sequences) if packed else None
         return [micro_batch(sequences, rows)
-                for rows in plan_micro_batches(lengths, t.micro_batch_size, t.micro_batch_tokens)]
+                for rows in plan_micro_batches(lengths, t.micro_batch_size, t.micro_batch_tokens, prompts)]
 
-    def planned_passes(self, sequences: SequenceBatch) -> list[MicroBatch | None]:
+    def packed(self, model, sequences: SequenceBatch, training: bool = False) -> bool:
+        """Whether the backend runs `model`'s log-prob passes over these rows packed (in a training pass: with
+        trainer.gradient_checkpointing)."""
+        checkpointing = training and self.cfg.trainer.gradient_checkpointing
+        return self.backend.runs_packed(model, sequences.input_ids.shape[1], checkpointing)
+
+    def planned_passes(self, sequences: SequenceBatch, packed: bool = False) -> list[MicroBatch | None]:
         """This rank's micro-batches, then None for each padding pass: under several ranks every rank runs as
         many forward (and backward) passes as the rank with the most micro-batches, agreed first, since FSDP2
         gathers the weights in every pass (docs/design.md: a count that depends on local data is agreed first). A
         padding pass runs `padding_micro_batch` and contributes exactly nothing."""
-        plan: list[MicroBatch | None] = list(self.micro_batches(sequences))
+        plan: list[MicroBatch | None] = list(self.micro_batches(sequences, packed))
         with self.world.during("agreeing on the number of micro-batches"):
             (count,) = self.world.max([len(plan)])
         return plan + [None] * (count - len(plan))
@@ -325,7 +333,7 @@ class Trainer:
     def fixed_logprobs(self, model, sequences: SequenceBatch) -> torch.Tensor:
         """[N, T] log-probs of every completion under `model` (0 at padding)."""
         out = torch.zeros(sequences.input_ids.shape[0], sequences.completion_len)
-        for mb in self.planned_passes(sequences):
+        for mb in self.planned_passes(sequences, self.packed(model, sequences)):
             if mb is None:  # a padding pass: the same forward passes as the other ranks, its output unused
                 self.logprobs(model, padding_micro_batch(sequences))
                 continue
@@ -414,7 +422,7 @@ class Trainer:
                               "tis_capped"], 0.0)
         sampled = batch.rollout.sampling_logprobs if compare_rollout else None  # [N, T]
         mismatch = 0.0
-        plan = self.planned_passes(batch.sequences)  # as many on every rank
+        plan = self.planned_passes(batch.sequences, self.packed(self.policy, batch.sequences, training=True))  # as many on every rank
         for i, mb in enumerate(plan):
             last = i == len(plan) - 1  # gradients are reduced over ranks in its backward pass
             with self.backend.grad_scope(self.model, self.cfg.trainer.gradient_checkpointing), \

@@ -9,10 +9,11 @@
 `trainer.backend: auto` takes cpu_fast for a policy on the CPU in one process and plain elsewhere (CUDA,
 and several processes: DDP and FSDP2 must see every forward).
 
-The trainer uses a backend through five verbs: `step(*models)` (the scope of a step), `logprobs(model,
-batch, temperature, ...)`, `grad_scope(model, checkpointing)` (around the policy's forward and
-backward), `finish_grads(params)` (before clipping) and `reduced_precision` (whether its log-probs are
-in lower precision than the weights).
+The trainer uses a backend through six verbs: `step(*models)` (the scope of a step), `logprobs(model,
+batch, temperature, ...)`, `runs_packed(model, width, checkpointing)` (whether those passes run the rows
+packed: the trainer then budgets micro-batches by the tokens packing runs), `grad_scope(model, checkpointing)`
+(around the policy's forward and backward), `finish_grads(params)` (before clipping) and `reduced_precision`
+(whether its log-probs are in lower precision than the weights).
 
 Precision (`trainer.precision`, `resolve_precision`): float32, or bfloat16 autocast of the matmuls with
 float32 weights, gradients, optimizer state, log-softmax and loss (on a CPU the attention too stays float32:

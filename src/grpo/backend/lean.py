@@ -29,7 +29,7 @@ Where each piece does not apply, the caller gets the plain computation instead, 
   layer drops the cache it is given, so the prompt's keys would be lost, and recomputes its attention after
   the packed one is gone), for a model with any attention layer other than full attention or a sliding window
   shorter than the rows (a sliding-window cache keeps only the window), where every prompt of
-  the micro-batch is distinct, and under FSDP2 where the model cannot be packed (a sharded layer gathers its
+  the micro-batch is distinct and the model cannot be packed, and under FSDP2 where it cannot be packed (a sharded layer gathers its
   weights for the backward from hooks on its outputs, and through the cache the completions' gradient would
   reach the prompt's keys and values around those hooks; packed, each layer runs once, on every token).
 """
@@ -83,41 +83,55 @@ def is_fsdp(model: torch.nn.Module) -> bool:
     return any(isinstance(m, FSDPModule) for m in model.modules())
 
 
+def _attends_all(decoder, width: int) -> bool:
+    """Whether every layer of `decoder` attends over all of `width` positions: full attention, or a sliding window
+    at least that long."""
+    config = getattr(decoder, "config", None)
+    layer_types = getattr(config, "layer_types", None) or []
+    window = getattr(config, "sliding_window", None) if not layer_types else None
+    return all(kind == "full_attention" for kind in layer_types) and not (window and window < width)
+
+
+def runs_packed(model: torch.nn.Module, width: int, checkpointing: bool = False) -> bool:
+    """Whether `lean_logprobs` runs `model`'s rows of up to `width` tokens packed (grpo.backend.packed), in a pass
+    with gradient checkpointing or without; the trainer then budgets a micro-batch by the tokens packing runs."""
+    parts = decoder_and_head(model)
+    return parts is not None and not checkpointing and packable(parts[0]) and _attends_all(parts[0], width)
+
+
 def _shared_prompt_hidden(decoder, batch: SequenceBatch, device, through_cache: bool = True):
     """The decoder's output for the rows of `batch`, with each distinct prompt run once: the prompts' keys
     and values are computed for the distinct prompts, gathered per row (gradients flow back through the
     gather), and the completions attend to them. Its last_hidden_state is [n, T + 1, H], the positions
     P-1 .. P+T-1 (the last prompt token's, then the completion's). The G completions of a group share
     their prompt, so the forward (and backward) covers u * P + n * T tokens instead of n * (P + T): in one
-    packed pass (grpo.backend.packed) where the model allows, else the prompts with a KV cache, then the
-    completions on it (not with `through_cache` False: under FSDP2). None when neither applies (see the module
-    docstring); the caller then runs the plain forward."""
+    packed pass (grpo.backend.packed) where the model allows (also for distinct prompts: the completions' padding
+    is left out), else the prompts with a KV cache, then the completions on it (not with `through_cache` False:
+    under FSDP2; not for distinct prompts). None when neither applies (see the module docstring); the caller then
+    runs the plain forward."""
     from transformers.cache_utils import DynamicLayer
     from transformers.modeling_outputs import BaseModelOutputWithPast
 
     if torch.is_grad_enabled() and any(getattr(m, "gradient_checkpointing", False) and m.training
                                        for m in decoder.modules()):
         return None  # a checkpointed layer drops the cache it is given: the prompt's keys would be lost
-    config = getattr(decoder, "config", None)
-    layer_types = getattr(config, "layer_types", None) or []
-    window = getattr(config, "sliding_window", None) if not layer_types else None
-    if any(kind != "full_attention" for kind in layer_types) or (window and window < batch.input_ids.shape[1]):
+    if not _attends_all(decoder, batch.input_ids.shape[1]):
         return None  # a sliding window shorter than the rows: the prompt's keys would be cut
     t = batch.completion_len
     width = batch.input_ids.shape[1] - t  # P
     key = torch.cat([batch.input_ids[:, :width], batch.attention_mask[:, :width]], dim=1)  # [n, 2P]
-    distinct, inverse = torch.unique(key, dim=0, return_inverse=True)  # [u, 2P], [n]
-    if distinct.shape[0] == key.shape[0] or width == 0:
+    if width == 0:
         return None
+    distinct, inverse = torch.unique(key, dim=0, return_inverse=True)  # [u, 2P], [n]
     p_ids, p_mask = distinct[:, :width], distinct[:, width:]  # [u, P] left-padded
     rows = inverse.to(device)
-    if packable(decoder):
+    if packable(decoder):  # also where every prompt is distinct: the completions' padding is left out
         hidden = packed_hidden(decoder, p_ids.to(device), p_mask.to(device), rows, batch.input_ids[:, width:].to(device),
                                batch.position_ids[:, width:].to(device), batch.attention_mask[:, width:].to(device).bool())
         if hidden is not None:
             return BaseModelOutputWithPast(last_hidden_state=hidden)
-    if not through_cache:
-        return None
+    if not through_cache or distinct.shape[0] == key.shape[0]:
+        return None  # through the cache, distinct prompts would gain nothing
     cache_kwarg = "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
     prompt = decoder(
         input_ids=p_ids.to(device),

@@ -15,7 +15,7 @@ from contextlib import ExitStack, contextmanager, nullcontext
 
 import torch
 
-from grpo.backend.lean import lean_logprobs
+from grpo.backend.lean import lean_logprobs, runs_packed
 from grpo.backend.sdpa import wrapping_sdpa
 from grpo.core.logprobs import SequenceBatch, logprobs_from_logits
 from grpo.models import checkpointed_layers, lora_dropout
@@ -126,6 +126,12 @@ class PlainBackend:
         """[n, T] float32 log-probs of the completion tokens (0 at padding), and their entropy if asked."""
         with self.precision_scope():
             return completion_logprobs(model, batch, temperature, with_entropy, entropy_grad, self.chunk_tokens)
+
+    def runs_packed(self, model, width: int, checkpointing: bool = False) -> bool:
+        """Whether the log-prob passes of `model` over rows of up to `width` tokens run packed, each distinct prompt
+        once and no completion padding (grpo.backend.lean.runs_packed); with `checkpointing`, a training pass
+        under gradient checkpointing."""
+        return runs_packed(model, width, checkpointing)
 
     @contextmanager
     def grad_scope(self, model, checkpointing: bool = False):

@@ -1,8 +1,8 @@
 """Sequences of prompt + completion tokens, the micro-batches they are computed in, and log-probs from
 logits. Pure tensor code: how a model turns sequences into log-probs is the backend's (grpo.backend).
 
-`plan_micro_batches` groups completions of similar length under a token budget, and each
-micro-batch is cut to its own widest prompt and longest completion, so padding costs little.
+`plan_micro_batches` groups completions under a token budget (of similar length where the rows run padded, by
+prompt where they run packed), and each micro-batch is cut to its own widest prompt and longest completion.
 """
 
 from __future__ import annotations
@@ -92,22 +92,54 @@ def plan_micro_batches(
     lengths: torch.Tensor,  # [N] long: prompt + completion tokens of each row, padding excluded
     max_rows: int,
     max_tokens: int | None = None,
+    prompts: tuple[torch.Tensor, torch.Tensor] | None = None,  # [N] long each row's prompt, [N] its prompt tokens
 ) -> list[list[int]]:
-    """Rows grouped into micro-batches: longest first, so each holds rows of similar length; at most
-    max_rows rows, and (when max_tokens is set) at most max_tokens padded tokens (rows x the longest
-    row) each. A row longer than max_tokens gets a micro-batch of its own."""
-    order = sorted(range(len(lengths)), key=lambda i: (-int(lengths[i]), i))
+    """Rows grouped into micro-batches of at most max_rows rows and (when max_tokens is set) max_tokens tokens
+    each; a row longer than max_tokens gets a micro-batch of its own.
+
+    Padded rows (`prompts` None): longest first, so each micro-batch holds rows of similar length, and its
+    tokens are rows x the longest row. Packed rows (`prompts` given: grpo.backend.packed runs each distinct
+    prompt of a micro-batch once, at the widest of them, and only the completions' own tokens): the rows of a
+    prompt together, longest first within it, and a micro-batch's tokens are u x widest prompt + its completions'
+    tokens (`packed_tokens`)."""
+    if prompts is None:
+        order = sorted(range(len(lengths)), key=lambda i: (-int(lengths[i]), i))
+        cost = lambda rows: len(rows) * int(lengths[rows[0]])  # noqa: E731  the longest comes first
+    else:
+        prompt_of, prompt_len = prompts
+        first = {}
+        for i, p in enumerate(prompt_of.tolist()):
+            first.setdefault(p, i)
+        order = sorted(range(len(lengths)), key=lambda i: (first[int(prompt_of[i])], -int(lengths[i]), i))
+        cost = lambda rows: packed_tokens(lengths, prompt_of, prompt_len, rows)  # noqa: E731
     plan: list[list[int]] = []
     for i in order:
         current = plan[-1] if plan else None
         fits = current is not None and len(current) < max_rows
         if fits and max_tokens is not None:
-            fits = (len(current) + 1) * int(lengths[current[0]]) <= max_tokens
+            fits = cost(current + [i]) <= max_tokens
         if fits:
             current.append(i)
         else:
             plan.append([i])
     return [sorted(rows) for rows in plan]
+
+
+def packed_tokens(lengths: torch.Tensor, prompt_of: torch.Tensor, prompt_len: torch.Tensor, rows: list[int]) -> int:
+    """Tokens of `rows` packed (grpo.backend.packed): each distinct prompt once, padded to the widest of them, and
+    every completion's own tokens. lengths [N] prompt + completion, prompt_of [N], prompt_len [N]."""
+    index = torch.tensor(rows, dtype=torch.long)
+    completions = int((lengths[index] - prompt_len[index]).sum())
+    return len(set(prompt_of[index].tolist())) * int(prompt_len[index].max()) + completions
+
+
+def prompt_groups(batch: SequenceBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's prompt, [N] long (rows with the same prompt alike), and its prompt's tokens, [N]: the `prompts`
+    of `plan_micro_batches` for rows run packed."""
+    width = batch.input_ids.shape[1] - batch.completion_len
+    mask = batch.attention_mask[:, :width]
+    _, prompt_of = torch.unique(torch.cat([batch.input_ids[:, :width], mask], dim=1), dim=0, return_inverse=True)
+    return prompt_of, mask.sum(dim=1)
 
 
 def micro_batch(batch: SequenceBatch, rows: list[int]) -> MicroBatch:
