@@ -106,7 +106,8 @@ def test_packed_plan_budgets_each_prompt_once_and_keeps_a_prompt_s_rows_together
     g = torch.Generator().manual_seed(seed)
     draw = lambda lo, hi: int(torch.randint(lo, hi + 1, (), generator=g))  # noqa: E731
     sizes = [draw(1, 6) for _ in range(draw(1, 5))]
-    prompt_of = torch.tensor([p for p, size in enumerate(sizes) for _ in range(size)])[torch.randperm(sum(sizes), generator=g)]
+    prompt_of = torch.tensor([p for p, size in enumerate(sizes) for _ in range(size)])
+    prompt_of = prompt_of[torch.randperm(len(prompt_of), generator=g)]
     widths = torch.tensor([draw(1, 40) for _ in sizes])
     prompt_len = widths[prompt_of]
     lengths = prompt_len + torch.randint(1, 60, prompt_of.shape, generator=g)
@@ -115,7 +116,8 @@ def test_packed_plan_budgets_each_prompt_once_and_keeps_a_prompt_s_rows_together
     assert sorted(i for rows in plan for i in rows) == list(range(len(lengths)))
     for rows in plan:
         prompts = {int(prompt_of[i]) for i in rows}
-        tokens = len(prompts) * max(int(prompt_len[i]) for i in rows) + sum(int(lengths[i] - prompt_len[i]) for i in rows)
+        widest = max(int(prompt_len[i]) for i in rows)
+        tokens = len(prompts) * widest + sum(int(lengths[i] - prompt_len[i]) for i in rows)
         assert packed_tokens(lengths, prompt_of, prompt_len, rows) == tokens
         assert len(rows) <= max_rows and (len(rows) == 1 or tokens <= budget)
     for p in range(len(sizes)):  # the micro-batches holding a prompt's rows follow one another

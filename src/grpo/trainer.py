@@ -422,7 +422,8 @@ class Trainer:
                               "tis_capped"], 0.0)
         sampled = batch.rollout.sampling_logprobs if compare_rollout else None  # [N, T]
         mismatch = 0.0
-        plan = self.planned_passes(batch.sequences, self.packed(self.policy, batch.sequences, training=True))  # as many on every rank
+        packed = self.packed(self.policy, batch.sequences, training=True)
+        plan = self.planned_passes(batch.sequences, packed)  # as many on every rank
         for i, mb in enumerate(plan):
             last = i == len(plan) - 1  # gradients are reduced over ranks in its backward pass
             with self.backend.grad_scope(self.model, self.cfg.trainer.gradient_checkpointing), \

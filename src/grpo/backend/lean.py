@@ -28,10 +28,11 @@ Where each piece does not apply, the caller gets the plain computation instead, 
 - Each row runs its own prompt (the decoder's plain forward) under gradient checkpointing (a checkpointed
   layer drops the cache it is given, so the prompt's keys would be lost, and recomputes its attention after
   the packed one is gone), for a model with any attention layer other than full attention or a sliding window
-  shorter than the rows (a sliding-window cache keeps only the window), where every prompt of
-  the micro-batch is distinct and the model cannot be packed, and under FSDP2 where it cannot be packed (a sharded layer gathers its
-  weights for the backward from hooks on its outputs, and through the cache the completions' gradient would
-  reach the prompt's keys and values around those hooks; packed, each layer runs once, on every token).
+  shorter than the rows (a sliding-window cache keeps only the window), where every prompt of the
+  micro-batch is distinct and the model cannot be packed, and under FSDP2 where it cannot be packed (a
+  sharded layer gathers its weights for the backward from hooks on its outputs, and through the cache the
+  completions' gradient would reach the prompt's keys and values around those hooks; packed, each layer
+  runs once, on every token).
 """
 
 from __future__ import annotations
@@ -126,8 +127,9 @@ def _shared_prompt_hidden(decoder, batch: SequenceBatch, device, through_cache: 
     p_ids, p_mask = distinct[:, :width], distinct[:, width:]  # [u, P] left-padded
     rows = inverse.to(device)
     if packable(decoder):  # also where every prompt is distinct: the completions' padding is left out
-        hidden = packed_hidden(decoder, p_ids.to(device), p_mask.to(device), rows, batch.input_ids[:, width:].to(device),
-                               batch.position_ids[:, width:].to(device), batch.attention_mask[:, width:].to(device).bool())
+        ids, positions, mask = (x[:, width:].to(device)
+                                for x in (batch.input_ids, batch.position_ids, batch.attention_mask))
+        hidden = packed_hidden(decoder, p_ids.to(device), p_mask.to(device), rows, ids, positions, mask.bool())
         if hidden is not None:
             return BaseModelOutputWithPast(last_hidden_state=hidden)
     if not through_cache or distinct.shape[0] == key.shape[0]:

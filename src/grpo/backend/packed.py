@@ -7,8 +7,8 @@ The other way to run a prompt once (grpo.backend.lean, through the model's KV ca
 once on the u distinct prompts, once on the n completions with the prompts' cache. Every weight is then used
 by two matmuls, whose gradients autograd adds out of place, and the prompts' weight gradients are products
 of a few dozen rows that cost nearly as much as the completions' (each writes the whole [out, in] gradient).
-Packed, one weight gradient per weight and micro-batch, from one matmul; the default model's training phase
-took 8-13% less time and its reference pass 5-16% less (benchmarks/RESULTS_train.md).
+Packed, one weight gradient per weight and micro-batch, from one matmul (the measurements of both changes are in
+benchmarks/RESULTS_train.md).
 
 Only the attention knows the packing. For the length of one decoder call, transformers' `sdpa` attention entry
 is wrapped (`_packed_attention`): the wrapper splits the packed queries, keys and values it is handed (after
