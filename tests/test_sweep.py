@@ -137,3 +137,10 @@ def test_sweep_refuses(tiny_model_dir, tmp_path, args, message):
     code, stdout, stderr = sweep(tiny_model_dir, tmp_path / "sw", *args)
     assert code == 2 and message in stderr
     assert not (tmp_path / "sw").exists()
+
+
+def test_train_times_round_to_the_second_before_splitting_minutes():
+    from grpo.sweep import _minutes
+
+    assert [_minutes(s) for s in (419.6, 419.4, 59.5, 0.0)] == ["7 min 00 s", "6 min 59 s", "1 min 00 s", "0 min 00 s"]
+    assert _minutes(float("nan")) == "-"

@@ -115,7 +115,11 @@ def format_summary(summary: dict) -> str:
 
 
 def _minutes(seconds: float) -> str:
-    return f"{int(seconds // 60)} min {int(round(seconds % 60)):02d} s" if math.isfinite(seconds) else "-"
+    """'7 min 05 s': rounded to the second first, so 419.6 s reads 7 min 00 s, not 6 min 60 s."""
+    if not math.isfinite(seconds):
+        return "-"
+    whole = int(round(seconds))
+    return f"{whole // 60} min {whole % 60:02d} s"
 
 
 def finished(run_dir: Path) -> bool:
