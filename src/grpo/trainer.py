@@ -9,7 +9,7 @@ One step:
   3. group-relative advantages, outcome [N] or process [N, T]    (core.advantages)
   4. reference log-probs if beta > 0 (LoRA: the adapters off), old log-probs if mu > 1 (the
      rollout's own when the engine says they are the policy's: no forward pass)   (backend)
-  5. mu optimizer steps, micro-batched by length under a token budget, loss normalized over the
+  5. mu optimizer steps, micro-batched under a token budget, loss normalized over the
      whole batch (core.losses); the engine takes the new weights after each (engine.sync_weights);
      the guard skips an update whose loss, gradient norm or rewards are not finite
   6. every ref_reset_steps steps, pi_ref := pi_theta             (DeepSeekMath iterative RL)
