@@ -44,7 +44,7 @@ import torch
 
 from grpo.backend import onednn
 from grpo.backend.packed import packable, packed_hidden
-from grpo.core.logprobs import SequenceBatch
+from grpo.core.logprobs import SequenceBatch, distinct_prompts
 
 # Config fields of models whose logits are more than head(hidden): softcapping (Gemma 2/3),
 # a logit scale (Cohere) or divisor (Granite). Those models take the plain path.
@@ -118,21 +118,18 @@ def _shared_prompt_hidden(decoder, batch: SequenceBatch, device, through_cache: 
         return None  # a checkpointed layer drops the cache it is given: the prompt's keys would be lost
     if not _attends_all(decoder, batch.input_ids.shape[1]):
         return None  # a sliding window shorter than the rows: the prompt's keys would be cut
-    t = batch.completion_len
-    width = batch.input_ids.shape[1] - t  # P
-    key = torch.cat([batch.input_ids[:, :width], batch.attention_mask[:, :width]], dim=1)  # [n, 2P]
+    width = batch.input_ids.shape[1] - batch.completion_len  # P
     if width == 0:
         return None
-    distinct, inverse = torch.unique(key, dim=0, return_inverse=True)  # [u, 2P], [n]
-    p_ids, p_mask = distinct[:, :width], distinct[:, width:]  # [u, P] left-padded
-    rows = inverse.to(device)
+    p_ids, p_mask, rows = distinct_prompts(batch)  # [u, P] left-padded, [n]
+    rows = rows.to(device)
     if packable(decoder):  # also where every prompt is distinct: the completions' padding is left out
         ids, positions, mask = (x[:, width:].to(device)
                                 for x in (batch.input_ids, batch.position_ids, batch.attention_mask))
         hidden = packed_hidden(decoder, p_ids.to(device), p_mask.to(device), rows, ids, positions, mask.bool())
         if hidden is not None:
             return BaseModelOutputWithPast(last_hidden_state=hidden)
-    if not through_cache or distinct.shape[0] == key.shape[0]:
+    if not through_cache or p_ids.shape[0] == rows.shape[0]:
         return None  # through the cache, distinct prompts would gain nothing
     cache_kwarg = "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
     prompt = decoder(

@@ -110,10 +110,13 @@ def _packed_attention(inner, pack: Packing, module, query, key, value, attention
     keys = torch.cat([kp.index_select(0, pack.rows), kc], dim=2)  # [n, K, P + T, hd]
     values = torch.cat([vp.index_select(0, pack.rows), vc], dim=2)
     completions, _ = inner(module, qc, keys, values, pack.completion_mask, *args, **kwargs)  # [n, T, H, hd]
-    completions = completions.flatten(0, 1)  # [n * T, H, hd]
-    if pack.real is not None:
-        completions = completions.index_select(0, pack.real)  # [C, H, hd]: a padding query's output is dropped
+    completions = _real(completions.flatten(0, 1), pack.real)  # [C, H, hd]: a padding query's output is dropped
     return torch.cat([prompts.flatten(0, 1), completions])[None], None  # [1, L, H, hd]
+
+
+def _real(x: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor:
+    """[n * T, ...] -> [C, ...]: the real tokens' rows (x itself where `real` is None)."""
+    return x if real is None else x.index_select(0, real)
 
 
 def _padded(x: torch.Tensor, real: torch.Tensor | None, size: int) -> torch.Tensor:
@@ -137,9 +140,8 @@ def packed_hidden(
     n, T = completion_ids.shape
     prompt_positions = (prompt_mask.cumsum(dim=1) - 1).clamp(min=0)  # [u, P]
     pack = packing(prompt_mask, rows, completion_mask)
-    real = (lambda x: x.flatten()) if pack.real is None else (lambda x: x.flatten().index_select(0, pack.real))
-    ids = torch.cat([prompt_ids.flatten(), real(completion_ids)])[None]  # [1, L]
-    positions = torch.cat([prompt_positions.flatten(), real(completion_positions)])[None]  # [1, L]
+    ids = torch.cat([prompt_ids.flatten(), _real(completion_ids.flatten(), pack.real)])[None]  # [1, L]
+    positions = torch.cat([prompt_positions.flatten(), _real(completion_positions.flatten(), pack.real)])[None]
     # an already-made 4D mask: transformers builds none (the wrapper masks), and hands this one on unread
     unread = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=ids.device)
     with wrapping_sdpa(_packed_attention, pack):  # around the entry it finds: float32 attention's, say

@@ -133,13 +133,20 @@ def packed_tokens(lengths: torch.Tensor, prompt_of: torch.Tensor, prompt_len: to
     return len(set(prompt_of[index].tolist())) * int(prompt_len[index].max()) + completions
 
 
+def distinct_prompts(batch: SequenceBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The u distinct prompts of the rows (the same ids and padding), ids and mask [u, P] left-padded, and each
+    row's among them, [N] long."""
+    width = batch.input_ids.shape[1] - batch.completion_len  # P
+    key = torch.cat([batch.input_ids[:, :width], batch.attention_mask[:, :width]], dim=1)  # [N, 2P]
+    distinct, prompt_of = torch.unique(key, dim=0, return_inverse=True)  # [u, 2P], [N]
+    return distinct[:, :width], distinct[:, width:], prompt_of
+
+
 def prompt_groups(batch: SequenceBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row's prompt, [N] long (rows with the same prompt alike), and its prompt's tokens, [N]: the `prompts`
     of `plan_micro_batches` for rows run packed."""
-    width = batch.input_ids.shape[1] - batch.completion_len
-    mask = batch.attention_mask[:, :width]
-    _, prompt_of = torch.unique(torch.cat([batch.input_ids[:, :width], mask], dim=1), dim=0, return_inverse=True)
-    return prompt_of, mask.sum(dim=1)
+    _, _, prompt_of = distinct_prompts(batch)
+    return prompt_of, batch.attention_mask[:, : batch.input_ids.shape[1] - batch.completion_len].sum(dim=1)
 
 
 def micro_batch(batch: SequenceBatch, rows: list[int]) -> MicroBatch:
